@@ -1,0 +1,147 @@
+"""``python -m orchestrator``: validate, plan, submit, status, artifacts, run-job.
+
+Errors are printed without a traceback: exit code 2 for an invalid spec (nothing ran), 1 for a
+failed job or another error (the message says where to look), 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.artifacts import ArtifactError
+from orchestrator.errors import OrchestratorError
+from orchestrator.paths import StudyPaths
+from orchestrator.plan import Plan, build_plan
+from orchestrator.spec import Study, load_study
+
+DEFAULT_ROOT = Path(".orchestrator")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except OrchestratorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator", description="Run cross-lingual subnetwork studies reproducibly.")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def spec_command(name: str, help_: str, func: object) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_, description=help_)
+        cmd.add_argument("spec", type=Path, help="study spec (YAML)")
+        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                         help="override any spec field, e.g. --set stages.prune.params.threshold=1.2 (repeatable)")
+        cmd.add_argument("--executor", choices=["local", "slurm"], help="override executor.backend")
+        cmd.add_argument("--store", type=Path, metavar="DIR", help="override storage.root (artifacts, records, logs)")
+        cmd.set_defaults(func=func)
+        return cmd
+
+    spec_command("validate", "check a spec; nothing runs", _validate)
+    plan = spec_command("plan", "show the job DAG and what is cached", _plan)
+    plan.add_argument("--verbose", "-v", action="store_true", help="also show parameters and inputs of each job")
+    submit = spec_command("submit", "run (or queue) every job that is not cached", _submit)
+    submit.add_argument("--force", action="store_true", help="rerun jobs even if their outputs are committed")
+
+    for name, help_, func in (("status", "every job's state, log and outputs", _status),
+                              ("artifacts", "what a study produced, and from what", _artifacts)):
+        cmd = sub.add_parser(name, help=help_, description=help_)
+        cmd.add_argument("study", help="study name")
+        cmd.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+        cmd.set_defaults(func=func)
+    sub.choices["artifacts"].add_argument("--lineage", metavar="NAME[:vN]", help="show the lineage tree of one artifact")
+
+    run = sub.add_parser("run-job", help="run one job from its record (what executors call)")
+    run.add_argument("record", type=Path)
+    run.add_argument("--force", action="store_true")
+    run.set_defaults(func=_run_job)
+    return p
+
+
+def _load(args: argparse.Namespace) -> tuple[Study, Plan]:
+    overrides = list(args.overrides)
+    if args.executor:
+        overrides.append(f"executor.backend={args.executor}")
+    if args.store:
+        overrides.append(f"storage.root={args.store}")
+    study, registry = load_study(args.spec, overrides)
+    return study, build_plan(study, registry)
+
+
+def _paths(study: Study) -> StudyPaths:
+    return StudyPaths(study.storage.root.resolve(), study.name)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    study, plan = _load(args)
+    print(f"{args.spec}: ok - study {study.name!r}, {len(study.stages)} stages, {len(plan.jobs)} jobs")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from orchestrator import views
+    from orchestrator.executors.base import cached_keys
+    from orchestrator.runner import open_store
+
+    study, plan = _load(args)
+    paths = _paths(study)
+    cached = cached_keys(plan, open_store(paths.root), force=False) if paths.store.exists() else set()
+    print(views.plan_table(plan, cached, verbose=args.verbose))
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from orchestrator import views
+    from orchestrator.executors import LocalExecutor
+    from orchestrator.runner import open_store
+
+    study, plan = _load(args)
+    paths = _paths(study)
+    if study.executor.backend != "local":
+        raise OrchestratorError(f"executor {study.executor.backend!r} is not available in this version; use --executor local")
+    executor = LocalExecutor(paths, open_store(paths.root), max_parallel=study.executor.max_parallel)
+    report = executor.submit(plan, args.spec, force=args.force)
+    print(views.report_summary(plan, report, paths))
+    return 0 if report.ok else (130 if report.interrupted else 1)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from orchestrator import views
+
+    print(views.status_table(StudyPaths(args.store.resolve(), args.study)))
+    return 0
+
+
+def _artifacts(args: argparse.Namespace) -> int:
+    from orchestrator import views
+    from orchestrator.runner import open_store
+
+    paths = StudyPaths(args.store.resolve(), args.study)
+    store = open_store(paths.root)
+    if args.lineage:
+        print(views.lineage_tree(store, args.lineage))
+    else:
+        print(views.artifact_table(paths, store))
+    return 0
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    from orchestrator.runner import run_job
+
+    return run_job(args.record, force=args.force)

@@ -1,0 +1,64 @@
+"""What every executor shares: the cache check, job records, and the submit report."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.paths import StudyPaths
+from orchestrator.plan import Plan
+from orchestrator.records import JobRecord, write_job_record, write_plan, write_state
+
+
+@dataclass
+class SubmitReport:
+    """What a submit did, by job key."""
+
+    cached: list[str] = field(default_factory=list)
+    succeeded: list[str] = field(default_factory=list)
+    submitted: list[str] = field(default_factory=list)  # queued elsewhere (SLURM), outcome unknown yet
+    failed: dict[str, Path] = field(default_factory=dict)  # key -> log path
+    skipped: list[str] = field(default_factory=list)  # an upstream job failed
+    cancelled: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not (self.failed or self.skipped or self.cancelled or self.interrupted)
+
+
+def cached_keys(plan: Plan, store: ArtifactStore, force: bool) -> set[str]:
+    """Jobs whose key already has committed outputs (none with ``force``)."""
+    if force:
+        return set()
+    return {job.key for job in plan.jobs if store.job_outputs(job.key) is not None}
+
+
+class Executor(ABC):
+    """Runs (or queues) the jobs of a plan that are not cached."""
+
+    name: str
+
+    def __init__(self, paths: StudyPaths, store: ArtifactStore) -> None:
+        self.paths = paths
+        self.store = store
+
+    def prepare(self, plan: Plan, spec_path: Path, force: bool) -> tuple[list[str], set[str]]:
+        """Write the plan and every job record; return (keys to run in order, cached keys)."""
+        write_plan(self.paths, plan, spec_path)
+        cached = cached_keys(plan, self.store, force)
+        todo = []
+        for job in plan.jobs:
+            if job.key in cached:
+                write_state(self.paths, job.key, "cached", executor=self.name)
+                continue
+            write_job_record(self.paths, JobRecord.from_job(job, plan, self.paths.root))
+            write_state(self.paths, job.key, "pending", executor=self.name)
+            todo.append(job.key)
+        return todo, cached
+
+    @abstractmethod
+    def submit(self, plan: Plan, spec_path: Path, *, force: bool = False) -> SubmitReport:
+        """Run or queue every job that is not cached, in dependency order."""

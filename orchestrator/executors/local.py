@@ -1,0 +1,157 @@
+"""Run a plan on this machine: one process per job, bounded parallelism, one log file per job.
+
+A failed job stops its dependents (independent jobs go on); Ctrl-C sends SIGTERM to every running
+job (so stages can checkpoint), waits ``grace_s``, then kills what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.executors.base import Executor, SubmitReport
+from orchestrator.paths import StudyPaths
+from orchestrator.plan import Plan
+from orchestrator.records import write_state
+from orchestrator.runner import EXIT_INTERRUPTED
+
+POLL_S = 0.02
+
+
+class LocalExecutor(Executor):
+    name = "local"
+
+    def __init__(self, paths: StudyPaths, store: ArtifactStore, max_parallel: int = 2,
+                 grace_s: float = 30.0, echo: Callable[[str], None] = print) -> None:
+        super().__init__(paths, store)
+        self.max_parallel = max_parallel
+        self.grace_s = grace_s
+        self.echo = echo
+
+    def submit(self, plan: Plan, spec_path: Path, *, force: bool = False) -> SubmitReport:
+        todo, cached = self.prepare(plan, spec_path, force)
+        report = SubmitReport(cached=sorted(cached))
+        if cached:
+            self.echo(f"{len(cached)} of {len(plan.jobs)} jobs cached (outputs already committed)")
+        if not todo:
+            self.echo("nothing to run")
+            return report
+        self.echo(f"running {len(todo)} jobs, {self.max_parallel} at a time; logs under {self.paths.dir / 'jobs'}")
+        _Run(self, plan, todo, cached, force, report).loop()
+        return report
+
+    def _launch(self, key: str, force: bool) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+        job_paths = self.paths.job(key)
+        log = job_paths.log.open("ab")
+        cmd = [sys.executable, "-m", "orchestrator", "run-job", str(job_paths.record)]
+        if force:
+            cmd.append("--force")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # own process group: Ctrl-C is ours to forward
+        write_state(self.paths, key, "running", executor=self.name, external_id=str(proc.pid))
+        return proc, log
+
+
+class _Run:
+    """The scheduling loop of one submit."""
+
+    def __init__(self, executor: LocalExecutor, plan: Plan, todo: list[str], cached: set[str],
+                 force: bool, report: SubmitReport) -> None:
+        self.ex, self.plan, self.force, self.report = executor, plan, force, report
+        self.waiting = list(todo)
+        self.done = set(cached)
+        self.running: dict[str, tuple[subprocess.Popen[bytes], IO[bytes], float]] = {}
+        self.total = len(todo)
+
+    def loop(self) -> None:
+        try:
+            while self.waiting or self.running:
+                self._start_ready()
+                if not self.running:
+                    break
+                self._reap()
+                time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            self._stop_all()
+            self.report.interrupted = True
+        self._skip_unreachable()
+
+    def _start_ready(self) -> None:
+        for key in list(self.waiting):
+            if len(self.running) >= self.ex.max_parallel:
+                return
+            if all(d in self.done for d in self.plan.by_key[key].deps):
+                self.waiting.remove(key)
+                proc, log = self.ex._launch(key, self.force)
+                self.running[key] = (proc, log, time.monotonic())
+
+    def _reap(self) -> None:
+        for key, (proc, log, started) in list(self.running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            log.close()
+            del self.running[key]
+            self._finished(key, rc, time.monotonic() - started)
+
+    def _finished(self, key: str, rc: int, seconds: float) -> None:
+        label = self.plan.by_key[key].label
+        n = self.total - len(self.waiting) - len(self.running)
+        if rc == 0:
+            self.done.add(key)
+            self.report.succeeded.append(key)
+            write_state(self.ex.paths, key, "succeeded", exit_code=0, executor=self.ex.name)
+            self.ex.echo(f"[{n}/{self.total}] done    {label} ({seconds:.1f}s)")
+            return
+        log = self.ex.paths.job(key).log
+        state = "interrupted" if rc == EXIT_INTERRUPTED else "failed"
+        write_state(self.ex.paths, key, state, exit_code=rc, executor=self.ex.name)
+        self.report.failed[key] = log
+        self.ex.echo(f"[{n}/{self.total}] {state.upper()}  {label} (exit {rc}); log: {log}")
+        self._skip_dependents(key)
+
+    def _skip_dependents(self, key: str) -> None:
+        for dep in self.plan.downstream({key}):
+            if dep in self.waiting:
+                self.waiting.remove(dep)
+                self.report.skipped.append(dep)
+                failed = self.plan.by_key[key].label
+                write_state(self.ex.paths, dep, "skipped", executor=self.ex.name, message=f"upstream {failed} failed")
+                self.ex.echo(f"skipped {self.plan.by_key[dep].label}: upstream {failed} failed")
+
+    def _skip_unreachable(self) -> None:
+        for key in self.waiting:
+            self.report.cancelled.append(key)
+            write_state(self.ex.paths, key, "cancelled", executor=self.ex.name, message="submit was interrupted")
+        self.waiting = []
+
+    def _stop_all(self) -> None:
+        self.ex.echo(f"interrupted: stopping {len(self.running)} running jobs (SIGTERM, then SIGKILL after {self.ex.grace_s:.0f}s)")
+        for proc, _, _ in self.running.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + self.ex.grace_s
+        for key, (proc, log, _) in self.running.items():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+            log.close()
+            self.report.cancelled.append(key)
+            write_state(self.ex.paths, key, "cancelled", exit_code=proc.returncode, executor=self.ex.name,
+                        message="stopped by Ctrl-C")
+        self.running.clear()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

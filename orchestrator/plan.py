@@ -1,0 +1,277 @@
+"""Expand a validated study into a DAG of jobs (stage x matrix point) with deterministic keys.
+
+A job's key is the sha256 of (stage id, stage name, stage code version, parameters, seed, and the
+keys and output names of its upstream jobs). The same spec gives the same keys on every run and
+machine; changing one parameter changes that job's key and every key downstream of it, nothing else.
+
+Matching across matrices: an input of a job at point P takes the upstream jobs whose matrix points
+agree with P on every axis both stages share. A ``many=True`` input gathers all of them (e.g. one
+mask per language); otherwise exactly one must match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.errors import SpecError
+from orchestrator.spec import MATRIX_SEED, Study, canonical_json, input_output, input_stage
+from orchestrator.stage import Registry, StageDef
+
+Point = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Upstream:
+    job_key: str
+    output: str
+    point: Point
+
+
+@dataclass(frozen=True)
+class Binding:
+    """An input of a job bound to the upstream job outputs it reads."""
+
+    name: str
+    type: str
+    many: bool
+    upstream: tuple[Upstream, ...]
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    type: str
+    artifact: str  # artifact name in the store
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str
+    stage_id: str
+    stage: str
+    stage_version: str
+    label: str  # "prune[language=en,threshold=1.1]"
+    point: Point
+    params: Mapping[str, Any]  # validated, JSON-compatible, defaults included
+    seed: int
+    inputs: tuple[Binding, ...]
+    outputs: tuple[Output, ...]
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        """Upstream job keys, each once, in input order."""
+        return tuple(dict.fromkeys(u.job_key for b in self.inputs for u in b.upstream))
+
+
+@dataclass
+class Plan:
+    study: Study
+    jobs: list[Job]  # topological order: every job after all of its dependencies
+    by_key: dict[str, Job] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_key = {job.key: job for job in self.jobs}
+
+    def dependents(self) -> dict[str, list[str]]:
+        """Job key -> keys of the jobs that read its outputs directly."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for job in self.jobs:
+            for dep in job.deps:
+                out[dep].append(job.key)
+        return out
+
+    def downstream(self, keys: set[str]) -> set[str]:
+        """Every job that depends, directly or not, on one of ``keys`` (``keys`` excluded)."""
+        found: set[str] = set()
+        for job in self.jobs:  # topological order: one pass suffices
+            if any(d in keys or d in found for d in job.deps):
+                found.add(job.key)
+        return found
+
+    def stage_jobs(self, stage_id: str) -> list[Job]:
+        return [job for job in self.jobs if job.stage_id == stage_id]
+
+
+def build_plan(study: Study, registry: Registry) -> Plan:
+    """Expand ``study`` (already checked against ``registry``) into a Plan; raise SpecError on
+    cycles or inputs that do not match exactly one upstream job where one is needed."""
+    jobs_by_stage: dict[str, list[Job]] = {}
+    for sid in stage_order(study, registry):
+        stage_def = registry.get(study.stage_name(sid))
+        if stage_def is None:
+            raise SpecError([study.issue(("stages", sid), f"no stage named {study.stage_name(sid)!r}")])
+        jobs_by_stage[sid] = _expand_stage(study, sid, stage_def, jobs_by_stage, registry)
+    return Plan(study, [job for jobs in jobs_by_stage.values() for job in jobs])
+
+
+def stage_order(study: Study, registry: Registry) -> list[str]:
+    """Stage ids in dependency order (Kahn's algorithm); a cycle is a SpecError naming it."""
+    deps = {sid: _stage_deps(study, sid, registry) for sid in study.stages}
+    order: list[str] = []
+    ready = [sid for sid in study.stages if not deps[sid]]
+    remaining = {sid: set(d) for sid, d in deps.items() if d}
+    while ready:
+        sid = ready.pop(0)
+        order.append(sid)
+        for other in list(remaining):
+            remaining[other].discard(sid)
+            if not remaining[other]:
+                del remaining[other]
+                ready.append(other)
+    if remaining:
+        cycle = " -> ".join(reversed(_find_cycle(remaining)))  # reversed: arrows follow the data
+        raise SpecError([study.issue(("stages",), f"the stages' inputs form a cycle: {cycle}")])
+    return order
+
+
+def _stage_deps(study: Study, sid: str, registry: Registry) -> set[str]:
+    spec = study.stages[sid]
+    stage_def = registry.get(study.stage_name(sid))
+    names = set(spec.inputs) | set(stage_def.inputs if stage_def else ())
+    found = {input_stage(study, spec, name) for name in names}
+    return {s for s in found if s is not None and s in study.stages}
+
+
+def _find_cycle(remaining: dict[str, set[str]]) -> list[str]:
+    start = next(iter(remaining))
+    path, seen = [start], {start}
+    while True:
+        nxt = next(iter(remaining[path[-1]]))
+        if nxt in seen:
+            return [*path[path.index(nxt) :], nxt]
+        path.append(nxt)
+        seen.add(nxt)
+
+
+def matrix_points(matrix: Mapping[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    """The cartesian product of the matrix axes, in spec order ({} for no matrix)."""
+    axes = list(matrix)
+    for values in itertools.product(*(matrix[a] for a in axes)):
+        yield dict(zip(axes, values, strict=True))
+
+
+def _expand_stage(
+    study: Study, sid: str, stage_def: StageDef, done: dict[str, list[Job]], registry: Registry
+) -> list[Job]:
+    spec = study.stages[sid]
+    wiring = {name: _wire(study, sid, name, decl.type, registry) for name, decl in stage_def.inputs.items()}
+    indexes = {name: _index(done[w[0]], spec.matrix) for name, w in wiring.items() if w is not None}
+    jobs = []
+    for point in matrix_points(spec.matrix):
+        params = _params(study, stage_def.params, spec.params, point, sid)
+        seed = int(point.get(MATRIX_SEED, spec.seed if spec.seed is not None else study.seed))
+        inputs = tuple(
+            _bind(study, sid, name, decl.many, wiring[name], indexes[name], point, decl.type)
+            for name, decl in stage_def.inputs.items()
+            if wiring[name] is not None
+        )
+        key = job_key(sid, stage_def, params, seed, inputs)
+        outputs = tuple(Output(n, t, artifact_name(study.name, sid, n, point)) for n, t in stage_def.outputs.items())
+        jobs.append(Job(key, sid, stage_def.name, stage_def.version, job_label(sid, point), point, params, seed, inputs, outputs))
+    return jobs
+
+
+def _wire(study: Study, sid: str, name: str, type_: str, registry: Registry) -> tuple[str, str] | None:
+    """(upstream stage id, upstream output name) feeding input ``name`` of stage ``sid``."""
+    spec = study.stages[sid]
+    upstream = input_stage(study, spec, name)
+    if upstream is None:
+        return None
+    up_def = registry.get(study.stage_name(upstream))
+    outputs = up_def.outputs if up_def else {}
+    chosen = input_output(spec, name)
+    candidates = [chosen] if chosen else [o for o, t in outputs.items() if t == type_]
+    where = ("stages", sid, "inputs", name)
+    if len(candidates) != 1 or candidates[0] not in outputs:
+        listed = ", ".join(f"{o} ({t})" for o, t in outputs.items())
+        raise SpecError([study.issue(where, f"cannot pick an output of stage {upstream!r} of type {type_!r}; its outputs: {listed}")])
+    if outputs[candidates[0]] != type_:
+        raise SpecError([study.issue(where, f"output {candidates[0]!r} of {upstream!r} has type {outputs[candidates[0]]!r}, input needs {type_!r}")])
+    return upstream, candidates[0]
+
+
+def _index(upstream_jobs: list[Job], matrix: Mapping[str, list[Any]]) -> dict[str, list[Job]]:
+    """Upstream jobs grouped by their values on the axes shared with the downstream matrix."""
+    groups: dict[str, list[Job]] = defaultdict(list)
+    for job in upstream_jobs:
+        groups[_shared_key(job.point, job.point.keys() & matrix.keys())].append(job)
+    return groups
+
+
+def _shared_key(point: Point, axes: Any) -> str:
+    return canonical_json({a: point[a] for a in sorted(axes)})
+
+
+def _bind(study: Study, sid: str, name: str, many: bool, wiring: tuple[str, str] | None,
+          index: dict[str, list[Job]], point: Point, type_: str) -> Binding:
+    up_sid, output = wiring or ("", "")
+    sample = next(iter(index.values()), [])
+    shared = (sample[0].point.keys() & point.keys()) if sample else set()
+    matches = index.get(_shared_key(point, shared), [])
+    if not matches or (not many and len(matches) != 1):
+        raise SpecError([study.issue(("stages", sid, "inputs", name), _match_problem(up_sid, len(matches), point, sample))])
+    return Binding(name, type_, many, tuple(Upstream(j.key, output, j.point) for j in matches))
+
+
+def _match_problem(up_sid: str, n: int, point: Point, sample: list[Job]) -> str:
+    at = f" at {job_label('', point)}" if point else ""
+    if n == 0:
+        return f"no job of stage {up_sid!r} matches{at}: shared matrix axes have no common values"
+    extra = sorted(set(sample[0].point) - set(point)) if sample else []
+    return (f"{n} jobs of stage {up_sid!r} match{at} (they differ in {', '.join(extra)}); "
+            f"add {', '.join(extra)} to this stage's matrix, or use a stage whose input gathers many")
+
+
+def _params(study: Study, model: type[BaseModel], params: Mapping[str, Any], point: Point, sid: str) -> dict[str, Any]:
+    merged = {**params, **{k: v for k, v in point.items() if k != MATRIX_SEED}}
+    try:
+        return model.model_validate(merged).model_dump(mode="json")
+    except ValidationError as e:
+        at = f" at {job_label(sid, point)}" if point else ""
+        raise SpecError([study.issue(("stages", sid, "params"), f"invalid{at}: {e}")]) from None
+
+
+def job_key(sid: str, stage_def: StageDef, params: Mapping[str, Any], seed: int, inputs: tuple[Binding, ...]) -> str:
+    """The job's content key: sha256 of everything that determines its outputs."""
+    payload = {
+        "stage_id": sid,
+        "stage": stage_def.name,
+        "version": stage_def.version,
+        "params": params,
+        "seed": seed,
+        "inputs": {b.name: [[u.job_key, u.output] for u in b.upstream] for b in inputs},
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def job_label(sid: str, point: Point) -> str:
+    if not point:
+        return sid
+    return f"{sid}[{','.join(f'{k}={_fmt(v)}' for k, v in point.items())}]"
+
+
+def _fmt(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def artifact_name(study: str, sid: str, output: str, point: Point) -> str:
+    """``study.stage.output[.axis-value...]`` in characters W&B accepts; long or lossy names get a hash."""
+    parts = [study, sid, output, *(f"{k}-{_fmt(v)}" for k, v in point.items())]
+    raw = ".".join(parts)
+    name = UNSAFE.sub("_", raw)
+    if name != raw or len(name) > 120:
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+        name = f"{name[:111]}.{digest}"
+    return name

@@ -1,0 +1,128 @@
+"""A study's records on disk: its plan, each job's run record and each job's state.
+
+Executors write them, the runner reads the job record, ``status`` reads them all. Every write is
+atomic, so a reader never sees a half-written record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.fsutil import atomic_write_json, read_json
+from orchestrator.paths import StudyPaths
+from orchestrator.plan import Job, Plan
+from orchestrator.spec import TrackingSpec
+
+State = Literal["pending", "queued", "running", "succeeded", "failed", "cancelled", "skipped", "cached", "interrupted"]
+FINAL_STATES = {"succeeded", "failed", "cancelled", "skipped", "cached"}
+
+
+class UpstreamRecord(BaseModel):
+    job_key: str
+    output: str
+    point: dict[str, Any]
+
+
+class BindingRecord(BaseModel):
+    name: str
+    type: str
+    many: bool
+    upstream: list[UpstreamRecord]
+
+
+class OutputRecord(BaseModel):
+    name: str
+    type: str
+    artifact: str
+
+
+class JobRecord(BaseModel):
+    """Everything the runner needs to run one job, with no access to the spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    label: str
+    study: str
+    stage_id: str
+    stage: str
+    stage_version: str
+    stage_package: str
+    params: dict[str, Any]
+    seed: int
+    point: dict[str, Any]
+    inputs: list[BindingRecord]
+    outputs: list[OutputRecord]
+    root: Path
+    spec_hash: str
+    tracking: TrackingSpec
+
+    @classmethod
+    def from_job(cls, job: Job, plan: Plan, root: Path) -> JobRecord:
+        study = plan.study
+        return cls(
+            key=job.key, label=job.label, study=study.name, stage_id=job.stage_id, stage=job.stage,
+            stage_version=job.stage_version, stage_package=study.stage_package, params=dict(job.params),
+            seed=job.seed, point=dict(job.point),
+            inputs=[BindingRecord(name=b.name, type=b.type, many=b.many,
+                                  upstream=[UpstreamRecord(job_key=u.job_key, output=u.output, point=dict(u.point)) for u in b.upstream])
+                    for b in job.inputs],
+            outputs=[OutputRecord(name=o.name, type=o.type, artifact=o.artifact) for o in job.outputs],
+            root=root, spec_hash=study.spec_hash(), tracking=study.tracking,
+        )
+
+
+class JobState(BaseModel):
+    state: State
+    updated_at: str
+    exit_code: int | None = None
+    executor: str | None = None
+    external_id: str | None = None  # pid or SLURM job id
+    message: str | None = None
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def write_job_record(paths: StudyPaths, record: JobRecord) -> Path:
+    path = paths.job(record.key).record
+    atomic_write_json(path, record.model_dump(mode="json"))
+    return path
+
+
+def read_job_record(path: Path) -> JobRecord:
+    return JobRecord.model_validate(read_json(path))
+
+
+def write_state(paths: StudyPaths, key: str, state: State, **fields: Any) -> None:
+    atomic_write_json(paths.job(key).state, JobState(state=state, updated_at=now(), **fields).model_dump(mode="json"))
+
+
+def read_state(paths: StudyPaths, key: str) -> JobState | None:
+    path = paths.job(key).state
+    return JobState.model_validate(read_json(path)) if path.exists() else None
+
+
+def write_plan(paths: StudyPaths, plan: Plan, spec_path: Path) -> None:
+    """The submitted plan: what ``status`` and ``artifacts`` read later, without the spec file."""
+    atomic_write_json(paths.plan, {
+        "study": plan.study.name,
+        "spec_path": str(spec_path),
+        "spec_hash": plan.study.spec_hash(),
+        "spec": plan.study.model_dump(mode="json"),
+        "submitted_at": now(),
+        "jobs": [
+            {"key": j.key, "label": j.label, "stage_id": j.stage_id, "stage": j.stage, "point": dict(j.point),
+             "deps": list(j.deps), "outputs": {o.name: o.artifact for o in j.outputs}}
+            for j in plan.jobs
+        ],
+    })
+
+
+def read_plan(paths: StudyPaths) -> dict[str, Any]:
+    return read_json(paths.plan)

@@ -1,0 +1,222 @@
+"""The one entry point every executor calls: ``python -m orchestrator run-job JOB.json``.
+
+It opens a tracking run, resolves every input by lineage (the exact version the upstream job
+recorded), calls the stage, commits each output as an artifact version with its lineage and
+provenance, and records the job's outputs under its key. Exit codes: 0 done (or already done),
+1 failed, 3 interrupted after a checkpoint (the executor may requeue it).
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from orchestrator.artifacts import ArtifactRef, ArtifactStore, LocalStore, Producer
+from orchestrator.errors import OrchestratorError
+from orchestrator.paths import StudyPaths
+from orchestrator.records import JobRecord, read_job_record
+from orchestrator.stage import ResolvedInput, StageDef, StageInterrupted, load_registry
+from orchestrator.tracking import TrackingRun, open_run
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+PACKAGES = ("torch", "transformers", "datasets", "accelerate", "tokenizers", "numpy", "pydantic", "wandb")
+
+
+@dataclass
+class Context:
+    """The StageContext handed to a stage (see orchestrator.stage)."""
+
+    seed: int
+    job_label: str
+    checkpoint_dir: Path
+    staging: Path
+    run: TrackingRun
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+
+    def output_dir(self, name: str) -> Path:
+        path = self.staging / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.run.log(metrics, step)
+
+
+def open_store(root: Path) -> ArtifactStore:
+    return LocalStore(root / "artifacts")
+
+
+def run_job(record_path: Path, force: bool = False) -> int:
+    """Run the job described by ``record_path``; return the process exit code.
+
+    A job whose outputs are already committed is not run again unless ``force`` is set, so that a
+    requeued or duplicated job is harmless.
+    """
+    record = read_job_record(record_path)
+    paths = StudyPaths(record.root, record.study)
+    store = open_store(record.root)
+    if not force and store.job_outputs(record.key) is not None:
+        print(f"{record.label}: outputs already committed; nothing to do")
+        return EXIT_OK
+    stage_def = _stage_def(record)
+    inputs = resolve_inputs(store, record)
+    run = open_run(record, paths)
+    staging = paths.staging(record.key)
+    shutil.rmtree(staging, ignore_errors=True)
+    ctx = Context(record.seed, record.label, paths.job(record.key).checkpoint, staging, run)
+    ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    _install_stop_handlers(ctx.stop_requested, graceful=stage_def.checkpoints)
+    try:
+        print(f"{record.label}: running stage {record.stage} (key {record.key[:12]}, seed {record.seed})", flush=True)
+        metadata = stage_def.fn(stage_def.params.model_validate(record.params), inputs, ctx) or {}
+        refs = commit_outputs(store, record, stage_def, staging, metadata, inputs)
+    except StageInterrupted as e:
+        run.finish(ok=False)
+        print(f"{record.label}: interrupted after a checkpoint ({e}); resubmit to resume", flush=True)
+        return EXIT_INTERRUPTED
+    except JobStopped as e:
+        run.finish(ok=False)
+        print(f"{record.label}: stopped by {e}; nothing was committed", flush=True)
+        return EXIT_INTERRUPTED
+    except BaseException:
+        run.finish(ok=False)
+        traceback.print_exc()
+        print(f"{record.label}: FAILED (traceback above)", flush=True)
+        return EXIT_FAILED
+    run.finish(ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"{record.label}: committed " + ", ".join(str(r) for r in refs.values()), flush=True)
+    return EXIT_OK
+
+
+def _stage_def(record: JobRecord) -> StageDef:
+    stage_def = load_registry(record.stage_package).get(record.stage)
+    if stage_def is None:
+        raise OrchestratorError(f"stage {record.stage!r} is not in package {record.stage_package!r}")
+    if stage_def.version != record.stage_version:
+        raise OrchestratorError(
+            f"stage {record.stage!r} is at version {stage_def.version} but the job was planned with "
+            f"version {record.stage_version}; submit the study again to re-plan it"
+        )
+    return stage_def
+
+
+def resolve_inputs(store: ArtifactStore, record: JobRecord) -> dict[str, ResolvedInput | list[ResolvedInput]]:
+    """Each input as the exact artifact version its upstream job recorded."""
+    resolved: dict[str, ResolvedInput | list[ResolvedInput]] = {}
+    for binding in record.inputs:
+        items = []
+        for up in binding.upstream:
+            outputs = store.job_outputs(up.job_key)
+            if outputs is None or up.output not in outputs:
+                raise OrchestratorError(
+                    f"input {binding.name!r} of {record.label}: upstream job {up.job_key[:12]} has no committed "
+                    f"output {up.output!r}; submit the study so that it runs first"
+                )
+            version = store.get(outputs[up.output])
+            items.append(ResolvedInput(
+                name=version.ref.name, version=version.ref.version, type=version.type,
+                path=store.materialize(version.ref), metadata=dict(version.metadata),
+                point=dict(up.point), job_key=up.job_key,
+            ))
+        resolved[binding.name] = items if binding.many else items[0]
+    return resolved
+
+
+def commit_outputs(
+    store: ArtifactStore, record: JobRecord, stage_def: StageDef, staging: Path,
+    metadata: Mapping[str, Mapping[str, Any]], inputs: Mapping[str, ResolvedInput | list[ResolvedInput]],
+) -> dict[str, ArtifactRef]:
+    """Log every declared output, then record them under the job key (the commit point for caching)."""
+    unknown = set(metadata) - set(stage_def.outputs)
+    if unknown:
+        raise OrchestratorError(f"stage {record.stage!r} returned metadata for undeclared outputs {sorted(unknown)}")
+    producer = Producer(
+        job_key=record.key, study=record.study, stage=record.stage, job_label=record.label,
+        inputs=tuple(ArtifactRef(i.name, i.version) for i in _flatten(inputs)),
+        provenance=provenance(record),
+    )
+    refs: dict[str, ArtifactRef] = {}
+    for out in record.outputs:
+        out_dir = staging / out.name
+        if not out_dir.is_dir() or not any(out_dir.iterdir()):
+            raise OrchestratorError(f"stage {record.stage!r} wrote nothing to output {out.name!r} (ctx.output_dir({out.name!r}))")
+        version = store.log(
+            out.artifact, out.type, out_dir, metadata=dict(metadata.get(out.name, {})),
+            aliases=[record.study, f"job-{record.key[:16]}"], producer=producer,
+        )
+        refs[out.name] = version.ref
+    store.record_job(record.key, refs)
+    return refs
+
+
+def _flatten(inputs: Mapping[str, ResolvedInput | list[ResolvedInput]]) -> list[ResolvedInput]:
+    out: list[ResolvedInput] = []
+    for value in inputs.values():
+        out += value if isinstance(value, list) else [value]
+    return out
+
+
+def provenance(record: JobRecord) -> dict[str, Any]:
+    """What a reader needs to reproduce an artifact: spec, job, code and package versions, seed."""
+    return {
+        "spec_hash": record.spec_hash,
+        "job_key": record.key,
+        "seed": record.seed,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "packages": {p: v for p in PACKAGES if (v := _version(p))},
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout holding the stage code, with ``+dirty`` for uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib_metadata.version(package)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+class JobStopped(BaseException):
+    """Raised in the stage's thread by a stop signal: unwinds the stage without committing anything."""
+
+
+def _install_stop_handlers(event: threading.Event, graceful: bool) -> None:
+    """SIGTERM/SIGUSR2 stop the job. A stage that checkpoints is asked to (``event``) and gets one
+    signal's grace; any other stage, or a second signal, is stopped at once."""
+
+    def handler(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if event.is_set() or not graceful:
+            raise JobStopped(name)
+        event.set()
+        print(f"received {signal.Signals(signum).name}: asking the stage to checkpoint and stop", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)

@@ -1,0 +1,292 @@
+"""Typed study specs (Pydantic v2), validated in two passes.
+
+1. The document itself (``Study``): unknown keys are errors, choices are listed.
+2. Every stage against the stage registry: the stage exists, its params validate against the
+   stage's own params model (with each matrix point merged in), its inputs name real stages.
+
+Errors name the file, the field path and the YAML line (or the ``--set`` override) and list the
+valid choices; the CLI prints them without a traceback and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from orchestrator.errors import SpecError, SpecIssue
+from orchestrator.source import Loc, SpecSource, apply_overrides, load_source, resolve_refs
+from orchestrator.stage import Registry, load_registry
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+MATRIX_SEED = "seed"  # a matrix axis named "seed" sets the job seed, not a stage parameter
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(Strict):
+    """What one job asks the executor for. Units are in the names."""
+
+    cpus: int = Field(1, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    gpus: int = Field(0, ge=0)
+    time_min: int | None = Field(None, ge=1)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gres: str | None = None
+    extra: dict[str, str] = Field(default_factory=dict, description="further sbatch options")
+
+
+class ExecutorSpec(Strict):
+    backend: Literal["local", "slurm"] = "local"
+    max_parallel: int = Field(2, ge=1, description="local: jobs running at once")
+    resources: dict[str, Resources] = Field(
+        default_factory=dict, description="per stage id; the key 'default' applies to every stage"
+    )
+    template: Path | None = Field(None, description="slurm: your own sbatch template")
+
+    def resources_for(self, stage_id: str) -> Resources:
+        base = self.resources.get("default", Resources()).model_dump(exclude_unset=True)
+        base.update(self.resources.get(stage_id, Resources()).model_dump(exclude_unset=True))
+        return Resources.model_validate(base)
+
+
+class TrackingSpec(Strict):
+    backend: Literal["local", "wandb"] = "local"
+    project: str | None = None
+    entity: str | None = None
+    mode: Literal["online", "offline"] | None = None
+
+
+class StorageSpec(Strict):
+    root: Path = Field(Path(".orchestrator"), description="artifact store, job records and logs")
+
+
+class ModelSpec(Strict):
+    pretrained: str | None = Field(None, description="hub name or local path of a checkpoint")
+    config: dict[str, Any] = Field(default_factory=dict, description="config of a model built from scratch")
+
+
+class InputSpec(Strict):
+    stage: str
+    output: str | None = None
+
+
+class StageSpec(Strict):
+    stage: str | None = Field(None, description="registered stage to run (default: this entry's id)")
+    params: dict[str, Any] = Field(default_factory=dict)
+    matrix: dict[str, list[Any]] = Field(default_factory=dict)
+    inputs: dict[str, str | InputSpec] = Field(default_factory=dict)
+    seed: int | None = None
+
+    @field_validator("matrix")
+    @classmethod
+    def _non_empty_axes(cls, matrix: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for axis, values in matrix.items():
+            if not values:
+                raise ValueError(f"matrix axis {axis!r} has no values")
+            if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+                raise ValueError(f"matrix axis {axis!r} repeats a value")
+        return matrix
+
+
+class Study(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    languages: list[str] = Field(min_length=1)
+    seed: int = 1234
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named data sources")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    stage_package: str = Field("stages", description="Python package whose registry() defines the stages")
+    stages: dict[str, StageSpec] = Field(min_length=1)
+    _source: SpecSource | None = PrivateAttr(None)  # where each field came from, for error messages
+
+    @field_validator("languages")
+    @classmethod
+    def _unique_languages(cls, languages: list[str]) -> list[str]:
+        if len(set(languages)) != len(languages):
+            raise ValueError("languages repeat")
+        return languages
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_ids(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
+        for sid in stages:
+            if not re.match(NAME_PATTERN, sid):
+                raise ValueError(f"stage id {sid!r} must be letters, digits, '_' or '-'")
+        return stages
+
+    def stage_name(self, stage_id: str) -> str:
+        return self.stages[stage_id].stage or stage_id
+
+    def issue(self, loc: Loc, message: str) -> SpecIssue:
+        """A SpecIssue naming the file and line of ``loc`` when the study was loaded from a file."""
+        if self._source is None:
+            return SpecIssue("spec", ".".join(str(p) for p in loc), message)
+        return self._source.issue(loc, message)
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+REF_CONTEXT_FIELDS = ("name", "languages", "seed", "model", "data")
+
+
+def load_study(path: Path, overrides: Iterable[str] = (), registry: Registry | None = None) -> tuple[Study, Registry]:
+    """Load, override, resolve ``${...}`` references and validate a study spec, then check every
+    stage against the registry (by default the one of the spec's ``stage_package``).
+
+    Raises ``SpecError`` listing every problem found; nothing has run when it does.
+    """
+    source = apply_overrides(load_source(path), overrides)
+    context = {k: source.data[k] for k in REF_CONTEXT_FIELDS if k in source.data}
+    issues = resolve_refs(source, context, ("stages",))
+    if issues:
+        raise SpecError(issues)
+    study = validate_model(Study, source.data, source)
+    study._source = source
+    if registry is None:
+        try:
+            registry = load_registry(study.stage_package)
+        except ImportError as e:
+            raise SpecError([source.issue(("stage_package",), str(e))]) from None
+    check_stages(study, registry, source)
+    return study, registry
+
+
+def validate_model(model: type[BaseModel], data: Any, source: SpecSource, loc: Loc = ()) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise SpecError([_issue(model, err, source, loc) for err in e.errors()]) from None
+
+
+def _issue(model: type[BaseModel], err: Any, source: SpecSource, prefix: Loc) -> SpecIssue:
+    loc: Loc = (*prefix, *err["loc"])
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(model, tuple(err["loc"][:-1]))
+        message = "unknown field" + (f"; valid fields: {', '.join(valid)}" if valid else "")
+    elif err["type"] == "missing":
+        message = "required field is missing"
+    elif "input" in err and not isinstance(err["input"], dict | list):
+        message += f" (got {err['input']!r})"
+    return source.issue(loc, message)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (sub)model found by walking ``loc`` from ``model``."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            continue
+        info = current.model_fields.get(part)
+        if info is None:
+            return []
+        current = _inner_model(info.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+def _inner_model(annotation: Any) -> Any:
+    """The BaseModel inside ``X``, ``X | None``, ``dict[str, X]`` or ``list[X]``, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        inner = _inner_model(arg)
+        if inner is not None:
+            return inner
+    return None
+
+
+def check_stages(study: Study, registry: Registry, source: SpecSource) -> None:
+    """Check every stage entry against the registry; raise SpecError listing all problems."""
+    issues: list[SpecIssue] = []
+    for sid, spec in study.stages.items():
+        issues += _check_stage(study, sid, spec, registry, source)
+    for key in study.executor.resources:
+        if key != "default" and key not in study.stages:
+            choices = ", ".join(["default", *study.stages])
+            issues.append(source.issue(("executor", "resources", key), f"no such stage; valid: {choices}"))
+    if issues:
+        raise SpecError(issues)
+
+
+def _check_stage(study: Study, sid: str, spec: StageSpec, registry: Registry, source: SpecSource) -> list[SpecIssue]:
+    loc: Loc = ("stages", sid)
+    stage_def = registry.get(study.stage_name(sid))
+    if stage_def is None:
+        field = (*loc, "stage") if spec.stage else loc
+        return [source.issue(field, f"no stage named {study.stage_name(sid)!r}; registered stages: {', '.join(registry.names())}")]
+    issues: list[SpecIssue] = []
+    fields = set(stage_def.params.model_fields)
+    valid_axes = {}
+    for axis, values in spec.matrix.items():
+        if axis != MATRIX_SEED and axis not in fields:
+            issues.append(source.issue((*loc, "matrix", axis), f"not a parameter of stage {stage_def.name!r}; parameters: {', '.join(sorted(fields)) or 'none'}"))
+        elif axis in spec.params:
+            issues.append(source.issue((*loc, "matrix", axis), f"also set in params; set {axis!r} in one place"))
+        else:
+            valid_axes[axis] = values
+    issues += _check_params(stage_def.params, spec.params, valid_axes, source, loc)
+    for name in spec.inputs:
+        if name not in stage_def.inputs:
+            issues.append(source.issue((*loc, "inputs", name), f"stage {stage_def.name!r} has no input {name!r}; inputs: {', '.join(stage_def.inputs) or 'none'}"))
+    for name, decl in stage_def.inputs.items():
+        upstream = input_stage(study, spec, name)
+        if upstream is None and not decl.optional:
+            issues.append(source.issue((*loc, "inputs"), f"input {name!r} is not connected; add inputs: {{{name}: <stage id>}}"))
+        elif upstream is not None and upstream not in study.stages:
+            issues.append(source.issue((*loc, "inputs", name), f"no stage {upstream!r} in this study; stages: {', '.join(study.stages)}"))
+    return issues
+
+
+def _check_params(params_model: type[BaseModel], params: dict[str, Any], matrix: dict[str, list[Any]],
+                  source: SpecSource, loc: Loc) -> list[SpecIssue]:
+    """Validate params once per matrix value (validating the full product would be slow)."""
+    samples = [dict(params)]
+    for axis, values in matrix.items():
+        if axis != MATRIX_SEED:
+            samples += [{**params, axis: v} for v in values]
+    issues: list[SpecIssue] = []
+    for sample in samples:
+        try:
+            params_model.model_validate(sample)
+        except ValidationError as e:
+            for err in e.errors():
+                in_matrix = bool(err["loc"]) and err["loc"][0] in matrix
+                issue = _issue(params_model, err, source, (*loc, "matrix" if in_matrix else "params"))
+                if issue not in issues:
+                    issues.append(issue)
+    return issues
+
+
+def input_stage(study: Study, spec: StageSpec, name: str) -> str | None:
+    """The upstream stage id wired to input ``name``; an unwired input defaults to the stage of that id."""
+    wired = spec.inputs.get(name)
+    if wired is None:
+        return name if name in study.stages else None
+    return wired if isinstance(wired, str) else wired.stage
+
+
+def input_output(spec: StageSpec, name: str) -> str | None:
+    """The upstream output chosen for input ``name``, if the spec names one."""
+    wired = spec.inputs.get(name)
+    return wired.output if isinstance(wired, InputSpec) else None

@@ -1,0 +1,188 @@
+"""The contract between the engine and the science: how a stage is declared and what it receives.
+
+A stage is a plain function ``fn(params, inputs, ctx) -> metadata | None``:
+
+- ``params`` is an instance of the stage's Pydantic parameter model (validated from the spec,
+  with the job's matrix point merged in);
+- ``inputs`` maps each declared input name to a :class:`ResolvedInput` (or, for ``many=True``
+  inputs, a list of them, ordered by the producing job's matrix point);
+- ``ctx`` is a :class:`StageContext`: where to write each output, where to log metrics, the seed,
+  a persistent checkpoint directory and a flag that says the job was asked to stop.
+
+The function writes each declared output into ``ctx.output_dir(name)`` and may return a mapping
+``output name -> metadata dict`` that is stored with that artifact version. The engine commits the
+outputs as artifact versions after the function returns; a stage never sees the artifact store,
+the executor or the tracking backend.
+
+Stage modules must not import heavy libraries (torch, transformers, ...) at import time: the
+engine imports every stage module to plan a study, and planning must stay fast.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageParams(BaseModel):
+    """Base class for stage parameter models: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Input:
+    """A declared stage input.
+
+    ``type`` is the artifact type the input must have. ``many=True`` gathers the matching output of
+    every upstream job (e.g. one head mask per language); otherwise exactly one upstream job must match.
+    """
+
+    type: str
+    many: bool = False
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    """One input artifact version, resolved by lineage and materialised read-only on disk."""
+
+    name: str  # artifact name, e.g. "demo.prune.language=en"
+    version: int
+    type: str
+    path: Path  # directory holding the artifact's files (read-only: never write here)
+    metadata: Mapping[str, Any]
+    point: Mapping[str, Any]  # matrix point of the job that produced it ({} for unmatrixed stages)
+    job_key: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:v{self.version}"
+
+
+Inputs = Mapping[str, "ResolvedInput | list[ResolvedInput]"]
+
+
+class StageContext(Protocol):
+    """What the engine hands a running stage."""
+
+    seed: int
+    job_label: str
+    checkpoint_dir: Path  # persists across retries and requeues of the same job key
+    stop_requested: threading.Event  # set on SIGTERM/SIGUSR2: checkpoint and raise StageInterrupted
+
+    def output_dir(self, name: str) -> Path:
+        """An empty directory to write output ``name`` into (created on first call)."""
+        ...
+
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record scalar metrics in the job's tracking run."""
+        ...
+
+
+class StageInterrupted(Exception):
+    """Raised by a stage that checkpointed after ``ctx.stop_requested`` was set.
+
+    The runner exits with a distinct code so that the executor can requeue the job; the next
+    attempt finds the checkpoint in ``ctx.checkpoint_dir``.
+    """
+
+
+StageFn = Callable[[Any, Inputs, StageContext], "Mapping[str, Mapping[str, Any]] | None"]
+
+
+@dataclass(frozen=True)
+class StageDef:
+    """A stage as the engine sees it: a name, typed parameters, typed inputs and outputs, a version.
+
+    Bump ``version`` whenever a code change alters what the stage produces: it is part of every job
+    key, so bumping it reruns the stage and everything downstream.
+    """
+
+    name: str
+    fn: StageFn
+    params: type[BaseModel]
+    inputs: Mapping[str, Input] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=dict)  # output name -> artifact type
+    version: str = "1"
+    description: str = ""
+    checkpoints: bool = False  # True: the stage watches ctx.stop_requested and checkpoints
+
+
+def stage(
+    name: str,
+    *,
+    params: type[BaseModel],
+    inputs: Mapping[str, Input] | None = None,
+    outputs: Mapping[str, str],
+    version: str = "1",
+    checkpoints: bool = False,
+) -> Callable[[StageFn], StageDef]:
+    """Decorator turning a function into a :class:`StageDef` (it does not register it anywhere).
+
+    ``checkpoints=True`` declares that the stage polls ``ctx.stop_requested``, saves a checkpoint
+    and raises :class:`StageInterrupted`; other stages are stopped at once by SIGTERM/SIGUSR2.
+    """
+
+    def wrap(fn: StageFn) -> StageDef:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        return StageDef(
+            name=name,
+            fn=fn,
+            params=params,
+            inputs=dict(inputs or {}),
+            outputs=dict(outputs),
+            version=version,
+            description=doc[0] if doc else "",
+            checkpoints=checkpoints,
+        )
+
+    return wrap
+
+
+class Registry:
+    """Stage definitions by name. Built explicitly (no import-time global registration)."""
+
+    def __init__(self, stages: list[StageDef] | tuple[StageDef, ...] = ()) -> None:
+        self._stages: dict[str, StageDef] = {}
+        for s in stages:
+            self.add(s)
+
+    def add(self, s: StageDef) -> None:
+        if s.name in self._stages:
+            raise ValueError(f"stage {s.name!r} is defined twice")
+        self._stages[s.name] = s
+
+    def get(self, name: str) -> StageDef | None:
+        return self._stages.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._stages)
+
+    def __iter__(self) -> Iterator[StageDef]:
+        return iter(self._stages.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._stages
+
+
+def load_registry(package: str) -> Registry:
+    """Import ``package`` and call its ``registry()``; the one way the engine finds stages."""
+    import importlib
+
+    try:
+        module = importlib.import_module(package)
+    except ImportError as e:
+        raise ImportError(f"cannot import stage package {package!r} ({e}); is it installed or on PYTHONPATH?") from e
+    factory = getattr(module, "registry", None)
+    if not callable(factory):
+        raise ImportError(f"stage package {package!r} has no registry() function returning a Registry")
+    registry = factory()
+    if not isinstance(registry, Registry):
+        raise ImportError(f"{package}.registry() returned {type(registry).__name__}, not a Registry")
+    return registry

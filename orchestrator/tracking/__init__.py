@@ -1,0 +1,21 @@
+"""Tracking backends: where a job's metrics go. ``open_run`` picks the one the spec names."""
+
+from __future__ import annotations
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.paths import StudyPaths
+from orchestrator.records import JobRecord
+from orchestrator.tracking.base import TrackingRun
+from orchestrator.tracking.local import LocalRun
+
+__all__ = ["TrackingRun", "LocalRun", "open_run"]
+
+
+def open_run(record: JobRecord, paths: StudyPaths) -> TrackingRun:
+    """Open the tracking run of one job; a backend that cannot run here is an error, never a fallback."""
+    if record.tracking.backend == "local":
+        return LocalRun(paths.job(record.key).metrics)
+    raise OrchestratorError(
+        f"tracking backend {record.tracking.backend!r} is not available in this version; "
+        "use tracking.backend=local (--set tracking.backend=local)"
+    )

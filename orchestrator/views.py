@@ -1,0 +1,121 @@
+"""Text views for the CLI: plan, submit summary, status, artifacts, lineage. Pure string builders."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from orchestrator.artifacts import ArtifactNotFound, ArtifactRef, ArtifactStore
+from orchestrator.errors import OrchestratorError
+from orchestrator.executors.base import SubmitReport
+from orchestrator.paths import StudyPaths
+from orchestrator.plan import Plan
+from orchestrator.records import read_plan, read_state
+
+TAIL_LINES = 15
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plan_table(plan: Plan, cached: set[str], verbose: bool = False) -> str:
+    labels = {job.key: job.label for job in plan.jobs}
+    rows = []
+    for job in plan.jobs:
+        deps = ", ".join(labels[d] for d in job.deps) or "-"
+        rows.append([job.label, job.key[:12], "cached" if job.key in cached else "run", deps])
+        if verbose:
+            rows.append(["", "", "params", _short(job.params)])
+    head = f"study {plan.study.name}: {len(plan.jobs)} jobs, {len(cached)} cached, {len(plan.jobs) - len(cached)} to run"
+    return head + "\n" + table(["job", "key", "state", "depends on"], rows)
+
+
+def _short(value: object, limit: int = 160) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def report_summary(plan: Plan, report: SubmitReport, paths: StudyPaths) -> str:
+    parts = [f"{len(report.cached)} cached", f"{len(report.succeeded)} succeeded"]
+    parts += [f"{len(report.failed)} failed"] if report.failed else []
+    parts += [f"{len(report.skipped)} skipped"] if report.skipped else []
+    parts += [f"{len(report.cancelled)} cancelled"] if report.cancelled else []
+    lines = [f"study {plan.study.name}: " + ", ".join(parts)]
+    for key, log in report.failed.items():
+        lines += [f"FAILED {plan.by_key[key].label}: log {log}", *_tail(log)]
+    if report.ok:
+        lines.append(f"artifacts: python -m orchestrator artifacts {plan.study.name} --store {paths.root}")
+    return "\n".join(lines)
+
+
+def _tail(path: object) -> list[str]:
+    try:
+        text = open(path, encoding="utf-8", errors="replace").read()  # noqa: SIM115
+    except OSError:
+        return []
+    return [f"  | {line}" for line in text.splitlines()[-TAIL_LINES:]]
+
+
+def status_table(paths: StudyPaths) -> str:
+    if not paths.plan.exists():
+        raise OrchestratorError(f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store")
+    plan = read_plan(paths)
+    rows, counts = [], Counter[str]()
+    for job in plan["jobs"]:
+        state = read_state(paths, job["key"])
+        name = state.state if state else "unknown"
+        counts[name] += 1
+        log = paths.job(job["key"]).log
+        rows.append([job["label"], name, job["key"][:12], log if log.exists() else "-"])
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return f"study {paths.study} (submitted {plan['submitted_at']}): {summary}\n" + table(["job", "state", "key", "log"], rows)
+
+
+def artifact_table(paths: StudyPaths, store: ArtifactStore) -> str:
+    if not paths.plan.exists():
+        raise OrchestratorError(f"no study {paths.study!r} under {paths.root}; submit it first, or pass --store")
+    rows = []
+    for job in read_plan(paths)["jobs"]:
+        outputs = store.job_outputs(job["key"]) or {}
+        for name, ref in outputs.items():
+            version = store.get(ref)
+            rows.append([str(ref), version.type, _size(version.size), len(version.files), job["label"]])
+        if not outputs:
+            rows.append(["-", "-", "-", "-", f"{job['label']} (no outputs yet)"])
+    return table(["artifact", "type", "size", "files", "produced by"], rows)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def lineage_tree(store: ArtifactStore, ref_text: str) -> str:
+    """The artifact, the job that produced it, and recursively that job's inputs."""
+    try:
+        version = store.get(ref_text if ":" in ref_text else f"{ref_text}:latest")
+    except ArtifactNotFound as e:
+        raise OrchestratorError(str(e)) from None
+    lines: list[str] = []
+    _lineage(store, version.ref, "", lines, set())
+    return "\n".join(lines)
+
+
+def _lineage(store: ArtifactStore, ref: ArtifactRef, indent: str, lines: list[str], seen: set[ArtifactRef]) -> None:
+    version = store.get(ref)
+    producer = version.producer
+    by = f" <- {producer.job_label} (job {producer.job_key[:12]})" if producer else ""
+    lines.append(f"{indent}{ref} [{version.type}]{by}")
+    if ref in seen or producer is None:
+        return
+    seen.add(ref)
+    for parent in producer.inputs:
+        _lineage(store, parent, indent + "  ", lines, seen)

@@ -1,0 +1,16 @@
+"""The science: one module per stage family. Nothing here knows about SLURM, W&B or the store.
+
+``registry()`` is the one entry point the engine uses; stage modules import heavy libraries
+(torch, transformers, datasets) inside their functions only, so building the registry is cheap.
+"""
+
+from __future__ import annotations
+
+from orchestrator.stage import Registry
+
+
+def registry() -> Registry:
+    """Every stage of the study, by name."""
+    from stages import corpus, dataset, tokenizer
+
+    return Registry([corpus.CORPUS, tokenizer.TOKENIZER, dataset.TOKENIZE])

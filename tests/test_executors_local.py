@@ -1,0 +1,126 @@
+"""The local executor on real processes: order, caching, failures, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.executors import LocalExecutor
+from orchestrator.paths import StudyPaths
+from orchestrator.plan import Plan, build_plan
+from orchestrator.records import read_state
+from orchestrator.runner import open_store
+from orchestrator.spec import load_study
+
+from conftest import ROOT, TOY_SPEC
+
+
+def setup(spec: Path, root: Path, *overrides: str) -> tuple[Plan, LocalExecutor, list[str]]:
+    study, registry = load_study(spec, overrides)
+    plan = build_plan(study, registry)
+    paths = StudyPaths(root, study.name)
+    lines: list[str] = []
+    return plan, LocalExecutor(paths, open_store(root), max_parallel=2, echo=lines.append), lines
+
+
+def value_of(executor: LocalExecutor, plan: Plan, label: str) -> float:
+    job = next(j for j in plan.jobs if j.label == label)
+    ref = executor.store.job_outputs(job.key)[job.outputs[0].name]
+    return json.loads((executor.store.materialize(ref) / "value.json").read_text())["value"]
+
+
+def test_runs_in_order_and_caches_on_resubmit(toy_spec: Path, tmp_path: Path) -> None:
+    plan, ex, lines = setup(toy_spec, tmp_path / "root")
+    report = ex.submit(plan, toy_spec)
+    assert report.ok and len(report.succeeded) == 7 and not report.cached
+    assert value_of(ex, plan, "total") == 3 * 2 * 3  # three languages, each 3 x 2
+    assert all(read_state(ex.paths, j.key).state == "succeeded" for j in plan.jobs)
+    again = ex.submit(plan, toy_spec)
+    assert len(again.cached) == 7 and not again.succeeded
+    assert "7 of 7 jobs cached (outputs already committed)" in lines
+    forced = ex.submit(plan, toy_spec, force=True)
+    assert len(forced.succeeded) == 7
+    # identical content: forcing a rerun adds no new versions
+    job = plan.jobs[-1]
+    assert [v.ref.version for v in ex.store.versions(job.outputs[0].artifact)] == [0]
+
+
+def test_changed_parameter_reruns_only_downstream(toy_spec: Path, tmp_path: Path) -> None:
+    plan, ex, _ = setup(toy_spec, tmp_path / "root")
+    ex.submit(plan, toy_spec)
+    plan2, ex2, _ = setup(toy_spec, tmp_path / "root", "stages.scale.params.factor=10")
+    report = ex2.submit(plan2, toy_spec)
+    assert len(report.cached) == 3 and len(report.succeeded) == 4
+    assert value_of(ex2, plan2, "total") == 3 * 10 * 3
+    # the old version is still there: v0 from factor 2, v1 from factor 10
+    assert [v.ref.version for v in ex2.store.versions("toy.total.total")] == [0, 1]
+
+
+def test_failed_job_stops_dependents_and_names_its_log(toy_spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOYSTAGES_FAIL", "de")
+    plan, ex, lines = setup(toy_spec, tmp_path / "root")
+    report = ex.submit(plan, toy_spec)
+    labels = {plan.by_key[k].label for k in report.failed}
+    assert labels == {"scale[language=de]"}
+    assert {plan.by_key[k].label for k in report.skipped} == {"total"}
+    assert len(report.succeeded) == 5  # the other branches still ran
+    (log,) = report.failed.values()
+    assert "RuntimeError: scale failed on purpose for de" in log.read_text()
+    assert any(f"log: {log}" in line for line in lines)
+    total = next(j for j in plan.jobs if j.label == "total")
+    assert ex.store.job_outputs(total.key) is None
+    assert read_state(ex.paths, total.key).state == "skipped"
+    # fixed: a resubmit reruns only the failed job and what depends on it
+    monkeypatch.delenv("TOYSTAGES_FAIL")
+    again = ex.submit(plan, toy_spec)
+    assert {plan.by_key[k].label for k in again.succeeded} == {"scale[language=de]", "total"}
+    assert len(again.cached) == 5
+
+
+def test_bounded_parallelism(tmp_path: Path) -> None:
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: par\nlanguages: [a, b, c, d]\nstage_package: toystages\nstages:\n"
+                    "  emit:\n    matrix: {language: \"${languages}\"}\n    params: {sleep_s: 0.6}\n")
+    plan, ex, _ = setup(spec, tmp_path / "root")
+    report = ex.submit(plan, spec)
+    assert report.ok
+    # every job's metrics file records when it ran; never more than 2 overlap
+    spans = []
+    for job in plan.jobs:
+        rows = [json.loads(x) for x in ex.paths.job(job.key).metrics.read_text().splitlines()]
+        log = ex.paths.job(job.key).log
+        spans.append((log.stat().st_ctime - 0.6, rows[0]["time"]))
+    ends = sorted(t for _, t in spans)
+    assert ends[2] - ends[0] > 0.5  # the third job could only start after one of the first two ended
+
+
+def test_ctrl_c_stops_running_jobs_cleanly(tmp_path: Path) -> None:
+    spec = tmp_path / "slow.yaml"
+    spec.write_text("name: slow\nlanguages: [a, b, c]\nstage_package: toystages\nstages:\n"
+                    "  emit:\n    matrix: {language: \"${languages}\"}\n    params: {sleep_s: 30}\n")
+    root = tmp_path / "root"
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "submit", str(spec), "--store", str(root)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    jobs_dir = root / "studies" / "slow" / "jobs"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = [json.loads(p.read_text())["state"] for p in jobs_dir.glob("*/state.json")] if jobs_dir.exists() else []
+        if states.count("running") == 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted: stopping 2 running jobs" in out
+    states = sorted(json.loads(p.read_text())["state"] for p in jobs_dir.glob("*/state.json"))
+    assert states == ["cancelled", "cancelled", "cancelled"]
+    assert not list((root / "artifacts").glob("jobs/*.json"))  # nothing half-committed

@@ -1,0 +1,114 @@
+"""Spec validation: every kind of bad input names the file, the field and the line; exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.errors import SpecError
+from orchestrator.spec import load_study
+
+from conftest import TOY_SPEC
+
+
+def write(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def errors(path: Path, *overrides: str) -> list[str]:
+    with pytest.raises(SpecError) as e:
+        load_study(path, overrides)
+    return [str(i) for i in e.value.issues]
+
+
+def test_valid_toy_spec_loads_with_references_resolved(toy_spec: Path) -> None:
+    study, registry = load_study(toy_spec)
+    assert study.name == "toy"
+    assert study.stages["emit"].matrix == {"language": ["en", "de", "fr"]}
+    assert registry.names() == ["emit", "scale", "total"]
+    assert study.executor.backend == "local" and study.tracking.backend == "local"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("name: toy", "name: 'bad name!'", "study.yaml:1: name: String should match pattern"),
+        ("name: toy\n", "name: toy\nextra_key: 1\n", "study.yaml:2: extra_key: unknown field; valid fields: data, description, executor"),
+        ("languages: [en, de, fr]", "languages: []", "study.yaml:2: languages: List should have at least 1 item"),
+        ("languages: [en, de, fr]", "languages: [en, en]", "study.yaml:2: languages: Value error, languages repeat"),
+        ("      value: 3", "      value: three", "study.yaml:8: stages.emit.params.value: Input should be a valid number"),
+        ("      value: 3", "      valeu: 3", "study.yaml:8: stages.emit.params.valeu: unknown field; valid fields: language, sleep_s, value"),
+        ("      number: emit", "      number: emitt", "study.yaml:13: stages.scale.inputs.number: no stage 'emitt' in this study"),
+        ("      number: emit", "      numbr: emit", "stages.scale.inputs.numbr: stage 'scale' has no input 'numbr'; inputs: number"),
+        ("  total:\n", "  total:\n    stage: totl\n", "stages.total.stage: no stage named 'totl'; registered stages: emit, scale, total"),
+        ("      language: ${languages}\n    params:", "      language: ${langs}\n    params:", "stages.emit.matrix.language: ${langs} refers to nothing; valid references: ${name}, ${languages}"),
+        ("      language: ${languages}\n    params:", "      lang: [en]\n    params:", "stages.emit.matrix.lang: not a parameter of stage 'emit'"),
+        ("      language: ${languages}\n    params:", "      language: []\n    params:", "stages.emit.matrix: Value error, matrix axis 'language' has no values"),
+        ("stage_package: toystages", "stage_package: no_such_pkg", "study.yaml:17: stage_package: cannot import stage package 'no_such_pkg'"),
+        ("name: toy\n", "name: toy\nexecutor: {backend: pbs}\n", "study.yaml:2: executor.backend: Input should be 'local' or 'slurm' (got 'pbs')"),
+        ("name: toy\n", "name: toy\nexecutor: {resources: {trian: {cpus: 2}}}\n", "executor.resources.trian: no such stage; valid: default, emit, scale, total"),
+        ("name: toy\n", "name: toy\nexecutor: {resources: {default: {cpus: 0}}}\n", "executor.resources.default.cpus: Input should be greater than or equal to 1"),
+        ("name: toy\n", "name: toy\ntracking: {backend: mlflow}\n", "tracking.backend: Input should be 'local' or 'wandb'"),
+        ("name: toy\n", "name: toy\nname: toy2\n", "study.yaml:2: name: given twice (first on line 1)"),
+        ("  total:\n", "  total:\n    seed: x\n", "stages.total.seed: Input should be a valid integer"),
+    ],
+)
+def test_bad_spec_names_file_field_and_line(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    assert old in TOY_SPEC
+    found = errors(write(tmp_path, TOY_SPEC.replace(old, new, 1)))
+    assert any(expected in e for e in found), found
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = TOY_SPEC.replace("      value: 3", "      value: x").replace("      number: emit", "      number: nope")
+    found = errors(write(tmp_path, text))
+    assert len(found) == 2, found
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: [unclosed\n", "study.yaml:2: invalid YAML"),
+        ("- just\n- a list\n", "study.yaml:1: a spec must be a YAML mapping"),
+        ("", "a spec must be a YAML mapping"),
+        ("name: x\nlanguages: [en]\n", "stages: required field is missing"),
+    ],
+)
+def test_malformed_documents(tmp_path: Path, text: str, expected: str) -> None:
+    found = errors(write(tmp_path, text))
+    assert any(expected in e for e in found), found
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert errors(tmp_path / "nope.yaml") == [f"{tmp_path / 'nope.yaml'}: file not found"]
+
+
+def test_overrides_are_validated_like_the_file(toy_spec: Path) -> None:
+    study, _ = load_study(toy_spec, ["stages.emit.params.value=7.5", "executor.max_parallel=4", "languages=[en]"])
+    assert study.stages["emit"].params["value"] == 7.5
+    assert study.executor.max_parallel == 4
+    assert study.stages["emit"].matrix["language"] == ["en"]  # ${languages} resolves after overrides
+    found = errors(toy_spec, "stages.emit.params.value=abc")
+    assert found[0].startswith("--set stages.emit.params.value=abc: stages.emit.params.value: Input should be a valid number")
+    assert errors(toy_spec, "novalue") == ["--set novalue: expected FIELD.PATH=VALUE, e.g. executor.backend=slurm"]
+    assert "not a mapping" in errors(toy_spec, "name.sub=1")[0]
+
+
+def test_cli_exits_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, TOY_SPEC.replace("      value: 3", "      value: x"))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{path}:8: stages.emit.params.value" in err
+    assert "nothing was run or submitted" in err
+
+
+def test_spec_hash_changes_with_content(toy_spec: Path) -> None:
+    a, _ = load_study(toy_spec)
+    b, _ = load_study(toy_spec)
+    c, _ = load_study(toy_spec, ["stages.emit.params.value=4"])
+    assert a.spec_hash() == b.spec_hash() != c.spec_hash()
