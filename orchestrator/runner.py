@@ -154,7 +154,7 @@ def commit_outputs(
             raise OrchestratorError(f"stage {record.stage!r} wrote nothing to output {out.name!r} (ctx.output_dir({out.name!r}))")
         version = store.log(
             out.artifact, out.type, out_dir, metadata=dict(metadata.get(out.name, {})),
-            aliases=[record.study, f"job-{record.key[:16]}"], producer=producer,
+            aliases=[f"study-{record.study}", f"job-{record.key[:16]}"], producer=producer,
         )
         refs[out.name] = version.ref
     store.record_job(record.key, refs)

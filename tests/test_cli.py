@@ -1,0 +1,74 @@
+"""The command line as a user types it: python -m orchestrator ..."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_validate_plan_submit_status_artifacts(toy_spec: Path, tmp_path: Path) -> None:
+    work = tmp_path
+    ok = cli("validate", str(toy_spec), cwd=work)
+    assert ok.returncode == 0 and "ok - study 'toy', 3 stages, 7 jobs" in ok.stdout
+
+    plan = cli("plan", str(toy_spec), cwd=work)
+    assert plan.returncode == 0 and "7 jobs, 0 cached, 7 to run" in plan.stdout
+    assert "total" in plan.stdout and "scale[language=en], scale[language=de], scale[language=fr]" in plan.stdout
+
+    sub = cli("submit", str(toy_spec), cwd=work)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    assert "study toy: 0 cached, 7 succeeded" in sub.stdout
+    assert (work / ".orchestrator" / "artifacts").is_dir()  # default storage root, relative to cwd
+
+    again = cli("submit", str(toy_spec), cwd=work)
+    assert "7 of 7 jobs cached" in again.stdout and "nothing to run" in again.stdout
+    assert "7 cached, 0 to run" in cli("plan", str(toy_spec), cwd=work).stdout
+
+    status = cli("status", "toy", cwd=work)
+    assert status.returncode == 0 and "7 cached" in status.stdout and "emit[language=de]" in status.stdout
+
+    arts = cli("artifacts", "toy", cwd=work)
+    assert "toy.total.total:v0" in arts.stdout and "number" in arts.stdout
+
+    lineage = cli("artifacts", "toy", "--lineage", "toy.total.total", cwd=work)
+    lines = lineage.stdout.splitlines()
+    assert lines[0].startswith("toy.total.total:v0 [number] <- total")
+    assert "  toy.scale.number.language-en:v0 [number] <- scale[language=en]" in lines[1]
+    assert "    toy.emit.number.language-en:v0 [number] <- emit[language=en]" in lines[2]
+
+
+def test_failed_submit_exits_1_and_prints_the_log(toy_spec: Path, tmp_path: Path) -> None:
+    store = tmp_path / "my store"
+    sub = cli("submit", str(toy_spec), "--store", str(store), "--set", "stages.scale.params.fail=true", cwd=tmp_path)
+    assert sub.returncode == 1
+    assert "3 failed, 1 skipped" in sub.stdout
+    assert f"FAILED scale[language=en]: log {store}/studies/toy/jobs/" in sub.stdout
+    assert "RuntimeError: scale failed on purpose for en" in sub.stdout  # the log's tail
+    status = cli("status", "toy", "--store", str(store), cwd=tmp_path)
+    assert "3 failed" in status.stdout and "1 skipped" in status.stdout
+
+
+def test_unknown_study_and_artifact_are_clear_errors(tmp_path: Path) -> None:
+    status = cli("status", "nope", cwd=tmp_path)
+    assert status.returncode == 1 and "no study 'nope'" in status.stderr and "Traceback" not in status.stderr
+    arts = cli("artifacts", "nope", "--lineage", "x.y", cwd=tmp_path)
+    assert arts.returncode == 1 and "Traceback" not in arts.stderr
+
+
+def test_unavailable_executor_submits_nothing(toy_spec: Path, tmp_path: Path) -> None:
+    sub = cli("submit", str(toy_spec), "--executor", "slurm", cwd=tmp_path)
+    assert sub.returncode == 1 and "executor 'slurm'" in sub.stderr
+    assert not (tmp_path / ".orchestrator" / "studies").exists()
+
+
+def test_no_command_prints_help(tmp_path: Path) -> None:
+    out = cli(cwd=tmp_path)
+    assert out.returncode == 2 and "validate" in out.stdout and "submit" in out.stdout
+
