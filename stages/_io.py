@@ -1,0 +1,124 @@
+"""Small helpers shared by the data stages: deterministic JSON/JSONL files, seeds, inputs, progress.
+
+Everything here is cheap to import (standard library only): stage modules import it at module level.
+Files are written byte-deterministically (sorted keys, fixed separators, UTF-8, trailing newline)
+so that the engine's content dedup sees identical artifacts for identical inputs and parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from orchestrator.stage import Inputs, ResolvedInput
+
+T = TypeVar("T")
+
+SPLITS: tuple[str, str] = ("train", "test")
+META_FILE = "meta.json"
+
+
+def dumps_line(obj: Any) -> str:
+    """One JSON object as a single deterministic line (sorted keys, UTF-8 text kept as is)."""
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def write_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> int:
+    """Write ``records`` one JSON object per line; return how many were written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for rec in records:
+            f.write(dumps_line(rec))
+            f.write("\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the JSON objects of a JSON Lines file (blank lines are skipped)."""
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON with sorted keys and a trailing newline."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, ensure_ascii=False, sort_keys=True, indent=2)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def stable_rank(seed: int, key: str) -> str:
+    """A seeded, platform-independent sort key for ``key`` (sha256 of ``"seed:key"``).
+
+    Ordering documents by this key is a seeded shuffle that does not depend on the order in which
+    the documents were read, and gives the same order to documents with the same id in every
+    language (aligned Bible chapters land in the same split everywhere).
+    """
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def effective_seed(ctx_seed: int, override: int | None) -> int:
+    """The seed a stage uses: the ``seed`` parameter when given, else the job's seed."""
+    return ctx_seed if override is None else override
+
+
+def get_input(inputs: Inputs, name: str, *, required: bool = True) -> ResolvedInput | None:
+    """The single resolved input ``name``, or None when it is optional and absent."""
+    value = inputs.get(name)
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError(f"input {name!r}: expected exactly one artifact, got {len(value)}")
+        value = value[0]
+    if value is None:
+        if required:
+            raise ValueError(f"input {name!r} is missing: connect a {name!r} artifact to this stage")
+        return None
+    if not isinstance(value, ResolvedInput):
+        raise ValueError(f"input {name!r}: expected a resolved artifact, got {type(value).__name__}")
+    return value
+
+
+def corpus_languages(corpus_dir: Path) -> list[str]:
+    """The languages of a ``corpus`` artifact, in the order the corpus stage wrote them."""
+    meta_path = corpus_dir / META_FILE
+    if meta_path.is_file():
+        langs = read_json(meta_path).get("languages")
+        if isinstance(langs, list) and all(isinstance(x, str) for x in langs):
+            return list(langs)
+    langs = sorted(p.name for p in corpus_dir.iterdir() if (p / "train.jsonl").is_file())
+    if not langs:
+        raise ValueError(f"{corpus_dir} is not a corpus artifact: no <lang>/train.jsonl inside")
+    return langs
+
+
+def corpus_split_path(corpus_dir: Path, lang: str, split: str) -> Path:
+    """Path of one split of one language in a ``corpus`` artifact (must exist)."""
+    path = corpus_dir / lang / f"{split}.jsonl"
+    if not path.is_file():
+        raise ValueError(f"corpus artifact {corpus_dir} has no {lang}/{split}.jsonl")
+    return path
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """Wrap ``iterable`` in a tqdm progress bar (tqdm is imported lazily)."""
+    from tqdm.auto import tqdm
+
+    yield from tqdm(iterable, desc=desc, total=total, unit=unit, mininterval=2.0, leave=False)

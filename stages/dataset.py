@@ -1,0 +1,208 @@
+"""Stage ``tokenize``: fixed-length token chunks per language and split, for masked-LM training.
+
+As in the original (the ``run_mlm`` recipe): every document is tokenized without truncation, the
+token sequences are concatenated and cut into chunks of ``block_size`` tokens, the remainder is
+dropped. Unlike the original, train chunks come only from the corpus' train documents and test chunks
+only from its test documents (the corpus stage splits by document, before chunking).
+
+Document boundaries (``doc_boundary``):
+
+- ``special`` (default): each document carries the tokenizer's own special tokens (``<s> doc </s>``
+  for XLM-R), exactly what the original got from ``tokenizer(text)`` before ``group_texts``. The
+  model sees document starts/ends as in pre-training, and the MLM collator never masks them.
+- ``eos``: no per-document template, one ``</s>`` (sep/eos) after each document.
+- ``none``: plain concatenation.
+
+Over-long corpora are capped with a seeded random subset of chunks (kept in corpus order).
+
+Output ``dataset`` (type ``dataset``)::
+
+    <lang>/train.npy   int32 [n_chunks, block_size] input ids (labels = input_ids: the consumer's job)
+    <lang>/test.npy
+    meta.json          block_size, vocab_size, special token ids, doc_boundary, counts per language
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageInterrupted, StageParams, stage
+from stages._io import (
+    META_FILE,
+    SPLITS,
+    corpus_languages,
+    corpus_split_path,
+    effective_seed,
+    get_input,
+    progress,
+    read_jsonl,
+    write_json,
+)
+
+BATCH_DOCS = 256
+
+
+class TokenizeParams(StageParams):
+    """Parameters of the ``tokenize`` stage."""
+
+    block_size: int = Field(512, ge=2, description="Tokens per chunk (the model context; 512 as in the original).")
+    max_chunks_per_language: int | None = Field(
+        100_000, ge=1, description="Cap on train chunks per language (seeded subset); None: all."
+    )
+    max_test_chunks_per_language: int | None = Field(
+        3_000, ge=1, description="Cap on test chunks per language (seeded subset); None: all."
+    )
+    doc_boundary: Literal["special", "eos", "none"] = Field(
+        "special",
+        description="special: the tokenizer's own <s> doc </s> per document (as the original); "
+        "eos: one </s> after each document; none: plain concatenation.",
+    )
+    seed: int | None = Field(None, description="Seed of the chunk subset; None: the job's seed.")
+
+
+def _doc_batches(path: Path) -> Iterator[list[str]]:
+    """The documents of a corpus split in batches of texts."""
+    batch: list[str] = []
+    for rec in read_jsonl(path):
+        batch.append(str(rec["text"]))
+        if len(batch) >= BATCH_DOCS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def token_stream(tokenizer: Any, path: Path, doc_boundary: str, desc: str) -> tuple[Any, int]:
+    """All documents of a split tokenized and concatenated (int32), and the number of documents."""
+    import numpy as np
+
+    special = doc_boundary == "special"
+    eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if doc_boundary == "eos" and eos is None:
+        raise ValueError("doc_boundary=eos: the tokenizer has no sep/eos token; use 'special' or 'none'")
+    parts: list[Any] = []
+    n_docs = 0
+    for batch in progress(_doc_batches(path), desc=desc, unit="batch"):
+        enc = tokenizer(batch, add_special_tokens=special, return_attention_mask=False, verbose=False)
+        for ids in enc["input_ids"]:
+            parts.append(np.asarray(ids, dtype=np.int32))
+            if doc_boundary == "eos":
+                parts.append(np.asarray([eos], dtype=np.int32))
+        n_docs += len(batch)
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return stream, n_docs
+
+
+def chunk(stream: Any, block_size: int) -> Any:
+    """Cut a 1-D token array into ``[n, block_size]`` rows, dropping the remainder."""
+    n = len(stream) // block_size
+    return stream[: n * block_size].reshape(n, block_size)
+
+
+def cap_chunks(chunks: Any, cap: int | None, seed: int, lang: str, split: str) -> Any:
+    """A seeded random subset of at most ``cap`` rows, in their original order."""
+    import numpy as np
+
+    if cap is None or len(chunks) <= cap:
+        return chunks
+    key = [seed, zlib.crc32(lang.encode()), SPLITS.index(split)]
+    keep = np.sort(np.random.default_rng(key).choice(len(chunks), size=cap, replace=False))
+    return chunks[keep]
+
+
+def _zero_chunk_error(lang: str, split: str, n_tokens: int, block_size: int) -> ValueError:
+    """The error for a language split too short to give a single chunk."""
+    return ValueError(
+        f"tokenize: {lang}/{split} has {n_tokens} tokens, fewer than block_size={block_size}, so it "
+        f"yields no chunk; lower block_size, or give the corpus more {split} text (corpus params "
+        "max_docs_per_language, test_fraction/test_docs)"
+    )
+
+
+def tokenize_language(
+    tokenizer: Any, corpus_dir: Path, lang: str, params: TokenizeParams, seed: int, out: Path
+) -> dict[str, dict[str, float]]:
+    """Chunk both splits of one language into ``out/<lang>/{train,test}.npy``; return counts."""
+    import numpy as np
+
+    caps = {"train": params.max_chunks_per_language, "test": params.max_test_chunks_per_language}
+    counts: dict[str, dict[str, float]] = {}
+    (out / lang).mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        path = corpus_split_path(corpus_dir, lang, split)
+        stream, n_docs = token_stream(tokenizer, path, params.doc_boundary, f"tokenize[{lang}/{split}]")
+        chunks = chunk(stream, params.block_size)
+        if len(chunks) == 0:
+            raise _zero_chunk_error(lang, split, len(stream), params.block_size)
+        kept = cap_chunks(chunks, caps[split], seed, lang, split)
+        np.save(out / lang / f"{split}.npy", np.ascontiguousarray(kept, dtype=np.int32))
+        unk = tokenizer.unk_token_id
+        counts[split] = {
+            "docs": n_docs,
+            "tokens": int(len(stream)),
+            "chunks_available": int(len(chunks)),
+            "chunks": int(len(kept)),
+            "dropped_tokens": int(len(stream) - len(chunks) * params.block_size),
+            "unk_rate": float(np.mean(stream == unk)) if unk is not None else 0.0,
+        }
+    return counts
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """Load the tokenizer artifact with AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def dataset_meta(tokenizer: Any, params: TokenizeParams, languages: list[str], counts: dict) -> dict[str, Any]:
+    """meta.json / artifact metadata of a dataset."""
+    ids = {f"{n}_token_id": getattr(tokenizer, f"{n}_token_id", None) for n in ("pad", "mask", "bos", "eos", "unk")}
+    return {
+        "block_size": params.block_size,
+        "vocab_size": len(tokenizer),
+        **ids,
+        "doc_boundary": params.doc_boundary,
+        "dtype": "int32",
+        "languages": languages,
+        "splits": list(SPLITS),
+        "counts": counts,
+    }
+
+
+@stage(
+    "tokenize",
+    params=TokenizeParams,
+    inputs={"corpus": Input(type="corpus"), "tokenizer": Input(type="tokenizer")},
+    outputs={"dataset": "dataset"},
+    version="1",
+)
+def tokenize_stage(params: TokenizeParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
+    """Tokenize the corpus and cut it into fixed-length chunks per language and split."""
+    corpus = get_input(inputs, "corpus")
+    tok_input = get_input(inputs, "tokenizer")
+    if corpus is None or tok_input is None:  # get_input raises for required inputs
+        raise ValueError("tokenize: needs both a 'corpus' and a 'tokenizer' input")
+    tokenizer = _load_tokenizer(tok_input.path)
+    if len(tokenizer) > 2**31 - 1:
+        raise ValueError(f"tokenizer vocabulary of {len(tokenizer)} does not fit int32 ids")
+    seed = effective_seed(ctx.seed, params.seed)
+    out = ctx.output_dir("dataset")
+    languages = corpus_languages(corpus.path)
+    counts: dict[str, Any] = {}
+    for lang in languages:
+        if ctx.stop_requested.is_set():
+            raise StageInterrupted("tokenize: stop requested (nothing to checkpoint, the stage reruns)")
+        counts[lang] = tokenize_language(tokenizer, corpus.path, lang, params, seed, out)
+        ctx.log({f"{lang}/{split}_{k}": float(v) for split, c in counts[lang].items() for k, v in c.items()})
+    meta = dataset_meta(tokenizer, params, languages, counts)
+    write_json(out / META_FILE, meta)
+    return {"dataset": meta}
+
+
+TOKENIZE: StageDef = tokenize_stage

@@ -1,0 +1,153 @@
+"""Run a stage in tests without the engine: a test double of ``StageContext`` and input helpers.
+
+``FakeContext`` implements the :class:`orchestrator.stage.StageContext` protocol on a temporary
+directory and records every ``log()`` call; ``make_input`` wraps a directory as a
+``ResolvedInput``; ``run_stage`` validates a params dict with the stage's model and calls it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # running pytest without an installed package / pythonpath setting
+    sys.path.insert(0, str(_ROOT))
+
+from orchestrator.stage import ResolvedInput, StageDef  # noqa: E402
+
+
+@dataclass
+class FakeContext:
+    """A StageContext writing outputs under ``root/outputs/<name>``."""
+
+    root: Path
+    seed: int = 0
+    job_label: str = "test-job"
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        path = self.root / "checkpoint"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def output_dir(self, name: str) -> Path:
+        path = self.root / "outputs" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.metrics.append((dict(metrics), step))
+
+    def logged(self) -> dict[str, float]:
+        """Every metric logged so far, the last value of each name."""
+        out: dict[str, float] = {}
+        for m, _ in self.metrics:
+            out.update(m)
+        return out
+
+
+def make_input(
+    path: Path | str,
+    type: str,
+    *,
+    name: str | None = None,
+    point: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    version: int = 0,
+) -> ResolvedInput:
+    """A ResolvedInput for an artifact directory that already exists on disk."""
+    return ResolvedInput(
+        name=name or f"test.{type}",
+        version=version,
+        type=type,
+        path=Path(path),
+        metadata=dict(metadata or {}),
+        point=dict(point or {}),
+        job_key=f"test-{name or type}",
+    )
+
+
+def run_stage(
+    stage: StageDef,
+    params: Mapping[str, Any],
+    ctx: FakeContext,
+    inputs: Mapping[str, ResolvedInput | list[ResolvedInput]] | None = None,
+) -> Mapping[str, Mapping[str, Any]] | None:
+    """Validate ``params`` with the stage's model and run the stage function."""
+    model = stage.params.model_validate(dict(params))
+    return stage.fn(model, dict(inputs or {}), ctx)
+
+
+def write_corpus(root: Path, docs: Mapping[str, Mapping[str, list[str]]]) -> Path:
+    """Write a ``corpus`` artifact by hand: ``docs[lang][split]`` is a list of document texts."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    for lang, splits in docs.items():
+        (root / lang).mkdir(exist_ok=True)
+        for split in ("train", "test"):
+            lines = [
+                json.dumps({"id": f"{lang}-{split}-{i}", "text": t}, ensure_ascii=False)
+                for i, t in enumerate(splits.get(split, []))
+            ]
+            (root / lang / f"{split}.jsonl").write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    (root / "meta.json").write_text(json.dumps({"languages": list(docs)}), encoding="utf-8")
+    return root
+
+
+WORDS: dict[str, list[str]] = {
+    "en": [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "house",
+        "water",
+        "light",
+        "river",
+        "stone",
+        "bread",
+        "king",
+        "people",
+        "city",
+        "road",
+        "night",
+    ],
+    "ru": [
+        "и",
+        "в",
+        "не",
+        "на",
+        "я",
+        "дом",
+        "вода",
+        "свет",
+        "река",
+        "камень",
+        "хлеб",
+        "царь",
+        "народ",
+        "город",
+        "дорога",
+        "ночь",
+    ],
+    "zh": list("的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年"),
+}
+
+
+def sentences(lang: str, n: int, seed: int, words_per_sentence: int = 8) -> list[str]:
+    """``n`` deterministic pseudo-random sentences from a small per-language word list."""
+    import random
+
+    rng = random.Random(f"{lang}:{seed}")
+    sep = "" if lang == "zh" else " "
+    end = "。" if lang == "zh" else "."
+    return [sep.join(rng.choices(WORDS[lang], k=words_per_sentence)) + end for _ in range(n)]

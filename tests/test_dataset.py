@@ -1,0 +1,177 @@
+"""Tests of the ``tokenize`` stage: chunk shapes, doc-level split, remainder, caps and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+from stagekit import FakeContext, make_input, run_stage, sentences, write_corpus
+
+from stages.dataset import TOKENIZE
+from stages.tokenizer import TOKENIZER
+
+BLOCK = 16
+CYRILLIC = re.compile("[а-яё]")
+LATIN = re.compile("[a-z]")
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Language 'xx' whose train documents are Latin-script only and test documents Cyrillic only,
+    and language 'zh'; every document ends differently so the remainder is never zero by accident."""
+    docs = {
+        "xx": {
+            "train": [" ".join(sentences("en", 4 + d % 3, seed=d)) for d in range(12)],
+            "test": [" ".join(sentences("ru", 4 + d % 2, seed=d)) for d in range(5)],
+        },
+        "zh": {
+            "train": ["".join(sentences("zh", 5, seed=d)) for d in range(8)],
+            "test": ["".join(sentences("zh", 5, seed=50 + d)) for d in range(3)],
+        },
+    }
+    return write_corpus(tmp_path_factory.mktemp("corpus"), docs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Path:
+    """A tokenizer that knows both scripts: trained on a corpus holding train and test texts."""
+    both = {
+        lang: {"train": [r["text"] for s in ("train", "test") for r in read_docs(corpus_dir, lang, s)]}
+        for lang in ("xx", "zh")
+    }
+    tok_corpus = write_corpus(tmp_path_factory.mktemp("tok_corpus"), both)
+    ctx = FakeContext(tmp_path_factory.mktemp("tok"))
+    run_stage(TOKENIZER, {"vocab_size": 200}, ctx, {"corpus": make_input(tok_corpus, "corpus")})
+    return ctx.output_dir("tokenizer")
+
+
+def read_docs(corpus: Path, lang: str, split: str) -> list[dict[str, Any]]:
+    lines = (corpus / lang / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def tokenize(
+    tmp: Path, corpus: Path, tok: Path, seed: int = 0, **params: Any
+) -> tuple[Path, dict[str, Any], FakeContext]:
+    ctx = FakeContext(tmp, seed=seed)
+    inputs = {"corpus": make_input(corpus, "corpus"), "tokenizer": make_input(tok, "tokenizer")}
+    meta = run_stage(TOKENIZE, {"block_size": BLOCK, **params}, ctx, inputs)
+    assert meta is not None
+    return ctx.output_dir("dataset"), dict(meta["dataset"]), ctx
+
+
+@pytest.fixture(scope="module")
+def dataset(
+    tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path, tokenizer_dir: Path
+) -> tuple[Path, dict[str, Any], FakeContext]:
+    return tokenize(tmp_path_factory.mktemp("ds"), corpus_dir, tokenizer_dir)
+
+
+def load_tok(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def expected_stream(tok: Any, corpus: Path, lang: str, split: str, boundary: str) -> list[int]:
+    """The concatenated token ids the stage should chunk, computed one document at a time."""
+    ids: list[int] = []
+    for rec in read_docs(corpus, lang, split):
+        if boundary == "special":
+            ids += tok(rec["text"])["input_ids"]
+        else:
+            ids += tok(rec["text"], add_special_tokens=False)["input_ids"] + (
+                [tok.eos_token_id] if boundary == "eos" else []
+            )
+    return ids
+
+
+def test_layout_shapes_and_meta(dataset: tuple[Path, dict[str, Any], FakeContext], tokenizer_dir: Path) -> None:
+    out, meta, ctx = dataset
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "xx", "zh"]
+    for lang in ("xx", "zh"):
+        for split in ("train", "test"):
+            arr = np.load(out / lang / f"{split}.npy")
+            assert arr.dtype == np.int32 and arr.ndim == 2 and arr.shape[1] == BLOCK
+            assert arr.shape[0] == meta["counts"][lang][split]["chunks"] > 0
+            assert ctx.logged()[f"{lang}/{split}_chunks"] == float(arr.shape[0])
+            assert arr.min() >= 0 and arr.max() < 200
+    assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == meta
+    assert (meta["block_size"], meta["vocab_size"], meta["pad_token_id"], meta["mask_token_id"]) == (BLOCK, 200, 1, 199)
+    assert meta["languages"] == ["xx", "zh"] and meta["doc_boundary"] == "special"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_chunks_are_the_concatenated_documents_remainder_dropped(
+    dataset: tuple[Path, dict[str, Any], FakeContext], corpus_dir: Path, tokenizer_dir: Path, split: str
+) -> None:
+    out, meta, _ = dataset
+    tok = load_tok(tokenizer_dir)
+    for lang in ("xx", "zh"):
+        stream = expected_stream(tok, corpus_dir, lang, split, "special")
+        n = len(stream) // BLOCK
+        arr = np.load(out / lang / f"{split}.npy")
+        np.testing.assert_array_equal(arr, np.asarray(stream[: n * BLOCK], dtype=np.int32).reshape(n, BLOCK))
+        counts = meta["counts"][lang][split]
+        assert counts["tokens"] == len(stream)
+        assert counts["dropped_tokens"] == len(stream) % BLOCK
+    assert meta["counts"]["xx"]["train"]["dropped_tokens"] > 0 or meta["counts"]["xx"]["test"]["dropped_tokens"] > 0
+
+
+def test_no_test_chunk_contains_training_text(
+    dataset: tuple[Path, dict[str, Any], FakeContext], tokenizer_dir: Path
+) -> None:
+    out, _, _ = dataset
+    tok = load_tok(tokenizer_dir)
+    train_text = tok.decode(np.load(out / "xx" / "train.npy").ravel().tolist(), skip_special_tokens=True)
+    test_text = tok.decode(np.load(out / "xx" / "test.npy").ravel().tolist(), skip_special_tokens=True)
+    assert LATIN.search(train_text) and not CYRILLIC.search(train_text)
+    assert CYRILLIC.search(test_text) and not LATIN.search(test_text)
+
+
+def test_eos_boundary(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> None:
+    out, meta, _ = tokenize(tmp_path, corpus_dir, tokenizer_dir, doc_boundary="eos")
+    tok = load_tok(tokenizer_dir)
+    stream = expected_stream(tok, corpus_dir, "zh", "train", "eos")
+    n = len(stream) // BLOCK
+    np.testing.assert_array_equal(np.load(out / "zh" / "train.npy").ravel(), np.asarray(stream[: n * BLOCK]))
+    assert 0 not in stream and stream.count(2) == 8  # no <s>, one </s> per document
+
+
+def test_caps_take_a_seeded_ordered_subset(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, dataset: tuple[Path, dict[str, Any], FakeContext]
+) -> None:
+    full = np.load(dataset[0] / "xx" / "train.npy")
+    out, meta, _ = tokenize(
+        tmp_path / "a", corpus_dir, tokenizer_dir, max_chunks_per_language=3, max_test_chunks_per_language=2
+    )
+    capped = np.load(out / "xx" / "train.npy")
+    assert capped.shape == (3, BLOCK) and np.load(out / "xx" / "test.npy").shape == (2, BLOCK)
+    assert meta["counts"]["xx"]["train"]["chunks_available"] == len(full)
+    rows = [int(np.flatnonzero((full == row).all(axis=1))[0]) for row in capped]
+    assert rows == sorted(rows) and len(set(rows)) == 3
+    again, _, _ = tokenize(
+        tmp_path / "b", corpus_dir, tokenizer_dir, max_chunks_per_language=3, max_test_chunks_per_language=2
+    )
+    for f in ("xx/train.npy", "xx/test.npy", "zh/train.npy", "meta.json"):
+        assert (again / f).read_bytes() == (out / f).read_bytes()
+    other, _, _ = tokenize(tmp_path / "c", corpus_dir, tokenizer_dir, seed=1, max_chunks_per_language=3)
+    assert (other / "xx/train.npy").read_bytes() != (out / "xx/train.npy").read_bytes()
+
+
+def test_zero_chunks_raise_naming_the_parameter(
+    tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, dataset: tuple[Path, dict[str, Any], FakeContext]
+) -> None:
+    counts = dataset[1]["counts"]["xx"]
+    big = counts["test"]["tokens"] + 1
+    assert counts["train"]["tokens"] >= big  # train still gives a chunk: the error is about test
+    with pytest.raises(ValueError, match=r"xx/test has \d+ tokens, fewer than block_size=\d+.*lower block_size"):
+        tokenize(tmp_path, corpus_dir, tokenizer_dir, block_size=big)
