@@ -58,9 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--verbose", "-v", action="store_true", help="also show parameters and inputs of each job")
     submit = spec_command("submit", "run (or queue) every job that is not cached", _submit)
     submit.add_argument("--force", action="store_true", help="rerun jobs even if their outputs are committed")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="write the job records and (SLURM) scripts and show the order; submit nothing")
 
     for name, help_, func in (("status", "every job's state, log and outputs", _status),
-                              ("artifacts", "what a study produced, and from what", _artifacts)):
+                              ("artifacts", "what a study produced, and from what", _artifacts),
+                              ("cancel", "cancel the study's queued SLURM jobs", _cancel)):
         cmd = sub.add_parser(name, help=help_, description=help_)
         cmd.add_argument("study", help="study name")
         cmd.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
@@ -68,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["artifacts"].add_argument("--lineage", metavar="NAME[:vN]", help="show the lineage tree of one artifact")
 
     run = sub.add_parser("run-job", help="run one job from its record (what executors call)")
-    run.add_argument("record", type=Path)
+    run.add_argument("record", type=Path, nargs="?", help="the job's job.json")
+    run.add_argument("--list", type=Path, help="a JSON list of job records (SLURM arrays) ...")
+    run.add_argument("--index", type=int, default=0, help="... and which entry to run")
     run.add_argument("--force", action="store_true")
     run.set_defaults(func=_run_job)
     return p
@@ -108,23 +113,38 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace) -> int:
     from orchestrator import views
-    from orchestrator.executors import LocalExecutor
+    from orchestrator.executors import Executor, LocalExecutor
+    from orchestrator.executors.slurm import SlurmExecutor, require_slurm
     from orchestrator.runner import open_store
 
     study, plan = _load(args)
     paths = _paths(study)
-    if study.executor.backend != "local":
-        raise OrchestratorError(f"executor {study.executor.backend!r} is not available in this version; use --executor local")
-    executor = LocalExecutor(paths, open_store(paths.root), max_parallel=study.executor.max_parallel)
+    executor: Executor
+    if study.executor.backend == "slurm":
+        if not args.dry_run:
+            require_slurm()  # before anything is written
+        executor = SlurmExecutor(paths, open_store(paths.root), template=study.executor.template, dry_run=args.dry_run)
+    elif args.dry_run:
+        print(views.plan_table(plan, set()))
+        return 0
+    else:
+        executor = LocalExecutor(paths, open_store(paths.root), max_parallel=study.executor.max_parallel)
     report = executor.submit(plan, args.spec, force=args.force)
-    print(views.report_summary(plan, report, paths))
+    if not args.dry_run:
+        print(views.report_summary(plan, report, paths))
     return 0 if report.ok else (130 if report.interrupted else 1)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from orchestrator import views
+    import shutil
 
-    print(views.status_table(StudyPaths(args.store.resolve(), args.study)))
+    from orchestrator import views
+    from orchestrator.executors.slurm import query_states
+
+    paths = StudyPaths(args.store.resolve(), args.study)
+    ids = [s.external_id for _, s in views.job_states(paths) if s and s.executor == "slurm" and s.external_id]
+    scheduler = query_states(ids) if ids and shutil.which("squeue") else {}
+    print(views.status_table(paths, scheduler))
     return 0
 
 
@@ -141,7 +161,19 @@ def _artifacts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_job(args: argparse.Namespace) -> int:
-    from orchestrator.runner import run_job
+def _cancel(args: argparse.Namespace) -> int:
+    from orchestrator.executors.slurm import cancel_study
 
+    ids = cancel_study(StudyPaths(args.store.resolve(), args.study))
+    print(f"cancelled SLURM jobs {', '.join(ids)}" if ids else "nothing to cancel")
+    return 0
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    from orchestrator.runner import run_job, run_listed_job
+
+    if args.list is not None:
+        return run_listed_job(args.list, args.index, force=args.force)
+    if args.record is None:
+        raise OrchestratorError("run-job needs a job record (JOB.json) or --list FILE --index N")
     return run_job(args.record, force=args.force)

@@ -8,6 +8,8 @@ provenance, and records the job's outputs under its key. Exit codes: 0 done (or 
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import shutil
 import signal
@@ -24,7 +26,7 @@ from typing import Any
 from orchestrator.artifacts import ArtifactRef, ArtifactStore, LocalStore, Producer
 from orchestrator.errors import OrchestratorError
 from orchestrator.paths import StudyPaths
-from orchestrator.records import JobRecord, read_job_record
+from orchestrator.records import JobRecord, read_job_record, write_state
 from orchestrator.stage import ResolvedInput, StageDef, StageInterrupted, load_registry
 from orchestrator.tracking import TrackingRun, open_run
 
@@ -55,6 +57,40 @@ class Context:
 
 def open_store(root: Path) -> ArtifactStore:
     return LocalStore(root / "artifacts")
+
+
+def run_listed_job(list_path: Path, index: int, force: bool = False) -> int:
+    """Run entry ``index`` of a JSON list of job records (a SLURM array task), logging into the
+    job's own log file and recording its state, as the local executor does for its jobs."""
+    records = json.loads(list_path.read_text(encoding="utf-8"))
+    if not 0 <= index < len(records):
+        raise OrchestratorError(f"{list_path} has {len(records)} jobs; there is no index {index}")
+    record_path = Path(records[index])
+    record = read_job_record(record_path)
+    paths = StudyPaths(record.root, record.study)
+    log = paths.job(record.key).log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as f:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    external = slurm_job_id()
+    write_state(paths, record.key, "running", executor="slurm", external_id=external)
+    try:
+        rc = run_job(record_path, force)
+    except OrchestratorError as e:
+        print(f"error: {e}", flush=True)
+        rc = EXIT_FAILED
+    state = {EXIT_OK: "succeeded", EXIT_INTERRUPTED: "interrupted"}.get(rc, "failed")
+    write_state(paths, record.key, state, exit_code=rc, executor="slurm", external_id=external)  # type: ignore[arg-type]
+    return rc
+
+
+def slurm_job_id() -> str | None:
+    """This job's id as squeue and sacct print it: ``123`` or, in an array, ``122_4``."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def run_job(record_path: Path, force: bool = False) -> int:

@@ -10,7 +10,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.executors.base import SubmitReport
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
-from orchestrator.records import read_plan, read_state
+from orchestrator.records import JobState, read_plan, read_state
 
 TAIL_LINES = 15
 
@@ -41,14 +41,15 @@ def _short(value: object, limit: int = 160) -> str:
 
 
 def report_summary(plan: Plan, report: SubmitReport, paths: StudyPaths) -> str:
-    parts = [f"{len(report.cached)} cached", f"{len(report.succeeded)} succeeded"]
+    parts = [f"{len(report.cached)} cached"]
+    parts += [f"{len(report.submitted)} queued"] if report.submitted else [f"{len(report.succeeded)} succeeded"]
     parts += [f"{len(report.failed)} failed"] if report.failed else []
     parts += [f"{len(report.skipped)} skipped"] if report.skipped else []
     parts += [f"{len(report.cancelled)} cancelled"] if report.cancelled else []
     lines = [f"study {plan.study.name}: " + ", ".join(parts)]
     for key, log in report.failed.items():
         lines += [f"FAILED {plan.by_key[key].label}: log {log}", *_tail(log)]
-    if report.ok:
+    if report.ok and not report.submitted:
         lines.append(f"artifacts: python -m orchestrator artifacts {plan.study.name} --store {paths.root}")
     return "\n".join(lines)
 
@@ -61,19 +62,36 @@ def _tail(path: object) -> list[str]:
     return [f"  | {line}" for line in text.splitlines()[-TAIL_LINES:]]
 
 
-def status_table(paths: StudyPaths) -> str:
+def job_states(paths: StudyPaths) -> list[tuple[dict[str, object], JobState | None]]:
+    """Every job of the study's submitted plan with its recorded state."""
     if not paths.plan.exists():
         raise OrchestratorError(f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store")
-    plan = read_plan(paths)
+    return [(job, read_state(paths, job["key"])) for job in read_plan(paths)["jobs"]]
+
+
+def status_table(paths: StudyPaths, scheduler: dict[str, tuple[str, str]] | None = None) -> str:
+    """One row per job: state (the scheduler's word for queued jobs, with the pending reason), log."""
+    scheduler = scheduler or {}
     rows, counts = [], Counter[str]()
-    for job in plan["jobs"]:
-        state = read_state(paths, job["key"])
+    for job, state in job_states(paths):
         name = state.state if state else "unknown"
+        where = ""
+        if state and state.external_id:
+            sched, reason = scheduler.get(state.external_id, ("", ""))
+            if name in ("queued", "running") and sched in SLURM_ENDED:
+                name = "cancelled" if sched == "CANCELLED" else "failed"
+            where = f"{state.executor} {state.external_id}" + (f" {sched}" if sched else "") + (f" ({reason})" if reason else "")
         counts[name] += 1
-        log = paths.job(job["key"]).log
-        rows.append([job["label"], name, job["key"][:12], log if log.exists() else "-"])
+        log = paths.job(str(job["key"])).log
+        rows.append([job["label"], name, where or "-", log if log.exists() else "-"])
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return f"study {paths.study} (submitted {plan['submitted_at']}): {summary}\n" + table(["job", "state", "key", "log"], rows)
+    submitted = read_plan(paths)["submitted_at"]
+    return f"study {paths.study} (submitted {submitted}): {summary}\n" + table(["job", "state", "where", "log"], rows)
+
+
+# A job that the scheduler ended without the runner recording an outcome (cancelled by a failed
+# dependency, killed by the time limit or out of memory) never wrote its own final state.
+SLURM_ENDED = {"CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
 def artifact_table(paths: StudyPaths, store: ArtifactStore) -> str:

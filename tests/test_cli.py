@@ -62,10 +62,16 @@ def test_unknown_study_and_artifact_are_clear_errors(tmp_path: Path) -> None:
     assert arts.returncode == 1 and "Traceback" not in arts.stderr
 
 
-def test_unavailable_executor_submits_nothing(toy_spec: Path, tmp_path: Path) -> None:
-    sub = cli("submit", str(toy_spec), "--executor", "slurm", cwd=tmp_path)
-    assert sub.returncode == 1 and "executor 'slurm'" in sub.stderr
+def test_slurm_without_slurm_fails_clearly_and_submits_nothing(toy_spec: Path, tmp_path: Path) -> None:
+    no_slurm = {"PATH": str(tmp_path)}  # a machine without sbatch/squeue/scancel
+    sub = cli("submit", str(toy_spec), "--executor", "slurm", cwd=tmp_path, env=no_slurm)
+    assert sub.returncode == 1 and "executor 'slurm' needs SLURM's commands" in sub.stderr
+    assert "--dry-run" in sub.stderr and "Traceback" not in sub.stderr
     assert not (tmp_path / ".orchestrator" / "studies").exists()
+    dry = cli("submit", str(toy_spec), "--executor", "slurm", "--dry-run", cwd=tmp_path, env=no_slurm)
+    assert dry.returncode == 0, dry.stderr
+    assert "nothing submitted" in dry.stdout and "00-emit.sbatch" in dry.stdout
+    assert "--dependency=afterok:<emit>" in dry.stdout and "--dependency=afterok:<scale>" in dry.stdout
 
 
 def test_no_command_prints_help(tmp_path: Path) -> None:

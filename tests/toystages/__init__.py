@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from orchestrator.stage import Input, Registry, StageParams, stage
+from orchestrator.stage import Input, Registry, StageInterrupted, StageParams, stage
 
 
 class EmitParams(StageParams):
@@ -64,5 +64,25 @@ def total(params: TotalParams, inputs: Any, ctx: Any) -> Mapping[str, Mapping[st
     return _write(ctx, "total", sum(values), parts=len(values))
 
 
+class CountParams(StageParams):
+    steps: int = 10
+    sleep_s: float = 0.5
+
+
+@stage("count", params=CountParams, outputs={"number": "number"}, checkpoints=True)
+def count(params: CountParams, inputs: Any, ctx: Any) -> Mapping[str, Mapping[str, Any]]:
+    """Count to params.steps, checkpointing when asked to stop; resumes from the checkpoint."""
+    state_file = ctx.checkpoint_dir / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"step": 0, "starts": 0}
+    state["starts"] += 1
+    while state["step"] < params.steps:
+        if ctx.stop_requested.is_set():
+            state_file.write_text(json.dumps(state))
+            raise StageInterrupted(f"stopped at step {state['step']}")
+        time.sleep(params.sleep_s)
+        state["step"] += 1
+    return _write(ctx, "number", state["step"], starts=state["starts"])
+
+
 def registry() -> Registry:
-    return Registry([emit, scale, total])
+    return Registry([emit, scale, total, count])

@@ -1,0 +1,264 @@
+"""The SLURM executor: pure rendering (golden file, quoting) and a real single-node cluster.
+
+The cluster tests need slurmctld/slurmd running (`.ci/run` starts them with
+scripts/slurm/start-local-slurm.sh). Without SLURM they are skipped, unless REQUIRE_SLURM=1 (as in
+CI), where a missing cluster is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.artifacts import LocalStore
+from orchestrator.errors import OrchestratorError
+from orchestrator.executors.slurm import (
+    DEFAULT_TEMPLATE,
+    Submission,
+    dependency_arg,
+    render_command,
+    render_directives,
+    render_script,
+    sbatch_options,
+)
+from orchestrator.spec import Resources
+
+from conftest import ROOT, TOY_SPEC
+
+GOLDEN = Path(__file__).parent / "golden" / "slurm_array.sbatch"
+HAVE_SLURM = shutil.which("sbatch") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
+cluster = pytest.mark.skipif(not HAVE_SLURM and not os.environ.get("REQUIRE_SLURM"), reason="no SLURM cluster here")
+ODD = "it's \"odd\" $(touch /tmp/xls-pwned) `id` ; rm -rf ~ \n second line $HOME"
+
+
+def golden_script() -> str:
+    sub = Submission("prune", ("a", "b", "c"), ("train",),
+                     Resources(cpus=4, mem_gb=16, time_min=90, gpus=1, partition="gpu", account="proj x",
+                               extra={"mail-type": "FAIL"}))
+    opts = sbatch_options(sub, "demo", Path("/scratch/my study/slurm"))
+    return render_script(DEFAULT_TEMPLATE.read_text(), directives=render_directives(opts), study="demo", stage="prune",
+                         workdir=Path("/home/me/it's here"),
+                         command=render_command("/opt/py env/bin/python", Path("/scratch/my study/01-prune.jobs.json")))
+
+
+def test_rendered_script_matches_golden_file() -> None:
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(golden_script())
+    assert golden_script() == GOLDEN.read_text()
+
+
+def test_directive_values_are_quoted_and_line_breaks_refused() -> None:
+    text = render_directives({"job_name": "a b'c", "comment": "$(rm -rf /)"})
+    assert "#SBATCH --job-name            'a b'\"'\"'c'" in text
+    assert "#SBATCH --comment             '$(rm -rf /)'" in text
+    with pytest.raises(OrchestratorError, match="line break"):
+        render_directives({"job_name": "a\nrm -rf /"})
+    with pytest.raises(OrchestratorError, match="unknown sbatch option"):
+        render_directives({"not_an_option": "1"})
+
+
+def test_template_placeholders() -> None:
+    with pytest.raises(OrchestratorError, match="no {{command}} placeholder"):
+        render_script("{{directives}}", directives="", study="s", stage="t", workdir=Path("/"), command="x")
+    with pytest.raises(OrchestratorError, match=r"unknown placeholder \{\{modules\}\}"):
+        render_script("{{directives}}{{modules}}{{command}}", directives="", study="s", stage="t", workdir=Path("/"), command="")
+    # a value containing {{...}} is never expanded again
+    out = render_script("{{directives}}\n{{command}}", directives="#SBATCH --comment '{{command}}'", study="s",
+                        stage="t", workdir=Path("/"), command="run")
+    assert out == "#SBATCH --comment '{{command}}'\nrun"
+
+
+def test_dependency_argument_for_several_ids() -> None:
+    assert dependency_arg(["12", "13", "14_2"]) == ["--dependency=afterok:12:13:14_2"]
+    assert dependency_arg([]) == []
+
+
+# ---------------------------------------------------------------- real cluster
+
+
+def submit(spec: Path, store: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", "submit", str(spec), "--executor", "slurm",
+                           "--store", str(store), *args], cwd=spec.parent, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def states(store: Path, study: str) -> dict[str, str]:
+    jobs = store / "studies" / study / "jobs"
+    plan = json.loads((store / "studies" / study / "plan.json").read_text())
+    out = {}
+    for job in plan["jobs"]:
+        path = jobs / job["key"] / "state.json"
+        out[job["label"]] = json.loads(path.read_text())["state"] if path.exists() else "none"
+    return out
+
+
+def wait_until_done(store: Path, study: str, timeout_s: float = 120) -> dict[str, str]:
+    """Poll `status` (real squeue/sacct) until no job is queued or running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run([sys.executable, "-m", "orchestrator", "status", study, "--store", str(store)],
+                             capture_output=True, text=True, cwd=ROOT)
+        rows = {ln.split()[0]: ln.split()[1] for ln in out.stdout.splitlines()[3:] if ln.strip()}
+        if rows and not {"queued", "running", "pending", "interrupted"} & set(rows.values()):
+            return rows
+        time.sleep(1)
+    raise AssertionError(f"study {study} did not finish: {states(store, study)}")
+
+
+def value(store: Path, study: str, label: str) -> dict[str, object]:
+    """The value.json a toy job committed, read through the store like a downstream job would."""
+    artifacts = LocalStore(store / "artifacts")
+    key = _job_dir(store, study, label).name
+    (ref,) = artifacts.job_outputs(key).values()
+    return json.loads((artifacts.materialize(ref) / "value.json").read_text())
+
+
+@pytest.fixture
+def odd_dir(tmp_path: Path) -> Path:
+    """A work folder whose name has spaces and quotes, to catch quoting bugs."""
+    d = tmp_path / "my study's \"dir\""
+    d.mkdir()
+    return d
+
+
+@cluster
+def test_real_cluster_runs_study_with_arrays_and_dependencies(odd_dir: Path) -> None:
+    spec = odd_dir / "toy.yaml"
+    spec.write_text(TOY_SPEC)
+    store = odd_dir / "store $(x)"
+    out = submit(spec, store)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "queued 7 jobs in 3 sbatch submissions" in out.stdout
+    assert "sbatch scale: job" in out.stdout and "after" in out.stdout
+    final = wait_until_done(store, "toy")
+    assert set(final.values()) == {"succeeded"}, final
+    sub = json.loads(next((store / "studies" / "toy" / "slurm").glob("*/submission.json")).read_text())
+    assert sub["order"] == ["emit", "scale", "total"] and sub["after"]["total"] == ["scale"]
+    assert len(sub["keys"]["emit"]) == 3  # one array of 3, not 3 sbatch calls
+    # dependency order: every scale job started after every emit job finished
+    metrics = {lbl: _first_metric_time(store, "toy", lbl) for lbl in final}
+    assert min(metrics[f"scale[language={x}]"] for x in "en de fr".split()) >= max(
+        metrics[f"emit[language={x}]"] for x in "en de fr".split())
+    again = submit(spec, store)
+    assert "7 of 7 jobs cached" in again.stdout and "nothing to submit" in again.stdout
+
+
+def _job_dir(store: Path, study: str, label: str) -> Path:
+    plan = json.loads((store / "studies" / study / "plan.json").read_text())
+    key = next(j["key"] for j in plan["jobs"] if j["label"] == label)
+    return store / "studies" / study / "jobs" / key
+
+
+def _first_metric_time(store: Path, study: str, label: str) -> float:
+    return json.loads((_job_dir(store, study, label) / "metrics.jsonl").read_text().splitlines()[0])["time"]
+
+
+@cluster
+def test_real_cluster_failed_job_cancels_dependents_and_resubmit_runs_only_missing(odd_dir: Path) -> None:
+    spec = odd_dir / "toy.yaml"
+    spec.write_text(TOY_SPEC)
+    store = odd_dir / "store"
+    out = submit(spec, store, env={"TOYSTAGES_FAIL": "de"})
+    assert out.returncode == 0, out.stderr
+    final = wait_until_done(store, "toy")
+    assert final["scale[language=de]"] == "failed"
+    assert final["total"] == "cancelled"  # --kill-on-invalid-dep: not left pending forever
+    assert final["scale[language=en]"] == "succeeded"
+    status = subprocess.run([sys.executable, "-m", "orchestrator", "status", "toy", "--store", str(store)],
+                            capture_output=True, text=True, cwd=ROOT).stdout
+    assert "DependencyNeverSatisfied" in status or "CANCELLED" in status
+    row = next(ln for ln in status.splitlines() if ln.startswith("scale[language=de]"))
+    log = _job_dir(store, "toy", "scale[language=de]") / "job.log"
+    assert str(log) in row
+    assert "scale failed on purpose for de" in log.read_text()
+    again = submit(spec, store)
+    assert "5 of 7 jobs cached" in again.stdout and "queued 2 jobs in 2 sbatch submissions" in again.stdout
+    final = wait_until_done(store, "toy")
+    assert final["scale[language=de]"] == final["total"] == "succeeded"
+    assert final["scale[language=en]"] == "cached"
+
+
+@cluster
+def test_real_cluster_spec_values_run_exactly_as_written(odd_dir: Path) -> None:
+    spec = odd_dir / "odd.yaml"
+    spec.write_text("name: odd\nlanguages: [en]\nstage_package: toystages\nstages:\n  emit:\n"
+                    f"    params: {{language: {json.dumps(ODD)}}}\n"
+                    f"executor: {{resources: {{default: {{extra: {{comment: {json.dumps(ODD.replace(chr(10), ' '))}}}}}}}}}\n")
+    store = odd_dir / "store"
+    Path("/tmp/xls-pwned").unlink(missing_ok=True)
+    out = submit(spec, store)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert set(wait_until_done(store, "odd").values()) == {"succeeded"}
+    assert value(store, "odd", "emit")["language"] == ODD
+    assert not Path("/tmp/xls-pwned").exists()
+
+
+@cluster
+def test_failed_sbatch_reports_stderr_and_cancels_what_it_queued(odd_dir: Path) -> None:
+    spec = odd_dir / "toy.yaml"
+    spec.write_text(TOY_SPEC)
+    store = odd_dir / "store"
+    out = submit(spec, store, "--set", "executor.resources.total.partition=no-such-partition")
+    assert out.returncode == 1
+    assert "sbatch failed for stage 'total'" in out.stderr and "invalid partition" in out.stderr.lower()
+    assert "cancelled the 2 submissions already queued" in out.stderr
+    sub = json.loads(next((store / "studies" / "toy" / "slurm").glob("*/submission.json")).read_text())
+    ids = ",".join(sub["ids"].values())
+    time.sleep(1)
+    queued = subprocess.run(["squeue", "-h", "-j", ids, "-t", "PENDING,RUNNING"], capture_output=True, text=True).stdout
+    assert queued.strip() == ""
+
+
+@cluster
+def test_cancel_command(odd_dir: Path) -> None:
+    spec = odd_dir / "slow.yaml"
+    spec.write_text("name: slow\nlanguages: [en]\nstage_package: toystages\nstages:\n"
+                    "  count: {params: {steps: 100, sleep_s: 1}}\n")
+    store = odd_dir / "store"
+    assert submit(spec, store).returncode == 0
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "cancel", "slow", "--store", str(store)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "cancelled SLURM jobs" in out.stdout
+    assert set(wait_until_done(store, "slow").values()) <= {"cancelled", "interrupted", "failed"}
+
+
+@cluster
+def test_preempted_job_checkpoints_requeues_and_resumes(odd_dir: Path) -> None:
+    spec = odd_dir / "count.yaml"
+    spec.write_text("name: count\nlanguages: [en]\nstage_package: toystages\nstages:\n"
+                    "  count: {params: {steps: 8, sleep_s: 0.5}}\n")
+    store = odd_dir / "store"
+    assert submit(spec, store).returncode == 0
+    sub = json.loads(next((store / "studies" / "count" / "slurm").glob("*/submission.json")).read_text())
+    (job_id,) = sub["ids"].values()
+    deadline = time.monotonic() + 30
+    while states(store, "count")["count"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    # what SLURM does --signal=B:USR2@120 before the time limit
+    subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True)
+    final = wait_until_done(store, "count", timeout_s=90)
+    assert final["count"] == "succeeded"
+    result = value(store, "count", "count")
+    assert result["value"] == 8 and result["starts"] == 2  # resumed once, ended at the same step count
+
+
+def test_status_query_degrades_without_accounting() -> None:
+    """sacct without accounting exits 1: finished jobs are then simply absent (the runner's own state
+    records cover them). The commands are faked here only to pin the parsing of both outputs."""
+    from orchestrator.executors.slurm import query_states
+
+    def fake(cmd: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        if cmd[0] == "squeue":
+            return subprocess.CompletedProcess(cmd, 0, "7_0|PENDING|Dependency\n7_1|RUNNING|None\n8|PENDING|DependencyNeverSatisfied\n", "")
+        return subprocess.CompletedProcess(cmd, 1, "", "Slurm accounting storage is disabled")
+
+    assert query_states(["7_0", "7_1", "8"], run=fake) == {
+        "7_0": ("PENDING", "Dependency"), "7_1": ("RUNNING", ""), "8": ("PENDING", "DependencyNeverSatisfied")}
