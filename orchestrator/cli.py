@@ -63,12 +63,17 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, help_, func in (("status", "every job's state, log and outputs", _status),
                               ("artifacts", "what a study produced, and from what", _artifacts),
-                              ("cancel", "cancel the study's queued SLURM jobs", _cancel)):
+                              ("cancel", "cancel the study's queued SLURM jobs", _cancel),
+                              ("plots", "copy the study's figures and report out of the store", _plots)):
         cmd = sub.add_parser(name, help=help_, description=help_)
         cmd.add_argument("study", help="study name")
         cmd.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
         cmd.set_defaults(func=func)
     sub.choices["artifacts"].add_argument("--lineage", metavar="NAME[:vN]", help="show the lineage tree of one artifact")
+    sub.choices["plots"].add_argument("--out", type=Path, metavar="DIR", help="where to put them (default: the study's figures/ folder)")
+    fsck = sub.add_parser("fsck", help="check the artifact store; remove what dead writers left behind")
+    fsck.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+    fsck.set_defaults(func=_fsck)
 
     run = sub.add_parser("run-job", help="run one job from its record (what executors call)")
     run.add_argument("record", type=Path, nargs="?", help="the job's job.json")
@@ -159,6 +164,34 @@ def _artifacts(args: argparse.Namespace) -> int:
     else:
         print(views.artifact_table(paths, store))
     return 0
+
+
+def _plots(args: argparse.Namespace) -> int:
+    from orchestrator.export import export_type
+    from orchestrator.runner import open_store
+
+    paths = StudyPaths(args.store.resolve(), args.study)
+    out = (args.out or paths.dir / "figures").resolve()
+    for folder in export_type(paths, open_store(paths.root), "figures", out):
+        pictures = sorted(folder.glob("*.png"))
+        print(f"{folder}: {len(pictures)} figures (PNG + PDF)")
+        for page in ("report.html", "report.md"):
+            if (folder / page).exists():
+                print(f"  report: {folder / page}")
+    return 0
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    from orchestrator.artifacts import LocalStore
+
+    report = LocalStore(args.store.resolve() / "artifacts").fsck()
+    print(f"removed {len(report.removed_temp)} leftovers of interrupted writes")
+    for name in report.corrupt:
+        print(f"CORRUPT {name}")
+    for key in report.dangling_jobs:
+        print(f"DANGLING job record {key}")
+    print("store ok" if report.ok else "store has problems (see above)")
+    return 0 if report.ok else 1
 
 
 def _cancel(args: argparse.Namespace) -> int:

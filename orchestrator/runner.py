@@ -108,6 +108,8 @@ def run_job(record_path: Path, force: bool = False) -> int:
     stage_def = _stage_def(record)
     inputs = resolve_inputs(store, record)
     run = open_run(record, paths)
+    for item in _flatten(inputs):
+        run.use_input(store.get(ArtifactRef(item.name, item.version)), item.path)
     staging = paths.staging(record.key)
     shutil.rmtree(staging, ignore_errors=True)
     ctx = Context(record.seed, record.label, paths.job(record.key).checkpoint, staging, run)
@@ -117,6 +119,8 @@ def run_job(record_path: Path, force: bool = False) -> int:
         print(f"{record.label}: running stage {record.stage} (key {record.key[:12]}, seed {record.seed})", flush=True)
         metadata = stage_def.fn(stage_def.params.model_validate(record.params), inputs, ctx) or {}
         refs = commit_outputs(store, record, stage_def, staging, metadata, inputs)
+        for ref in refs.values():
+            run.log_output(store.get(ref), store.materialize(ref))
     except StageInterrupted as e:
         run.finish(ok=False)
         print(f"{record.label}: interrupted after a checkpoint ({e}); resubmit to resume", flush=True)

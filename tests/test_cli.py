@@ -78,3 +78,20 @@ def test_no_command_prints_help(tmp_path: Path) -> None:
     out = cli(cwd=tmp_path)
     assert out.returncode == 2 and "validate" in out.stdout and "submit" in out.stdout
 
+
+
+def test_plots_exports_figures_and_fsck_checks_the_store(toy_spec: Path, tmp_path: Path) -> None:
+    assert cli("submit", str(toy_spec), cwd=tmp_path).returncode == 0
+    missing = cli("plots", "toy", cwd=tmp_path)
+    assert missing.returncode == 1 and "has no committed 'figures' artifact yet" in missing.stderr
+    spec = tmp_path / "charted.yaml"
+    spec.write_text(toy_spec.read_text().replace("stage_package:", "  chart:\n    inputs: {total: total}\nstage_package:"))
+    assert cli("submit", str(spec), cwd=tmp_path).returncode == 0
+    out = cli("plots", "toy", "--out", str(tmp_path / "figs"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    folder = tmp_path / "figs" / "toy.chart.figures"
+    assert "1 figures" in out.stdout and f"report: {folder / 'report.html'}" in out.stdout
+    assert (folder / "total.png").read_bytes().endswith(b"18.0")
+    (folder / "total.png").write_bytes(b"edited")  # a copy: editing it leaves the store intact
+    fsck = cli("fsck", cwd=tmp_path)
+    assert fsck.returncode == 0 and "store ok" in fsck.stdout

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from pathlib import Path
+
+from orchestrator.artifacts import ArtifactVersion
 
 
 class TrackingRun(ABC):
@@ -12,6 +15,12 @@ class TrackingRun(ABC):
     @abstractmethod
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Record scalar metrics, optionally at a step."""
+
+    def use_input(self, version: ArtifactVersion, path: Path) -> None:
+        """Declare an input artifact version the job read (for the backend's lineage graph)."""
+
+    def log_output(self, version: ArtifactVersion, path: Path) -> None:
+        """Mirror an output version the store just committed (files under ``path``)."""
 
     @abstractmethod
     def finish(self, ok: bool) -> None:

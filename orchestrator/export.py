@@ -1,0 +1,38 @@
+"""Copy a study's artifacts of one type (e.g. its figures) out of the store into a plain folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from orchestrator.artifacts import ArtifactStore
+from orchestrator.errors import OrchestratorError
+from orchestrator.paths import StudyPaths
+from orchestrator.records import read_plan
+
+
+def export_type(paths: StudyPaths, store: ArtifactStore, artifact_type: str, out: Path) -> list[Path]:
+    """Copy every committed ``artifact_type`` output of the study's jobs to ``out/<artifact name>/``.
+
+    Files are copied (not linked), so they can be edited or moved without touching the store.
+    Returns the folders written, in plan order.
+    """
+    if not paths.plan.exists():
+        raise OrchestratorError(f"no study {paths.study!r} under {paths.root}; submit it first, or pass --store")
+    written = []
+    for job in read_plan(paths)["jobs"]:
+        for ref in (store.job_outputs(job["key"]) or {}).values():
+            version = store.get(ref)
+            if version.type != artifact_type:
+                continue
+            target = out / version.ref.name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(store.materialize(version.ref), target, copy_function=shutil.copyfile)
+            written.append(target)
+    if not written:
+        raise OrchestratorError(
+            f"study {paths.study!r} has no committed {artifact_type!r} artifact yet; "
+            f"does its spec have a stage producing one, and has it run? (python -m orchestrator status {paths.study})"
+        )
+    return written
