@@ -29,7 +29,7 @@ def test_valid_toy_spec_loads_with_references_resolved(toy_spec: Path) -> None:
     study, registry = load_study(toy_spec)
     assert study.name == "toy"
     assert study.stages["emit"].matrix == {"language": ["en", "de", "fr"]}
-    assert registry.names() == ["emit", "scale", "total"]
+    assert registry.names() == ["chart", "count", "emit", "scale", "total"]
     assert study.executor.backend == "local" and study.tracking.backend == "local"
 
 
@@ -44,7 +44,7 @@ def test_valid_toy_spec_loads_with_references_resolved(toy_spec: Path) -> None:
         ("      value: 3", "      valeu: 3", "study.yaml:8: stages.emit.params.valeu: unknown field; valid fields: language, sleep_s, value"),
         ("      number: emit", "      number: emitt", "study.yaml:13: stages.scale.inputs.number: no stage 'emitt' in this study"),
         ("      number: emit", "      numbr: emit", "stages.scale.inputs.numbr: stage 'scale' has no input 'numbr'; inputs: number"),
-        ("  total:\n", "  total:\n    stage: totl\n", "stages.total.stage: no stage named 'totl'; registered stages: emit, scale, total"),
+        ("  total:\n", "  total:\n    stage: totl\n", "stages.total.stage: no stage named 'totl'; registered stages: chart, count, emit, scale, total"),
         ("      language: ${languages}\n    params:", "      language: ${langs}\n    params:", "stages.emit.matrix.language: ${langs} refers to nothing; valid references: ${name}, ${languages}"),
         ("      language: ${languages}\n    params:", "      lang: [en]\n    params:", "stages.emit.matrix.lang: not a parameter of stage 'emit'"),
         ("      language: ${languages}\n    params:", "      language: []\n    params:", "stages.emit.matrix: Value error, matrix axis 'language' has no values"),
