@@ -70,7 +70,7 @@ def test_slurm_without_slurm_fails_clearly_and_submits_nothing(toy_spec: Path, t
     assert not (tmp_path / ".orchestrator" / "studies").exists()
     dry = cli("submit", str(toy_spec), "--executor", "slurm", "--dry-run", cwd=tmp_path, env=no_slurm)
     assert dry.returncode == 0, dry.stderr
-    assert "nothing submitted" in dry.stdout and "00-emit.sbatch" in dry.stdout
+    assert "nothing submitted" in dry.stdout and "00-emit.sbatch" in dry.stdout and "#SBATCH --array               0-2" in dry.stdout
     assert "--dependency=afterok:<emit>" in dry.stdout and "--dependency=afterok:<scale>" in dry.stdout
 
 

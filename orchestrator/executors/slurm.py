@@ -247,11 +247,12 @@ class SlurmExecutor(Executor):
         atomic_write_json(self.paths.dir / "slurm" / "latest.json", {"dir": str(record.dir)})
 
     def _print_dry_run(self, record: SubmitRecord) -> None:
-        self.echo(f"dry run: scripts in {record.dir}; nothing submitted. Submission order:")
+        self.echo(f"dry run: nothing submitted; {len(record.order)} scripts written to {record.dir}")
         for n, sid in enumerate(record.order):
-            deps = " ".join(dependency_arg([f"<{a}>" for a in record.after[sid]]))
-            self.echo(f"  {n + 1}. sbatch --parsable {deps} {record.dir / f'{n:02d}-{sid}.sbatch'}"
-                      f"   # {len(record.keys[sid])} jobs".replace("  #", " #"))
+            script = record.dir / f"{n:02d}-{sid}.sbatch"
+            cmd = ["sbatch", "--parsable", *dependency_arg([f"<{a}>" for a in record.after[sid]]), str(script)]
+            self.echo(f"\n# {n + 1}. stage {sid}: {len(record.keys[sid])} jobs\n$ {' '.join(cmd)}")
+            self.echo(script.read_text(encoding="utf-8").rstrip())
 
 
 def require_slurm() -> None:
