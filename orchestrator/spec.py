@@ -261,10 +261,9 @@ def _check_stage(study: Study, sid: str, spec: StageSpec, registry: Registry, so
 def _check_params(params_model: type[BaseModel], params: dict[str, Any], matrix: dict[str, list[Any]],
                   source: SpecSource, loc: Loc) -> list[SpecIssue]:
     """Validate params once per matrix value (validating the full product would be slow)."""
-    samples = [dict(params)]
-    for axis, values in matrix.items():
-        if axis != MATRIX_SEED:
-            samples += [{**params, axis: v} for v in values]
+    axes = {axis: values for axis, values in matrix.items() if axis != MATRIX_SEED}
+    first = {**params, **{axis: values[0] for axis, values in axes.items()}}
+    samples = [first] + [{**first, axis: v} for axis, values in axes.items() for v in values[1:]]
     issues: list[SpecIssue] = []
     for sample in samples:
         try:

@@ -1,0 +1,529 @@
+"""Stage ``prune``: head importance and iterative head pruning for one language (Michel et al. 2019).
+
+The algorithm is kept in pure functions so that it can be tested without a model:
+
+- :func:`normalize_importance`: each layer's row divided by its L2 norm (+1e-20), then min-max over
+  the heads to [0, 1] (both switchable, as ``run_bertology``'s two ``dont_normalize_*`` flags).
+  Only **kept** heads enter the norms and the min/max when a mask is given (masked heads come out 0):
+  a removed head's gate gradient (how much restoring it would change the loss) must not rescale the
+  scores of the heads still alive in its layer. ``run_bertology`` normalised over all heads; with
+  the all-ones mask of the first step both agree.
+- :func:`next_mask`: mask the ``k`` lowest-importance **unmasked** heads globally (ties broken by
+  flat index, as a stable sort).
+- :func:`heads_per_step`: ``k = max(1, int(L * H * masking_amount))`` (14 of 144 at 0.1).
+- :func:`iterative_prune`: P0 = perplexity of the starting mask, T = P0 * threshold; each step
+  computes importance under the current mask, masks ``k`` more heads and measures the perplexity;
+  a step whose perplexity exceeds T is rejected and ends the loop, as does a step that would leave
+  fewer than ``min_heads`` heads. Returns the **last accepted** mask.
+- :func:`head_importance`: ``|dL/dg|`` of the head gates, accumulated **per batch** (the gate
+  gradient is zeroed between batches; ``run_bertology`` added the running sum of gradients, which
+  over-weights early batches), divided by the number of masked (predicted) tokens.
+
+Output ``mask`` (type ``head-mask``)::
+
+    mask.npy            float32 [L, H], 1 = head kept, 0 = head masked (the last accepted mask)
+    mask.json           {"language", "mask" (nested list), "heads_kept", "total_heads", "num_layers",
+                         "num_heads", "hidden_size", "num_parameters", "threshold", ...}
+    importance.npy      float32 [steps, L, H]: the normalised importance that chose each step's heads
+                        (masked heads 0); step i was computed under the mask before step i
+    importance_raw.npy  float32 [steps, L, H]: the same before normalisation
+    trajectory.json     [{"step", "heads_kept", "perplexity", "accepted"}, ...]; step 0 = start mask
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageParams, stage
+from stages._io import get_input, read_json, write_json
+from stages.mlm import DEFAULT_EVAL_SEED
+
+# --------------------------------------------------------------------------------------------------
+# Pure algorithm (numpy only)
+# --------------------------------------------------------------------------------------------------
+
+
+def heads_per_step(n_layers: int, n_heads: int, masking_amount: float) -> int:
+    """How many heads one pruning step masks: ``max(1, int(L * H * masking_amount))``."""
+    return max(1, int(n_layers * n_heads * masking_amount))
+
+
+def normalize_importance(
+    imp: np.ndarray,
+    by_layer: bool = True,
+    global_minmax: bool = True,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Normalise a [L, H] importance matrix.
+
+    ``by_layer``: divide each layer's row by its L2 norm + 1e-20. ``global_minmax``: then rescale to
+    [0, 1] by the min and max over all heads (a constant matrix becomes all zeros). With ``mask``
+    (1 = kept), masked heads are set to 0 before the layer norms, excluded from the min/max and
+    returned as 0.
+    """
+    out = np.array(imp, dtype=np.float64, copy=True)
+    if out.ndim != 2:
+        raise ValueError(f"importance must be [layers, heads], got shape {out.shape}")
+    kept = np.ones(out.shape, dtype=bool) if mask is None else np.asarray(mask) > 0.5
+    if kept.shape != out.shape:
+        raise ValueError(f"mask shape {kept.shape} does not match importance shape {out.shape}")
+    out[~kept] = 0.0
+    if by_layer:
+        norms = np.sqrt((out**2).sum(axis=-1, keepdims=True))
+        out = out / (norms + 1e-20)
+    if global_minmax and kept.any():
+        lo, hi = out[kept].min(), out[kept].max()
+        out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+        out[~kept] = 0.0
+    return out
+
+
+def next_mask(mask: np.ndarray, importance: np.ndarray, k: int) -> np.ndarray:
+    """A copy of ``mask`` with the ``k`` lowest-importance unmasked heads masked (globally).
+
+    Already-masked heads are never chosen; ties go to the lower flat index. Raises if fewer than
+    ``k`` heads are unmasked.
+    """
+    mask = np.asarray(mask, dtype=np.float32)
+    importance = np.asarray(importance, dtype=np.float64)
+    if mask.shape != importance.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match importance shape {importance.shape}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    flat_mask = mask.reshape(-1)
+    alive = np.flatnonzero(flat_mask > 0.5)
+    if k > alive.size:
+        raise ValueError(f"cannot mask {k} heads: only {alive.size} remain")
+    scores = importance.reshape(-1)[alive]
+    if np.isnan(scores).any():
+        raise ValueError("importance contains NaN for unmasked heads")
+    chosen = alive[np.argsort(scores, kind="stable")[:k]]
+    new = flat_mask.copy()
+    new[chosen] = 0.0
+    return new.reshape(mask.shape)
+
+
+@dataclass
+class PruneStep:
+    """One point of the pruning trajectory (step 0 is the starting mask)."""
+
+    step: int
+    heads_kept: int
+    perplexity: float
+    accepted: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "heads_kept": self.heads_kept, "perplexity": self.perplexity,
+                "accepted": self.accepted}
+
+
+@dataclass
+class PruneResult:
+    """What :func:`iterative_prune` returns."""
+
+    mask: np.ndarray  # float32 [L, H], the last accepted mask
+    trajectory: list[PruneStep]
+    importances: np.ndarray  # float64 [steps, L, H], normalised importance used at each step
+    raw_importances: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0)))
+    threshold_perplexity: float = math.nan
+    stop_reason: str = ""
+
+    @property
+    def perplexity_full(self) -> float:
+        return self.trajectory[0].perplexity
+
+    @property
+    def perplexity_final(self) -> float:
+        return [s for s in self.trajectory if s.accepted][-1].perplexity
+
+
+def iterative_prune(
+    n_layers: int,
+    n_heads: int,
+    importance_fn: Callable[[np.ndarray], np.ndarray],
+    perplexity_fn: Callable[[np.ndarray], float],
+    threshold: float,
+    masking_amount: float,
+    min_heads: int = 1,
+    *,
+    normalize_layers: bool = True,
+    normalize_global: bool = True,
+    initial_mask: np.ndarray | None = None,
+    on_step: Callable[[PruneStep], None] | None = None,
+) -> PruneResult:
+    """Iteratively mask the least important heads until perplexity exceeds ``P0 * threshold``.
+
+    ``importance_fn(mask)`` returns raw [L, H] importance under ``mask``; ``perplexity_fn(mask)``
+    the perplexity with ``mask`` applied. Each step: importance under the current mask, normalise,
+    mask ``heads_per_step`` more heads, measure perplexity. The loop stops (without taking the step)
+    when the step would leave fewer than ``min_heads`` heads, and stops (rejecting the step) when its
+    perplexity is above the threshold. ``on_step`` is called for every trajectory point.
+    """
+    shape = (n_layers, n_heads)
+    mask = _start_mask(shape, threshold, min_heads, initial_mask)
+    k = heads_per_step(n_layers, n_heads, masking_amount)
+
+    def record(point: PruneStep) -> None:
+        trajectory.append(point)
+        if on_step is not None:
+            on_step(point)
+
+    trajectory: list[PruneStep] = []
+    p0 = float(perplexity_fn(mask.copy()))
+    if not math.isfinite(p0):
+        raise ValueError(f"perplexity of the starting mask is not finite ({p0})")
+    limit = p0 * threshold
+    record(PruneStep(0, int(mask.sum()), p0, True))
+    imps: list[np.ndarray] = []
+    raws: list[np.ndarray] = []
+    stop_reason = ""
+    step = 0
+    while True:
+        kept = int(mask.sum())
+        if kept - k < min_heads:
+            stop_reason = f"min_heads: masking {k} more of {kept} heads would leave fewer than {min_heads}"
+            break
+        step += 1
+        raw = np.asarray(importance_fn(mask.copy()), dtype=np.float64)
+        if raw.shape != shape:
+            raise ValueError(f"importance_fn returned shape {raw.shape}, expected {shape}")
+        imp = normalize_importance(raw, normalize_layers, normalize_global, mask=mask)
+        raws.append(raw)
+        imps.append(imp)
+        candidate = next_mask(mask, imp, k)
+        ppl = float(perplexity_fn(candidate.copy()))
+        accepted = math.isfinite(ppl) and ppl <= limit
+        record(PruneStep(step, int(candidate.sum()), ppl, accepted))
+        if not accepted:
+            stop_reason = f"threshold: perplexity {ppl:.4g} > {limit:.4g}"
+            break
+        mask = candidate
+    empty = np.zeros((0, *shape))
+    return PruneResult(
+        mask=mask,
+        trajectory=trajectory,
+        importances=np.stack(imps) if imps else empty,
+        raw_importances=np.stack(raws) if raws else empty,
+        threshold_perplexity=limit,
+        stop_reason=stop_reason,
+    )
+
+
+def _start_mask(
+    shape: tuple[int, int], threshold: float, min_heads: int, initial_mask: np.ndarray | None
+) -> np.ndarray:
+    """Validate :func:`iterative_prune`'s arguments; the float32 mask it starts from."""
+    if threshold <= 0:
+        raise ValueError(f"threshold must be > 0, got {threshold}")
+    if min_heads < 0:
+        raise ValueError(f"min_heads must be >= 0, got {min_heads}")
+    mask = np.ones(shape, np.float32) if initial_mask is None else np.asarray(initial_mask, np.float32).copy()
+    if mask.shape != shape:
+        raise ValueError(f"initial_mask shape {mask.shape} is not {shape}")
+    return mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Importance on a model (torch, imported lazily)
+# --------------------------------------------------------------------------------------------------
+
+
+def head_importance(
+    model: Any,
+    gates: Any,
+    batches: Iterable[Mapping[str, Any]],
+    loss_fn: Callable[[Any, Mapping[str, Any]], tuple[Any, int]] | None = None,
+) -> np.ndarray:
+    """Michel et al. head importance: sum over batches of ``|dL/dg|``, divided by the masked tokens.
+
+    ``gates`` is a :class:`stages.gating.HeadGates` (or its [L, H] leaf tensor) attached to
+    ``model``; its current values are the mask (masked heads 0). ``L`` is each batch's mean MLM loss
+    over its masked positions (``loss_fn(model, batch) -> (loss, n_masked)``, default
+    :func:`stages.mlm.mlm_loss`); each batch's gradient is taken on its own (never the running sum)
+    and its absolute value added up; the sum is divided by the total number of masked tokens. Only
+    the gates get gradients: the parameters are frozen for the pass and their flags restored.
+    """
+    import torch
+
+    if loss_fn is None:
+        from stages.mlm import mlm_loss as loss_fn
+    gate = _gate_tensor(gates)
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    saved_gate_flag = gate.requires_grad
+    was_training = model.training
+    total = torch.zeros(tuple(gate.shape), dtype=torch.float64)
+    tokens = 0
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        gate.requires_grad_(True)
+        model.eval()
+        device = params[0].device if params else gate.device
+        for batch in batches:
+            gate.grad = None  # per batch: never accumulate the running sum of gradients
+            moved = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+            loss, n = loss_fn(model, moved)
+            if n == 0:
+                continue
+            (grad,) = torch.autograd.grad(loss, [gate])
+            total += grad.detach().abs().to(torch.float64).cpu()
+            tokens += int(n)
+    finally:
+        for p, flag in zip(params, saved_flags, strict=True):
+            p.requires_grad_(flag)
+        gate.requires_grad_(saved_gate_flag)
+        gate.grad = None
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("head_importance: the batches contain no masked tokens")
+    return (total / tokens).numpy()
+
+
+def _gate_tensor(gates: Any) -> Any:
+    """The leaf [L, H] tensor of a gate holder (a tensor, or an object with ``.gates``)."""
+    import torch
+
+    if isinstance(gates, torch.Tensor):
+        return gates
+    value = getattr(gates, "gates", None)
+    if isinstance(value, torch.Tensor):
+        return value
+    raise TypeError(f"cannot find the gate tensor of {type(gates).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Head-mask artifacts
+# --------------------------------------------------------------------------------------------------
+
+MASK_NPY = "mask.npy"
+MASK_JSON = "mask.json"
+IMPORTANCE_NPY = "importance.npy"
+IMPORTANCE_RAW_NPY = "importance_raw.npy"
+TRAJECTORY_JSON = "trajectory.json"
+
+
+def write_mask_dir(out: Path, result: PruneResult, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Write a ``head-mask`` artifact (layout in the module docstring); return the mask.json dict."""
+    mask = np.asarray(result.mask, dtype=np.float32)
+    np.save(out / MASK_NPY, mask)
+    np.save(out / IMPORTANCE_NPY, np.asarray(result.importances, dtype=np.float32))
+    np.save(out / IMPORTANCE_RAW_NPY, np.asarray(result.raw_importances, dtype=np.float32))
+    write_json(out / TRAJECTORY_JSON, [s.as_dict() for s in result.trajectory])
+    doc = {
+        **info,
+        "mask": mask.tolist(),
+        "num_layers": int(mask.shape[0]),
+        "num_heads": int(mask.shape[1]),
+        "heads_kept": int((mask > 0.5).sum()),
+        "total_heads": int(mask.size),
+    }
+    write_json(out / MASK_JSON, doc)
+    return doc
+
+
+def read_mask_dir(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The mask (float32 [L, H]) and the mask.json dict of a ``head-mask`` artifact directory."""
+    path = Path(path)
+    info = read_json(path / MASK_JSON) if (path / MASK_JSON).is_file() else {}
+    if (path / MASK_NPY).is_file():
+        mask = np.asarray(np.load(path / MASK_NPY), dtype=np.float32)
+    elif "mask" in info:
+        mask = np.asarray(info["mask"], dtype=np.float32)
+    else:
+        raise ValueError(f"{path} is not a head-mask artifact: no {MASK_NPY} or {MASK_JSON} with a mask")
+    if mask.ndim != 2:
+        raise ValueError(f"{path}: head mask must be [layers, heads], got shape {mask.shape}")
+    return mask, info
+
+
+# --------------------------------------------------------------------------------------------------
+# Model side shared by prune and cross_eval
+# --------------------------------------------------------------------------------------------------
+
+
+def eval_tokenizer(model_dir: Path, dataset_dir: Path) -> Any:
+    """The tokenizer saved with the model; else a stand-in built from the dataset's meta.json ids
+    (everything :func:`stages.mlm.language_eval_batches` needs)."""
+    from stages.mlm import load_tokenizer, read_dataset_meta
+
+    try:
+        return load_tokenizer(model_dir)
+    except (OSError, ValueError, TypeError) as e:
+        meta = read_dataset_meta(dataset_dir)
+        if meta.get("mask_token_id") is None or meta.get("vocab_size") is None:
+            raise ValueError(
+                f"cannot load a tokenizer from the model {model_dir} ({e}) and the dataset's meta.json has no "
+                "mask_token_id/vocab_size to mask with"
+            ) from e
+        return _MetaTokenizer(meta)
+
+
+class _MetaTokenizer:
+    """The ids of a tokenizer as recorded in a dataset's meta.json."""
+
+    def __init__(self, meta: Mapping[str, Any]) -> None:
+        self.mask_token_id = int(meta["mask_token_id"])
+        self.pad_token_id = meta.get("pad_token_id")
+        names = ("pad", "mask", "bos", "eos", "unk", "cls", "sep")
+        ids = (meta.get(f"{n}_token_id") for n in names)
+        self.all_special_ids = sorted({int(i) for i in ids if i is not None})
+        self._len = int(meta["vocab_size"])
+
+    def __len__(self) -> int:
+        return self._len
+
+
+def load_eval_model(model_dir: Path) -> tuple[Any, Any]:
+    """The model of a ``model`` artifact in eval mode on the best device, and that device."""
+    import torch
+
+    from stages.mlm import configure_threads, load_model
+
+    configure_threads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(model_dir).to(device)
+    model.eval()
+    return model, device
+
+
+def count_parameters(model: Any) -> int:
+    """Number of parameters of a model (tied weights counted once)."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def model_facts(model: Any) -> dict[str, Any]:
+    """Shape facts of a model that downstream stages (mask_stats) need."""
+    cfg = model.config
+    return {
+        "num_layers": int(cfg.num_hidden_layers),
+        "num_heads": int(cfg.num_attention_heads),
+        "hidden_size": int(cfg.hidden_size),
+        "num_parameters": count_parameters(model),
+    }
+
+
+def eval_batches_for(
+    dataset_dir: Path, lang: str, tokenizer: Any, model: Any, batch_size: int, seed: int,
+    max_chunks: int | None, mlm_probability: float,
+) -> list[dict[str, Any]]:
+    """Deterministically masked test batches of ``lang``, checked against the model's shapes."""
+    from stages.mlm import check_model_fits, language_eval_batches, load_split
+
+    chunks = load_split(dataset_dir, lang, "test", mmap=True)
+    if len(chunks) == 0:
+        raise ValueError(f"dataset {dataset_dir} has no {lang} test chunks")
+    used = chunks if max_chunks is None else chunks[:max_chunks]
+    check_model_fits(model, int(chunks.shape[1]), int(np.max(used)))
+    return language_eval_batches(
+        dataset_dir, lang, tokenizer, batch_size, seed, max_chunks=max_chunks, mlm_probability=mlm_probability
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------------
+
+
+class PruneParams(StageParams):
+    """Parameters of the ``prune`` stage."""
+
+    language: str = Field(..., min_length=1, description="Language whose test split drives pruning.")
+    threshold: float = Field(1.1, gt=1.0, description="Stop when perplexity > P0 * threshold (original: 1.1).")
+    masking_amount: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Heads masked per step: max(1, int(L*H*masking_amount)) (0.1 -> 14 of 144)."
+    )
+    normalize_layers: bool = Field(True, description="Divide each layer's importance by its L2 norm.")
+    normalize_global: bool = Field(True, description="Min-max the importance over all heads to [0, 1].")
+    min_heads: int = Field(1, ge=1, description="Never keep fewer heads than this.")
+    eval_batch_size: int = Field(8, ge=1, description="Chunks per batch for importance and perplexity.")
+    max_eval_chunks: int | None = Field(None, ge=1, description="Use the first N test chunks; None: all.")
+    mlm_probability: float = Field(0.15, gt=0.0, le=1.0, description="Share of tokens masked for evaluation.")
+    eval_seed: int = Field(
+        DEFAULT_EVAL_SEED,
+        description="Seed of the deterministic evaluation masks: keep the train stage's (1234) so that "
+        "perplexities of every stage are measured on the same masked positions.",
+    )
+
+
+@stage(
+    "prune",
+    params=PruneParams,
+    inputs={"model": Input(type="model"), "dataset": Input(type="dataset")},
+    outputs={"mask": "head-mask"},
+    version="1",
+)
+def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
+    """Iteratively prune attention heads for one language until perplexity exceeds P0 * threshold."""
+    from tqdm.auto import tqdm
+
+    from stages.gating import HeadGates
+    from stages.mlm import evaluate
+
+    model_in, data_in = get_input(inputs, "model"), get_input(inputs, "dataset")
+    assert model_in is not None and data_in is not None  # get_input raises for required inputs
+    seed = params.eval_seed
+    model, _ = load_eval_model(model_in.path)
+    tokenizer = eval_tokenizer(model_in.path, data_in.path)
+    batches = eval_batches_for(data_in.path, params.language, tokenizer, model, params.eval_batch_size, seed,
+                               params.max_eval_chunks, params.mlm_probability)
+    facts = model_facts(model)
+    n_layers, n_heads = facts["num_layers"], facts["num_heads"]
+    k = heads_per_step(n_layers, n_heads, params.masking_amount)
+    bar = tqdm(total=max(0, (n_layers * n_heads - params.min_heads) // k), desc=f"prune[{params.language}]",
+               unit="step", leave=False)
+
+    def on_step(point: PruneStep) -> None:
+        ctx.log({"heads_kept": float(point.heads_kept), "perplexity": point.perplexity,
+                 "accepted": float(point.accepted)}, step=point.step)
+        if point.step > 0:
+            bar.update(1)
+        bar.set_postfix(heads=point.heads_kept, ppl=f"{point.perplexity:.3f}")
+
+    with HeadGates(model) as gates:
+
+        def importance_fn(mask: np.ndarray) -> np.ndarray:
+            gates.set(mask)
+            return head_importance(model, gates, batches)
+
+        def perplexity_fn(mask: np.ndarray) -> float:
+            gates.set(mask)
+            return float(evaluate(model, batches)["perplexity"])
+
+        try:
+            result = iterative_prune(
+                n_layers, n_heads, importance_fn, perplexity_fn, params.threshold, params.masking_amount,
+                params.min_heads, normalize_layers=params.normalize_layers,
+                normalize_global=params.normalize_global, on_step=on_step,
+            )
+        finally:
+            bar.close()
+    meta = {
+        "language": params.language,
+        "heads_kept": int(result.mask.sum()),
+        "total_heads": n_layers * n_heads,
+        "perplexity_full": result.perplexity_full,
+        "perplexity_final": result.perplexity_final,
+        "threshold": params.threshold,
+        "threshold_perplexity": result.threshold_perplexity,
+        "heads_per_step": k,
+        "steps_accepted": sum(1 for s in result.trajectory[1:] if s.accepted),
+        "stop_reason": result.stop_reason,
+        "eval_seed": seed,
+        "eval_chunks": int(sum(len(b["input_ids"]) for b in batches)),
+        **facts,
+    }
+    write_mask_dir(ctx.output_dir("mask"), result, meta)
+    ctx.log({"heads_kept_final": float(meta["heads_kept"]), "perplexity_final": result.perplexity_final,
+             "perplexity_full": result.perplexity_full})
+    return {"mask": meta}
+
+
+PRUNE: StageDef = prune_stage
