@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         return cmd
 
     spec_command("validate", "check a spec; nothing runs", _validate)
+    sweep = spec_command("sweep", "show a spec's sweep points, then submit them like submit", _sweep)
+    sweep.add_argument("--force", action="store_true", help="rerun jobs even if their outputs are committed")
+    sweep.add_argument("--dry-run", action="store_true", help="show what would run; submit nothing")
     plan = spec_command("plan", "show the job DAG and what is cached", _plan)
     plan.add_argument("--verbose", "-v", action="store_true", help="also show parameters and inputs of each job")
     submit = spec_command("submit", "run (or queue) every job that is not cached", _submit)
@@ -78,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     fsck = sub.add_parser("fsck", help="check the artifact store; remove what dead writers left behind")
     fsck.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
     fsck.set_defaults(func=_fsck)
+    sync = sub.add_parser("sync", help="upload the study's offline W&B runs (producers first) and their lineage",
+                          description="upload the study's offline W&B runs (producers first) and their lineage")
+    sync.add_argument("study", help="study name")
+    sync.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+    sync.add_argument("--dry-run", action="store_true", help="list the run directories and the wandb sync commands only")
+    sync.set_defaults(func=_sync)
 
     run = sub.add_parser("run-job", help="run one job from its record (what executors call)")
     run.add_argument("record", type=Path, nargs="?", help="the job's job.json")
@@ -144,6 +153,22 @@ def _submit(args: argparse.Namespace) -> int:
     return 0 if report.ok else (130 if report.interrupted else 1)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    study, plan = _load(args)
+    axes = study.sweep_axes()
+    if not axes:
+        raise OrchestratorError(f"{args.spec} has no sweep section; see README (Sweeps) or use submit")
+    print(f"sweep ({(study.sweep or {}).get('method')}) of study {study.name}:")
+    for axis in axes:
+        targets = ", ".join(f"{s}.{p}" for s, p in axis.targets)
+        print(f"  axis {axis.name}: {len(axis.values)} points over {targets}")
+    per_stage = Counter(job.stage_id for job in plan.jobs)
+    print("  jobs per stage: " + ", ".join(f"{sid} {n}" for sid, n in per_stage.items()))
+    return _submit(args)
+
+
 def _status(args: argparse.Namespace) -> int:
     import shutil
 
@@ -204,6 +229,13 @@ def _cancel(args: argparse.Namespace) -> int:
     ids = cancel_study(StudyPaths(args.store.resolve(), args.study))
     print(f"cancelled SLURM jobs {', '.join(ids)}" if ids else "nothing to cancel")
     return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from orchestrator.sync import sync_study
+
+    report = sync_study(StudyPaths(args.store.resolve(), args.study), dry_run=args.dry_run)
+    return 0 if report.ok else 1
 
 
 def _run_job(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from orchestrator.errors import SpecError
 from orchestrator.spec import MATRIX_SEED, Study, canonical_json, input_output, input_stage
 from orchestrator.stage import Registry, StageDef
+from orchestrator.sweep import SweepAxis
 
 Point = Mapping[str, Any]
 
@@ -65,6 +66,7 @@ class Job:
     seed: int
     inputs: tuple[Binding, ...]
     outputs: tuple[Output, ...]
+    also_at: tuple[Point, ...] = ()  # further sweep points that yield this very job (same key)
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -105,12 +107,27 @@ def build_plan(study: Study, registry: Registry) -> Plan:
     """Expand ``study`` (already checked against ``registry``) into a Plan; raise SpecError on
     cycles or inputs that do not match exactly one upstream job where one is needed."""
     jobs_by_stage: dict[str, list[Job]] = {}
-    for sid in stage_order(study, registry):
+    order = stage_order(study, registry)
+    axes = sweep_axes_by_stage(study, registry, order)
+    for sid in order:
         stage_def = registry.get(study.stage_name(sid))
         if stage_def is None:
             raise SpecError([study.issue(("stages", sid), f"no stage named {study.stage_name(sid)!r}")])
-        jobs_by_stage[sid] = _expand_stage(study, sid, stage_def, jobs_by_stage, registry)
+        jobs_by_stage[sid] = _expand_stage(study, sid, stage_def, jobs_by_stage, registry, axes[sid])
     return Plan(study, [job for jobs in jobs_by_stage.values() for job in jobs])
+
+
+def sweep_axes_by_stage(study: Study, registry: Registry, order: list[str]) -> dict[str, list[SweepAxis]]:
+    """The sweep axes of each stage: those targeting it plus those carried from its upstream stages,
+    minus the ones it ``collect``s."""
+    axes = study.sweep_axes()
+    out: dict[str, list[SweepAxis]] = {}
+    for sid in order:
+        direct = [a for a in axes if any(t == sid for t, _ in a.targets)]
+        carried = [a for up in _stage_deps(study, sid, registry) for a in out[up]]
+        collect = set(study.stages[sid].collect)
+        out[sid] = [a for a in dict.fromkeys([*direct, *carried]) if a.name not in collect]
+    return out
 
 
 def stage_order(study: Study, registry: Registry) -> list[str]:
@@ -160,24 +177,35 @@ def matrix_points(matrix: Mapping[str, list[Any]]) -> Iterator[dict[str, Any]]:
 
 
 def _expand_stage(
-    study: Study, sid: str, stage_def: StageDef, done: dict[str, list[Job]], registry: Registry
+    study: Study, sid: str, stage_def: StageDef, done: dict[str, list[Job]], registry: Registry,
+    axes: list[SweepAxis],
 ) -> list[Job]:
     spec = study.stages[sid]
+    matrix = {**spec.matrix, **{a.name: list(a.values) for a in axes}}
     wiring = {name: _wire(study, sid, name, decl.type, registry) for name, decl in stage_def.inputs.items()}
-    indexes = {name: _index(done[w[0]], spec.matrix) for name, w in wiring.items() if w is not None}
-    jobs = []
-    for point in matrix_points(spec.matrix):
-        params = _params(study, stage_def.params, spec.params, point, sid)
-        seed = int(point.get(MATRIX_SEED, spec.seed if spec.seed is not None else study.seed))
+    indexes = {name: _index(done[w[0]], matrix) for name, w in wiring.items() if w is not None}
+    jobs: dict[str, Job] = {}
+    for point in matrix_points(matrix):
+        own = {k: v for k, v in point.items() if k in spec.matrix and k != MATRIX_SEED}
+        swept: dict[str, Any] = {}
+        for axis in axes:
+            swept.update(axis.assignments(sid, point[axis.name]))
+        default_seed = spec.seed if spec.seed is not None else study.seed
+        seed = int(swept.pop(MATRIX_SEED, point.get(MATRIX_SEED, default_seed)))
+        params = _params(study, stage_def.params, {**spec.params, **own, **swept}, point, sid)
         inputs = tuple(
             _bind(study, sid, name, decl.many, wiring[name], indexes[name], point, decl.type)
             for name, decl in stage_def.inputs.items()
             if wiring[name] is not None
         )
         key = job_key(sid, stage_def, params, seed, inputs)
+        if key in jobs:  # another sweep point gives the very same job: run it once
+            jobs[key] = replace(jobs[key], also_at=(*jobs[key].also_at, point))
+            continue
         outputs = tuple(Output(n, t, artifact_name(study.name, sid, n, point)) for n, t in stage_def.outputs.items())
-        jobs.append(Job(key, sid, stage_def.name, stage_def.version, job_label(sid, point), point, params, seed, inputs, outputs))
-    return jobs
+        jobs[key] = Job(key, sid, stage_def.name, stage_def.version, job_label(sid, point), point, params, seed,
+                        inputs, outputs)
+    return list(jobs.values())
 
 
 def _wire(study: Study, sid: str, name: str, type_: str, registry: Registry) -> tuple[str, str] | None:
@@ -203,7 +231,10 @@ def _index(upstream_jobs: list[Job], matrix: Mapping[str, list[Any]]) -> dict[st
     """Upstream jobs grouped by their values on the axes shared with the downstream matrix."""
     groups: dict[str, list[Job]] = defaultdict(list)
     for job in upstream_jobs:
-        groups[_shared_key(job.point, job.point.keys() & matrix.keys())].append(job)
+        for point in (job.point, *job.also_at):
+            group = groups[_shared_key(point, point.keys() & matrix.keys())]
+            if not group or group[-1] is not job:
+                group.append(job)
     return groups
 
 
@@ -232,9 +263,8 @@ def _match_problem(up_sid: str, n: int, point: Point, sample: list[Job]) -> str:
 
 
 def _params(study: Study, model: type[BaseModel], params: Mapping[str, Any], point: Point, sid: str) -> dict[str, Any]:
-    merged = {**params, **{k: v for k, v in point.items() if k != MATRIX_SEED}}
     try:
-        return model.model_validate(merged).model_dump(mode="json")
+        return model.model_validate(dict(params)).model_dump(mode="json")
     except ValidationError as e:
         at = f" at {job_label(sid, point)}" if point else ""
         raise SpecError([study.issue(("stages", sid, "params"), f"invalid{at}: {e}")]) from None

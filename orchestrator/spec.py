@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from orchestrator.errors import SpecError, SpecIssue
 from orchestrator.source import Loc, SpecSource, apply_overrides, load_source, resolve_refs
 from orchestrator.stage import Registry, load_registry
+from orchestrator.sweep import SERVER_METHODS, SweepAxis, build_axes, schema_errors, split_name
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
 MATRIX_SEED = "seed"  # a matrix axis named "seed" sets the job seed, not a stage parameter
@@ -65,6 +66,8 @@ class TrackingSpec(Strict):
     project: str | None = None
     entity: str | None = None
     mode: Literal["online", "offline"] | None = None
+    reference_artifacts: bool = Field(
+        False, description="wandb: log outputs as file:// reference artifacts (checksummed, not uploaded)")
 
 
 class StorageSpec(Strict):
@@ -87,6 +90,7 @@ class StageSpec(Strict):
     matrix: dict[str, list[Any]] = Field(default_factory=dict)
     inputs: dict[str, str | InputSpec] = Field(default_factory=dict)
     seed: int | None = None
+    collect: list[str] = Field(default_factory=list, description="sweep axes whose points this stage gathers")
 
     @field_validator("matrix")
     @classmethod
@@ -111,6 +115,7 @@ class Study(Strict):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     stage_package: str = Field("stages", description="Python package whose registry() defines the stages")
     stages: dict[str, StageSpec] = Field(min_length=1)
+    sweep: dict[str, Any] | None = Field(None, description="a W&B sweep config over <stage>.<param> names")
     _source: SpecSource | None = PrivateAttr(None)  # where each field came from, for error messages
 
     @field_validator("languages")
@@ -136,6 +141,10 @@ class Study(Strict):
         if self._source is None:
             return SpecIssue("spec", ".".join(str(p) for p in loc), message)
         return self._source.issue(loc, message)
+
+    def sweep_axes(self) -> list[SweepAxis]:
+        """The sweep's axes (none without a sweep section); the config was checked by check_sweep."""
+        return build_axes(self.sweep, self.seed) if self.sweep else []
 
     def spec_hash(self) -> str:
         return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
@@ -221,12 +230,81 @@ def check_stages(study: Study, registry: Registry, source: SpecSource) -> None:
     issues: list[SpecIssue] = []
     for sid, spec in study.stages.items():
         issues += _check_stage(study, sid, spec, registry, source)
+    issues += check_sweep(study, registry, source)
     for key in study.executor.resources:
         if key != "default" and key not in study.stages:
             choices = ", ".join(["default", *study.stages])
             issues.append(source.issue(("executor", "resources", key), f"no such stage; valid: {choices}"))
     if issues:
         raise SpecError(issues)
+
+
+def check_sweep(study: Study, registry: Registry, source: SpecSource) -> list[SpecIssue]:
+    """The sweep section: W&B's schema, then our runner's rules (stage.param names, methods, values)."""
+    names = {a for spec in study.stages.values() for a in spec.collect}
+    if study.sweep is None:
+        return [source.issue(("stages",), f"collect names sweep axes {sorted(names)} but the study has no sweep")] if names else []
+    loc: Loc = ("sweep",)
+    issues = [source.issue((*loc, *path), msg) for path, msg in schema_errors(study.sweep)]
+    if issues:
+        return issues
+    method = study.sweep["method"]
+    if method in SERVER_METHODS or method not in ("grid", "random"):
+        return [source.issue((*loc, "method"), f"{SERVER_METHODS.get(method, method + ' is not supported')}; "
+                             "the built-in runner does grid and random")]
+    if method == "random" and "run_cap" not in study.sweep:
+        return [source.issue(loc, "method random needs run_cap: how many points to draw")]
+    for name in study.sweep["parameters"]:
+        issues += _check_sweep_param(study, registry, source, name)
+    if issues:
+        return issues
+    try:
+        axes = build_axes(study.sweep, study.seed)
+    except ValueError as e:
+        return [source.issue((*loc, "parameters"), str(e))]
+    issues += _check_sweep_values(study, registry, source, axes)
+    valid = {a.name for a in axes}
+    for sid, spec in study.stages.items():
+        for i, axis in enumerate(spec.collect):
+            if axis not in valid:
+                issues.append(source.issue(("stages", sid, "collect", i), f"no sweep axis {axis!r}; axes: {', '.join(sorted(valid))}"))
+    return issues
+
+
+def _check_sweep_param(study: Study, registry: Registry, source: SpecSource, name: str) -> list[SpecIssue]:
+    loc: Loc = ("sweep", "parameters", name)
+    sid, param = split_name(name)
+    if sid not in study.stages or not param:
+        return [source.issue(loc, f"sweep parameters are named <stage id>.<param>; stages: {', '.join(study.stages)}")]
+    stage_def = registry.get(study.stage_name(sid))
+    fields = set(stage_def.params.model_fields) if stage_def else set()
+    if param != MATRIX_SEED and param not in fields:
+        return [source.issue(loc, f"stage {sid!r} has no parameter {param!r}; parameters: {', '.join(sorted(fields))}, seed")]
+    if param in study.stages[sid].matrix or param in study.stages[sid].params:
+        return [source.issue(loc, f"{param!r} is also set in stages.{sid}; set it in one place")]
+    return []
+
+
+def _check_sweep_values(study: Study, registry: Registry, source: SpecSource, axes: list[SweepAxis]) -> list[SpecIssue]:
+    """Every swept value must validate as the stage parameter it sets."""
+    issues: list[SpecIssue] = []
+    for axis in axes:
+        for value in axis.values:
+            for sid, _ in axis.targets:
+                stage_def = registry.get(study.stage_name(sid))
+                assigned = {k: v for k, v in axis.assignments(sid, value).items() if k != MATRIX_SEED}
+                if stage_def is None or not assigned:
+                    continue
+                sample = {**study.stages[sid].params, **{a: v[0] for a, v in study.stages[sid].matrix.items() if a != MATRIX_SEED}}
+                try:
+                    stage_def.params.model_validate({**sample, **assigned})
+                except ValidationError as e:
+                    for err in e.errors():
+                        where = ("sweep", "parameters", f"{sid}.{err['loc'][0]}") if err["loc"] else ("sweep",)
+                        issue = source.issue(where, f"{err['msg']} (got {err.get('input')!r})")
+                        if issue not in issues:
+                            issues.append(issue)
+    return issues
 
 
 def _check_stage(study: Study, sid: str, spec: StageSpec, registry: Registry, source: SpecSource) -> list[SpecIssue]:
