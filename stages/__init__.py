@@ -11,9 +11,9 @@ from orchestrator.stage import Registry
 
 def registry() -> Registry:
     """Every stage of the study, by name."""
-    from stages import corpus, dataset, evaluate, prune, tokenizer, train
+    from stages import corpus, dataset, evaluate, prune, report, tokenizer, train
 
     return Registry([
         corpus.CORPUS, tokenizer.TOKENIZER, dataset.TOKENIZE, train.TRAIN,
-        prune.PRUNE, evaluate.CROSS_EVAL, evaluate.MASK_STATS,
+        prune.PRUNE, evaluate.CROSS_EVAL, evaluate.MASK_STATS, report.REPORT,
     ])
