@@ -28,7 +28,7 @@ class SpecSource:
 
     path: Path
     data: dict[str, Any]
-    lines: dict[Loc, int] = field(default_factory=dict)
+    lines: dict[Loc, str] = field(default_factory=dict)  # field -> "file:line"
     overrides: dict[Loc, str] = field(default_factory=dict)  # field -> the --set text that set it
 
     def where(self, loc: Loc) -> str:
@@ -38,7 +38,7 @@ class SpecSource:
             if prefix in self.overrides:
                 return f"--set {self.overrides[prefix]}"
             if prefix in self.lines:
-                return f"{self.path}:{self.lines[prefix]}"
+                return self.lines[prefix]
         return str(self.path)
 
     def issue(self, loc: Loc, message: str) -> SpecIssue:
@@ -53,8 +53,36 @@ def format_loc(loc: Iterable[str | int]) -> str:
     return out
 
 
-def load_source(path: Path) -> SpecSource:
-    """Read a YAML spec, recording the line of every mapping key and sequence item."""
+def load_source(path: Path, _chain: tuple[Path, ...] = ()) -> SpecSource:
+    """Read a YAML spec, recording the file and line of every mapping key and sequence item.
+
+    ``extends: other.yaml`` (relative to this file) starts from another spec: mappings are merged
+    key by key, any other value in this file replaces the other's.
+    """
+    data, lines = _read_yaml(path)
+    base_name = data.pop("extends", None)
+    lines.pop(("extends",), None)
+    if base_name is None:
+        return SpecSource(path=path, data=data, lines=lines)
+    if not isinstance(base_name, str):
+        raise SpecError([SpecIssue(f"{path}", "extends", "must be the path of another spec, relative to this one")])
+    base_path = (path.parent / base_name).resolve()
+    if base_path in _chain or base_path == path.resolve():
+        raise SpecError([SpecIssue(f"{path}", "extends", f"{base_name} extends this spec again (a cycle)")])
+    base = load_source(base_path, (*_chain, path.resolve()))
+    return SpecSource(path=path, data=deep_merge(base.data, data), lines={**base.lines, **lines})
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: mappings merge recursively, everything else is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if both_maps else value
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[Loc, str]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -71,28 +99,29 @@ def load_source(path: Path) -> SpecSource:
         raise SpecError([SpecIssue(where, "", f"invalid YAML: {problem}")]) from None
     if not isinstance(data, dict):
         raise SpecError([SpecIssue(f"{path}:1", "", "a spec must be a YAML mapping (key: value)")])
-    lines: dict[Loc, int] = {}
+    lines: dict[Loc, str] = {}
     duplicates: list[SpecIssue] = []
     _record_lines(node, (), lines, duplicates, path)
     if duplicates:
         raise SpecError(duplicates)
-    return SpecSource(path=path, data=data, lines=lines)
+    return data, lines
 
 
-def _record_lines(node: yaml.Node | None, loc: Loc, lines: dict[Loc, int], dups: list[SpecIssue], path: Path) -> None:
-    """Map every field path to its line; a key given twice in one mapping is an error (YAML
-    loaders silently keep the last one, which hides typos in long specs)."""
+def _record_lines(node: yaml.Node | None, loc: Loc, lines: dict[Loc, str], dups: list[SpecIssue], path: Path) -> None:
+    """Map every field path to its file and line; a key given twice in one mapping is an error
+    (YAML loaders silently keep the last one, which hides typos in long specs)."""
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
-            line = key_node.start_mark.line + 1
+            line = f"{path}:{key_node.start_mark.line + 1}"
             if (*loc, key) in lines:
-                dups.append(SpecIssue(f"{path}:{line}", format_loc((*loc, key)), f"given twice (first on line {lines[(*loc, key)]})"))
+                first = lines[(*loc, key)].rsplit(":", 1)[1]
+                dups.append(SpecIssue(line, format_loc((*loc, key)), f"given twice (first on line {first})"))
             lines[(*loc, key)] = line
             _record_lines(value_node, (*loc, key), lines, dups, path)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            lines[(*loc, i)] = item.start_mark.line + 1
+            lines[(*loc, i)] = f"{path}:{item.start_mark.line + 1}"
             _record_lines(item, (*loc, i), lines, dups, path)
 
 
