@@ -56,8 +56,9 @@ def format_loc(loc: Iterable[str | int]) -> str:
 def load_source(path: Path, _chain: tuple[Path, ...] = ()) -> SpecSource:
     """Read a YAML spec, recording the file and line of every mapping key and sequence item.
 
-    ``extends: other.yaml`` (relative to this file) starts from another spec: mappings are merged
-    key by key, any other value in this file replaces the other's.
+    ``extends: other.yaml`` (relative to this file) starts from another spec, patched with this one
+    as a JSON merge patch (RFC 7386): mappings merge key by key, ``null`` removes a key, any other
+    value replaces the other's.
     """
     data, lines = _read_yaml(path)
     base_name = data.pop("extends", None)
@@ -74,11 +75,16 @@ def load_source(path: Path, _chain: tuple[Path, ...] = ()) -> SpecSource:
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``: mappings merge recursively, everything else is replaced."""
+    """``override`` on top of ``base`` (RFC 7386): mappings merge recursively, ``None`` deletes,
+    everything else is replaced."""
     out = dict(base)
     for key, value in override.items():
-        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = deep_merge(out[key], value) if both_maps else value
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
     return out
 
 

@@ -11,9 +11,10 @@ from orchestrator.stage import Registry
 
 def registry() -> Registry:
     """Every stage of the study, by name."""
-    from stages import corpus, dataset, evaluate, prune, report, tokenizer, train
+    from stages import corpus, dataset, evaluate, prune, report, sweep_summary, tokenizer, train
 
     return Registry([
         corpus.CORPUS, tokenizer.TOKENIZER, dataset.TOKENIZE, train.TRAIN,
         prune.PRUNE, evaluate.CROSS_EVAL, evaluate.MASK_STATS, report.REPORT,
+        sweep_summary.SWEEP_SUMMARY,
     ])

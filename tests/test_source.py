@@ -48,6 +48,7 @@ def test_extends_cycle_and_missing_base(tmp_path: Path) -> None:
 
 def test_deep_merge() -> None:
     assert deep_merge({"a": {"b": 1, "c": [1]}, "d": 1}, {"a": {"c": [2]}, "e": 2}) == {"a": {"b": 1, "c": [2]}, "d": 1, "e": 2}
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": None}, "x": None}) == {"a": {"c": 2}}  # null deletes
 
 
 def test_overrides_record_their_origin(tmp_path: Path) -> None:
