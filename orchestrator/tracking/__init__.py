@@ -15,6 +15,10 @@ def open_run(record: JobRecord, paths: StudyPaths) -> TrackingRun:
     """Open the tracking run of one job; a backend that cannot run here is an error, never a fallback."""
     if record.tracking.backend == "local":
         return LocalRun(paths.job(record.key).metrics)
+    if record.tracking.backend == "wandb":
+        from orchestrator.tracking.wandb import WandbRun  # imports wandb itself only when used
+
+        return WandbRun(record, paths)
     raise OrchestratorError(
         f"tracking backend {record.tracking.backend!r} is not available in this version; "
         "use tracking.backend=local (--set tracking.backend=local)"
