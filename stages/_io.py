@@ -80,19 +80,23 @@ def effective_seed(ctx_seed: int, override: int | None) -> int:
     return ctx_seed if override is None else override
 
 
-def get_input(inputs: Inputs, name: str, *, required: bool = True) -> ResolvedInput | None:
-    """The single resolved input ``name``, or None when it is optional and absent."""
+def optional_input(inputs: Inputs, name: str) -> ResolvedInput | None:
+    """The single resolved input ``name``, or None when it is not connected."""
     value = inputs.get(name)
     if isinstance(value, list):
         if len(value) != 1:
             raise ValueError(f"input {name!r}: expected exactly one artifact, got {len(value)}")
         value = value[0]
-    if value is None:
-        if required:
-            raise ValueError(f"input {name!r} is missing: connect a {name!r} artifact to this stage")
-        return None
-    if not isinstance(value, ResolvedInput):
+    if value is not None and not isinstance(value, ResolvedInput):
         raise ValueError(f"input {name!r}: expected a resolved artifact, got {type(value).__name__}")
+    return value
+
+
+def get_input(inputs: Inputs, name: str) -> ResolvedInput:
+    """The single resolved input ``name``, which must be connected."""
+    value = optional_input(inputs, name)
+    if value is None:
+        raise ValueError(f"input {name!r} is missing: connect a {name!r} artifact to this stage")
     return value
 
 

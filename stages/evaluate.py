@@ -273,7 +273,6 @@ def cross_eval_stage(params: CrossEvalParams, inputs: Inputs, ctx: StageContext)
     from stages.prune import eval_batches_for, eval_tokenizer, load_eval_model
 
     model_in, data_in = get_input(inputs, "model"), get_input(inputs, "dataset")
-    assert model_in is not None and data_in is not None  # get_input raises for required inputs
     masks = mask_inputs(inputs)
     seed = params.eval_seed
     cols = list(params.languages) if params.languages else dataset_languages(data_in.path)

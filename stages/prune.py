@@ -468,7 +468,6 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
     from stages.mlm import evaluate
 
     model_in, data_in = get_input(inputs, "model"), get_input(inputs, "dataset")
-    assert model_in is not None and data_in is not None  # get_input raises for required inputs
     seed = params.eval_seed
     model, _ = load_eval_model(model_in.path)
     tokenizer = eval_tokenizer(model_in.path, data_in.path)

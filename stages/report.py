@@ -48,7 +48,7 @@ from typing import Any
 from pydantic import Field
 
 from orchestrator.stage import Input, Inputs, ResolvedInput, StageContext, StageDef, StageParams, stage
-from stages._io import get_input, read_json, write_json
+from stages._io import optional_input, read_json, write_json
 
 FULL = "full"
 SUBNETWORK = "subnetwork"
@@ -130,7 +130,7 @@ def load_study(inputs: Inputs) -> Study:
     """Read every present input (a missing file in a present input is an error: a mis-wired input)."""
     study = Study()
     for name, file in FILES.items():
-        item = get_input(inputs, name, required=False)
+        item = optional_input(inputs, name)
         if item is None:
             continue
         path = Path(item.path) / file

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageParams, stage
-from stages._io import corpus_languages, corpus_split_path, get_input, read_jsonl
+from stages._io import corpus_languages, corpus_split_path, get_input, optional_input, read_jsonl
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_TOKEN = "<mask>"
@@ -241,7 +241,7 @@ def evaluate_on_test(tokenizer: Any, corpus_dir: Path, max_chars: int = EVAL_CHA
 def tokenizer_stage(params: TokenizerParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Train an XLM-R-like tokenizer on the corpus (or copy a pretrained one)."""
     out = ctx.output_dir("tokenizer")
-    corpus = get_input(inputs, "corpus", required=params.pretrained is None)
+    corpus = optional_input(inputs, "corpus") if params.pretrained is not None else get_input(inputs, "corpus")
     meta: dict[str, Any] = {"pretrained": params.pretrained}
     if params.pretrained is not None:
         tokenizer = _load_pretrained(params.pretrained)

@@ -45,7 +45,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageInterrupted, StageParams, stage
-from stages._io import get_input, write_json
+from stages._io import get_input, optional_input, write_json
 
 CHECKPOINT_FORMAT = "cross-lingual-subnets/train-checkpoint/1"
 STATE_DIR = "train_state"
@@ -525,9 +525,7 @@ def train_stage(params: TrainParams, inputs: Inputs, ctx: StageContext) -> dict[
 
     dataset = get_input(inputs, "dataset")
     tok_input = get_input(inputs, "tokenizer")
-    if dataset is None or tok_input is None:  # get_input raises first; this narrows the types
-        raise ValueError("train needs its dataset and tokenizer inputs")
-    base = get_input(inputs, "base", required=False)
+    base = optional_input(inputs, "base")
     source = model_source(params, base.path if base else None)
     threads = mlm.configure_threads()
     tokenizer = mlm.load_tokenizer(tok_input.path)

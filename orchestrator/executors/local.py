@@ -89,10 +89,9 @@ def _job_main(argv: list[str], log_path: str, environ: dict[str, str], cwd: str)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     from orchestrator.cli import main
 
-    rc = main(argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)  # skip multiprocessing's own exit handling: the exit code is the job's
+    # SystemExit is how a multiprocessing target sets its exit code while still running the
+    # process's finalizers (which release e.g. tqdm's semaphores instead of leaking them)
+    sys.exit(main(argv))
 
 
 class _Run:
