@@ -50,8 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     def spec_command(name: str, help_: str, func: object) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_, description=help_)
         cmd.add_argument("spec", type=Path, help="study spec (YAML)")
-        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                         help="override any spec field, e.g. --set stages.prune.params.threshold=1.2 (repeatable)")
+        cmd.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="override any spec field, e.g. --set stages.prune.params.threshold=1.2 (repeatable)",
+        )
         cmd.add_argument("--executor", choices=["local", "slurm"], help="override executor.backend")
         cmd.add_argument("--store", type=Path, metavar="DIR", help="override storage.root (artifacts, records, logs)")
         cmd.set_defaults(func=func)
@@ -65,24 +71,32 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--verbose", "-v", action="store_true", help="also show parameters and inputs of each job")
     submit = spec_command("submit", "run (or queue) every job that is not cached", _submit)
     submit.add_argument("--force", action="store_true", help="rerun jobs even if their outputs are committed")
-    submit.add_argument("--dry-run", action="store_true",
-                        help="write the job records and (SLURM) scripts and show the order; submit nothing")
+    submit.add_argument(
+        "--dry-run", action="store_true", help="write the job records and (SLURM) scripts and show the order; submit nothing"
+    )
 
-    for name, help_, func in (("status", "every job's state, log and outputs", _status),
-                              ("artifacts", "what a study produced, and from what", _artifacts),
-                              ("cancel", "cancel the study's queued SLURM jobs", _cancel),
-                              ("plots", "copy the study's figures and report out of the store", _plots)):
+    for name, help_, func in (
+        ("status", "every job's state, log and outputs", _status),
+        ("artifacts", "what a study produced, and from what", _artifacts),
+        ("cancel", "cancel the study's queued SLURM jobs", _cancel),
+        ("plots", "copy the study's figures and report out of the store", _plots),
+    ):
         cmd = sub.add_parser(name, help=help_, description=help_)
         cmd.add_argument("study", help="study name")
         cmd.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
         cmd.set_defaults(func=func)
     sub.choices["artifacts"].add_argument("--lineage", metavar="NAME[:vN]", help="show the lineage tree of one artifact")
-    sub.choices["plots"].add_argument("--out", type=Path, metavar="DIR", help="where to put them (default: the study's figures/ folder)")
+    sub.choices["plots"].add_argument(
+        "--out", type=Path, metavar="DIR", help="where to put them (default: the study's figures/ folder)"
+    )
     fsck = sub.add_parser("fsck", help="check the artifact store; remove what dead writers left behind")
     fsck.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
     fsck.set_defaults(func=_fsck)
-    sync = sub.add_parser("sync", help="upload the study's offline W&B runs (producers first) and their lineage",
-                          description="upload the study's offline W&B runs (producers first) and their lineage")
+    sync = sub.add_parser(
+        "sync",
+        help="upload the study's offline W&B runs (producers first) and their lineage",
+        description="upload the study's offline W&B runs (producers first) and their lineage",
+    )
     sync.add_argument("study", help="study name")
     sync.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
     sync.add_argument("--dry-run", action="store_true", help="list the run directories and the wandb sync commands only")

@@ -177,7 +177,11 @@ def matrix_points(matrix: Mapping[str, list[Any]]) -> Iterator[dict[str, Any]]:
 
 
 def _expand_stage(
-    study: Study, sid: str, stage_def: StageDef, done: dict[str, list[Job]], registry: Registry,
+    study: Study,
+    sid: str,
+    stage_def: StageDef,
+    done: dict[str, list[Job]],
+    registry: Registry,
     axes: list[SweepAxis],
 ) -> list[Job]:
     spec = study.stages[sid]
@@ -203,8 +207,7 @@ def _expand_stage(
             jobs[key] = replace(jobs[key], also_at=(*jobs[key].also_at, point))
             continue
         outputs = tuple(Output(n, t, artifact_name(study.name, sid, n, point)) for n, t in stage_def.outputs.items())
-        jobs[key] = Job(key, sid, stage_def.name, stage_def.version, job_label(sid, point), point, params, seed,
-                        inputs, outputs)
+        jobs[key] = Job(key, sid, stage_def.name, stage_def.version, job_label(sid, point), point, params, seed, inputs, outputs)
     return list(jobs.values())
 
 
@@ -221,9 +224,17 @@ def _wire(study: Study, sid: str, name: str, type_: str, registry: Registry) -> 
     where = ("stages", sid, "inputs", name)
     if len(candidates) != 1 or candidates[0] not in outputs:
         listed = ", ".join(f"{o} ({t})" for o, t in outputs.items())
-        raise SpecError([study.issue(where, f"cannot pick an output of stage {upstream!r} of type {type_!r}; its outputs: {listed}")])
+        raise SpecError(
+            [study.issue(where, f"cannot pick an output of stage {upstream!r} of type {type_!r}; its outputs: {listed}")]
+        )
     if outputs[candidates[0]] != type_:
-        raise SpecError([study.issue(where, f"output {candidates[0]!r} of {upstream!r} has type {outputs[candidates[0]]!r}, input needs {type_!r}")])
+        raise SpecError(
+            [
+                study.issue(
+                    where, f"output {candidates[0]!r} of {upstream!r} has type {outputs[candidates[0]]!r}, input needs {type_!r}"
+                )
+            ]
+        )
     return upstream, candidates[0]
 
 
@@ -242,8 +253,16 @@ def _shared_key(point: Point, axes: Any) -> str:
     return canonical_json({a: point[a] for a in sorted(axes)})
 
 
-def _bind(study: Study, sid: str, name: str, many: bool, wiring: tuple[str, str] | None,
-          index: dict[str, list[Job]], point: Point, type_: str) -> Binding:
+def _bind(
+    study: Study,
+    sid: str,
+    name: str,
+    many: bool,
+    wiring: tuple[str, str] | None,
+    index: dict[str, list[Job]],
+    point: Point,
+    type_: str,
+) -> Binding:
     up_sid, output = wiring or ("", "")
     sample = next(iter(index.values()), [])
     shared = (sample[0].point.keys() & point.keys()) if sample else set()
@@ -258,8 +277,10 @@ def _match_problem(up_sid: str, n: int, point: Point, sample: list[Job]) -> str:
     if n == 0:
         return f"no job of stage {up_sid!r} matches{at}: shared matrix axes have no common values"
     extra = sorted(set(sample[0].point) - set(point)) if sample else []
-    return (f"{n} jobs of stage {up_sid!r} match{at} (they differ in {', '.join(extra)}); "
-            f"add {', '.join(extra)} to this stage's matrix, or use a stage whose input gathers many")
+    return (
+        f"{n} jobs of stage {up_sid!r} match{at} (they differ in {', '.join(extra)}); "
+        f"add {', '.join(extra)} to this stage's matrix, or use a stage whose input gathers many"
+    )
 
 
 def _params(study: Study, model: type[BaseModel], params: Mapping[str, Any], point: Point, sid: str) -> dict[str, Any]:

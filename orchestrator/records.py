@@ -65,14 +65,29 @@ class JobRecord(BaseModel):
     def from_job(cls, job: Job, plan: Plan, root: Path) -> JobRecord:
         study = plan.study
         return cls(
-            key=job.key, label=job.label, study=study.name, stage_id=job.stage_id, stage=job.stage,
-            stage_version=job.stage_version, stage_package=study.stage_package, params=dict(job.params),
-            seed=job.seed, point=dict(job.point),
-            inputs=[BindingRecord(name=b.name, type=b.type, many=b.many,
-                                  upstream=[UpstreamRecord(job_key=u.job_key, output=u.output, point=dict(u.point)) for u in b.upstream])
-                    for b in job.inputs],
+            key=job.key,
+            label=job.label,
+            study=study.name,
+            stage_id=job.stage_id,
+            stage=job.stage,
+            stage_version=job.stage_version,
+            stage_package=study.stage_package,
+            params=dict(job.params),
+            seed=job.seed,
+            point=dict(job.point),
+            inputs=[
+                BindingRecord(
+                    name=b.name,
+                    type=b.type,
+                    many=b.many,
+                    upstream=[UpstreamRecord(job_key=u.job_key, output=u.output, point=dict(u.point)) for u in b.upstream],
+                )
+                for b in job.inputs
+            ],
             outputs=[OutputRecord(name=o.name, type=o.type, artifact=o.artifact) for o in job.outputs],
-            root=root, spec_hash=study.spec_hash(), tracking=study.tracking,
+            root=root,
+            spec_hash=study.spec_hash(),
+            tracking=study.tracking,
         )
 
 
@@ -110,18 +125,28 @@ def read_state(paths: StudyPaths, key: str) -> JobState | None:
 
 def write_plan(paths: StudyPaths, plan: Plan, spec_path: Path) -> None:
     """The submitted plan: what ``status`` and ``artifacts`` read later, without the spec file."""
-    atomic_write_json(paths.plan, {
-        "study": plan.study.name,
-        "spec_path": str(spec_path),
-        "spec_hash": plan.study.spec_hash(),
-        "spec": plan.study.model_dump(mode="json"),
-        "submitted_at": now(),
-        "jobs": [
-            {"key": j.key, "label": j.label, "stage_id": j.stage_id, "stage": j.stage, "point": dict(j.point),
-             "deps": list(j.deps), "outputs": {o.name: o.artifact for o in j.outputs}}
-            for j in plan.jobs
-        ],
-    })
+    atomic_write_json(
+        paths.plan,
+        {
+            "study": plan.study.name,
+            "spec_path": str(spec_path),
+            "spec_hash": plan.study.spec_hash(),
+            "spec": plan.study.model_dump(mode="json"),
+            "submitted_at": now(),
+            "jobs": [
+                {
+                    "key": j.key,
+                    "label": j.label,
+                    "stage_id": j.stage_id,
+                    "stage": j.stage,
+                    "point": dict(j.point),
+                    "deps": list(j.deps),
+                    "outputs": {o.name: o.artifact for o in j.outputs},
+                }
+                for j in plan.jobs
+            ],
+        },
+    )
 
 
 def read_plan(paths: StudyPaths) -> dict[str, Any]:

@@ -165,25 +165,38 @@ def resolve_inputs(store: ArtifactStore, record: JobRecord) -> dict[str, Resolve
                     f"output {up.output!r}; submit the study so that it runs first"
                 )
             version = store.get(outputs[up.output])
-            items.append(ResolvedInput(
-                name=version.ref.name, version=version.ref.version, type=version.type,
-                path=store.materialize(version.ref), metadata=dict(version.metadata),
-                point=dict(up.point), job_key=up.job_key,
-            ))
+            items.append(
+                ResolvedInput(
+                    name=version.ref.name,
+                    version=version.ref.version,
+                    type=version.type,
+                    path=store.materialize(version.ref),
+                    metadata=dict(version.metadata),
+                    point=dict(up.point),
+                    job_key=up.job_key,
+                )
+            )
         resolved[binding.name] = items if binding.many else items[0]
     return resolved
 
 
 def commit_outputs(
-    store: ArtifactStore, record: JobRecord, stage_def: StageDef, staging: Path,
-    metadata: Mapping[str, Mapping[str, Any]], inputs: Mapping[str, ResolvedInput | list[ResolvedInput]],
+    store: ArtifactStore,
+    record: JobRecord,
+    stage_def: StageDef,
+    staging: Path,
+    metadata: Mapping[str, Mapping[str, Any]],
+    inputs: Mapping[str, ResolvedInput | list[ResolvedInput]],
 ) -> dict[str, ArtifactRef]:
     """Log every declared output, then record them under the job key (the commit point for caching)."""
     unknown = set(metadata) - set(stage_def.outputs)
     if unknown:
         raise OrchestratorError(f"stage {record.stage!r} returned metadata for undeclared outputs {sorted(unknown)}")
     producer = Producer(
-        job_key=record.key, study=record.study, stage=record.stage, job_label=record.label,
+        job_key=record.key,
+        study=record.study,
+        stage=record.stage,
+        job_label=record.label,
         inputs=tuple(ArtifactRef(i.name, i.version) for i in _flatten(inputs)),
         provenance=provenance(record),
     )
@@ -193,8 +206,12 @@ def commit_outputs(
         if not out_dir.is_dir() or not any(out_dir.iterdir()):
             raise OrchestratorError(f"stage {record.stage!r} wrote nothing to output {out.name!r} (ctx.output_dir({out.name!r}))")
         version = store.log(
-            out.artifact, out.type, out_dir, metadata=dict(metadata.get(out.name, {})),
-            aliases=[f"study-{record.study}", f"job-{record.key[:16]}"], producer=producer,
+            out.artifact,
+            out.type,
+            out_dir,
+            metadata=dict(metadata.get(out.name, {})),
+            aliases=[f"study-{record.study}", f"job-{record.key[:16]}"],
+            producer=producer,
         )
         refs[out.name] = version.ref
     store.record_job(record.key, refs)
@@ -228,8 +245,9 @@ def git_commit() -> str | None:
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -67,7 +67,8 @@ class TrackingSpec(Strict):
     entity: str | None = None
     mode: Literal["online", "offline"] | None = None
     reference_artifacts: bool = Field(
-        False, description="wandb: log outputs as file:// reference artifacts (checksummed, not uploaded)")
+        False, description="wandb: log outputs as file:// reference artifacts (checksummed, not uploaded)"
+    )
 
 
 class StorageSpec(Strict):
@@ -243,32 +244,41 @@ def check_sweep(study: Study, registry: Registry, source: SpecSource) -> list[Sp
     """The sweep section: W&B's schema, then our runner's rules (stage.param names, methods, values)."""
     names = {a for spec in study.stages.values() for a in spec.collect}
     if study.sweep is None:
-        return [source.issue(("stages",), f"collect names sweep axes {sorted(names)} but the study has no sweep")] if names else []
-    loc: Loc = ("sweep",)
-    issues = [source.issue((*loc, *path), msg) for path, msg in schema_errors(study.sweep)]
-    if issues:
-        return issues
-    method = study.sweep["method"]
-    if method in SERVER_METHODS or method not in ("grid", "random"):
-        return [source.issue((*loc, "method"), f"{SERVER_METHODS.get(method, method + ' is not supported')}; "
-                             "the built-in runner does grid and random")]
-    if method == "random" and "run_cap" not in study.sweep:
-        return [source.issue(loc, "method random needs run_cap: how many points to draw")]
-    for name in study.sweep["parameters"]:
+        return (
+            [source.issue(("stages",), f"collect names sweep axes {sorted(names)} but the study has no sweep")] if names else []
+        )
+    issues = _check_sweep_config(study.sweep, source)
+    for name in study.sweep["parameters"] if not issues else ():
         issues += _check_sweep_param(study, registry, source, name)
     if issues:
         return issues
     try:
         axes = build_axes(study.sweep, study.seed)
     except ValueError as e:
-        return [source.issue((*loc, "parameters"), str(e))]
+        return [source.issue(("sweep", "parameters"), str(e))]
     issues += _check_sweep_values(study, registry, source, axes)
     valid = {a.name for a in axes}
     for sid, spec in study.stages.items():
         for i, axis in enumerate(spec.collect):
             if axis not in valid:
-                issues.append(source.issue(("stages", sid, "collect", i), f"no sweep axis {axis!r}; axes: {', '.join(sorted(valid))}"))
+                issues.append(
+                    source.issue(("stages", sid, "collect", i), f"no sweep axis {axis!r}; axes: {', '.join(sorted(valid))}")
+                )
     return issues
+
+
+def _check_sweep_config(config: dict[str, Any], source: SpecSource) -> list[SpecIssue]:
+    """W&B's sweep-config schema, then the methods the built-in runner can run."""
+    issues = [source.issue(("sweep", *path), msg) for path, msg in schema_errors(config)]
+    if issues:
+        return issues
+    method = config["method"]
+    if method in SERVER_METHODS or method not in ("grid", "random"):
+        reason = SERVER_METHODS.get(method, f"{method} is not supported")
+        return [source.issue(("sweep", "method"), f"{reason}; the built-in runner does grid and random")]
+    if method == "random" and "run_cap" not in config:
+        return [source.issue(("sweep",), "method random needs run_cap: how many points to draw")]
+    return []
 
 
 def _check_sweep_param(study: Study, registry: Registry, source: SpecSource, name: str) -> list[SpecIssue]:
@@ -295,7 +305,10 @@ def _check_sweep_values(study: Study, registry: Registry, source: SpecSource, ax
                 assigned = {k: v for k, v in axis.assignments(sid, value).items() if k != MATRIX_SEED}
                 if stage_def is None or not assigned:
                     continue
-                sample = {**study.stages[sid].params, **{a: v[0] for a, v in study.stages[sid].matrix.items() if a != MATRIX_SEED}}
+                sample = {
+                    **study.stages[sid].params,
+                    **{a: v[0] for a, v in study.stages[sid].matrix.items() if a != MATRIX_SEED},
+                }
                 try:
                     stage_def.params.model_validate({**sample, **assigned})
                 except ValidationError as e:
@@ -312,13 +325,20 @@ def _check_stage(study: Study, sid: str, spec: StageSpec, registry: Registry, so
     stage_def = registry.get(study.stage_name(sid))
     if stage_def is None:
         field = (*loc, "stage") if spec.stage else loc
-        return [source.issue(field, f"no stage named {study.stage_name(sid)!r}; registered stages: {', '.join(registry.names())}")]
+        return [
+            source.issue(field, f"no stage named {study.stage_name(sid)!r}; registered stages: {', '.join(registry.names())}")
+        ]
     issues: list[SpecIssue] = []
     fields = set(stage_def.params.model_fields)
     valid_axes = {}
     for axis, values in spec.matrix.items():
         if axis != MATRIX_SEED and axis not in fields:
-            issues.append(source.issue((*loc, "matrix", axis), f"not a parameter of stage {stage_def.name!r}; parameters: {', '.join(sorted(fields)) or 'none'}"))
+            issues.append(
+                source.issue(
+                    (*loc, "matrix", axis),
+                    f"not a parameter of stage {stage_def.name!r}; parameters: {', '.join(sorted(fields)) or 'none'}",
+                )
+            )
         elif axis in spec.params:
             issues.append(source.issue((*loc, "matrix", axis), f"also set in params; set {axis!r} in one place"))
         else:
@@ -326,18 +346,26 @@ def _check_stage(study: Study, sid: str, spec: StageSpec, registry: Registry, so
     issues += _check_params(stage_def.params, spec.params, valid_axes, source, loc)
     for name in spec.inputs:
         if name not in stage_def.inputs:
-            issues.append(source.issue((*loc, "inputs", name), f"stage {stage_def.name!r} has no input {name!r}; inputs: {', '.join(stage_def.inputs) or 'none'}"))
+            issues.append(
+                source.issue(
+                    (*loc, "inputs", name),
+                    f"stage {stage_def.name!r} has no input {name!r}; inputs: {', '.join(stage_def.inputs) or 'none'}",
+                )
+            )
     for name, decl in stage_def.inputs.items():
         upstream = input_stage(study, spec, name)
         if upstream is None and not decl.optional:
             issues.append(source.issue((*loc, "inputs"), f"input {name!r} is not connected; add inputs: {{{name}: <stage id>}}"))
         elif upstream is not None and upstream not in study.stages:
-            issues.append(source.issue((*loc, "inputs", name), f"no stage {upstream!r} in this study; stages: {', '.join(study.stages)}"))
+            issues.append(
+                source.issue((*loc, "inputs", name), f"no stage {upstream!r} in this study; stages: {', '.join(study.stages)}")
+            )
     return issues
 
 
-def _check_params(params_model: type[BaseModel], params: dict[str, Any], matrix: dict[str, list[Any]],
-                  source: SpecSource, loc: Loc) -> list[SpecIssue]:
+def _check_params(
+    params_model: type[BaseModel], params: dict[str, Any], matrix: dict[str, list[Any]], source: SpecSource, loc: Loc
+) -> list[SpecIssue]:
     """Validate params once per matrix value (validating the full product would be slow)."""
     axes = {axis: values for axis, values in matrix.items() if axis != MATRIX_SEED}
     first = {**params, **{axis: values[0] for axis, values in axes.items()}}

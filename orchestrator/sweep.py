@@ -75,8 +75,10 @@ def schema_errors(config: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...]
 
 def _short(err: Any) -> str:
     if err.validator == "anyOf" and err.absolute_path and err.absolute_path[0] == "parameters":
-        return ("not a valid W&B sweep parameter: use {values: [...]}, {value: x}, or a distribution such as "
-                "{distribution: uniform, min: 1.0, max: 1.3}")
+        return (
+            "not a valid W&B sweep parameter: use {values: [...]}, {value: x}, or a distribution such as "
+            "{distribution: uniform, min: 1.0, max: 1.3}"
+        )
     return str(err.message)
 
 
@@ -90,8 +92,9 @@ def build_axes(config: Mapping[str, Any], seed: int) -> list[SweepAxis]:
     """The sweep axes of a schema-valid config (method grid or random)."""
     params = {name: dict(spec) for name, spec in config["parameters"].items()}
     if config["method"] == "grid":
-        return [SweepAxis(_axis_name(name, params), tuple(_grid_values(spec)), (split_name(name),))
-                for name, spec in params.items()]
+        return [
+            SweepAxis(_axis_name(name, params), tuple(_grid_values(spec)), (split_name(name),)) for name, spec in params.items()
+        ]
     rng = random.Random(seed)
     n = int(config["run_cap"])
     points = [f"p{i:03d}" for i in range(n)]
@@ -132,5 +135,7 @@ def sample(spec: Mapping[str, Any], rng: random.Random) -> Any:
         return math.exp(rng.uniform(math.log(float(lo)), math.log(float(hi))))
     if dist == "normal":
         return rng.gauss(float(spec.get("mu", 0.0)), float(spec.get("sigma", 1.0)))
-    raise ValueError(f"distribution {dist!r} is not supported by the built-in sweep runner; supported: "
-                     "categorical (values), constant (value), uniform, int_uniform, q_uniform, log_uniform_values, normal")
+    raise ValueError(
+        f"distribution {dist!r} is not supported by the built-in sweep runner; supported: "
+        "categorical (values), constant (value), uniform, int_uniform, q_uniform, log_uniform_values, normal"
+    )

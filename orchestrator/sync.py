@@ -83,8 +83,9 @@ def wandb_command() -> list[str]:
 
 def _plan_jobs(paths: StudyPaths) -> list[dict[str, Any]]:
     if not paths.plan.exists():
-        raise OrchestratorError(f"no study {paths.study!r} under {paths.root} (no {paths.plan}); "
-                                "submit it first, or pass --store")
+        raise OrchestratorError(
+            f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store"
+        )
     return list(read_plan(paths)["jobs"])
 
 
@@ -166,11 +167,17 @@ def sync_study(
     env = dict(os.environ)
     has_key = load_api_key(Path.cwd(), paths.root, env=env)  # the key travels in env, never in argv
     total = sum(len(b) for b in batches)
-    echo(f"study {paths.study}: {total} W&B runs to upload in {len(batches)} steps (producers first)"
-         + (" [dry run]" if dry_run else ""))
+    echo(
+        f"study {paths.study}: {total} W&B runs to upload in {len(batches)} steps (producers first)"
+        + (" [dry run]" if dry_run else "")
+    )
     for batch in batches:
-        cmd = [*wandb_command(), "sync", *(["--include-online"] if any(r.online for r in batch) else []),
-               *(str(r.path) for r in batch)]
+        cmd = [
+            *wandb_command(),
+            "sync",
+            *(["--include-online"] if any(r.online for r in batch) else []),
+            *(str(r.path) for r in batch),
+        ]
         report.commands.append(cmd)
         report.planned.extend(batch)
         echo("$ " + shlex.join(cmd))
@@ -207,8 +214,10 @@ def _print(report: SyncReport, echo: Callable[[str], None], dry_run: bool) -> No
     for label, why in report.link_failed:
         echo(f"LINEAGE  {label}: {why}")
     if not dry_run:
-        echo(f"{len(report.synced)} synced, {len(report.skipped)} skipped, {len(report.failed)} failed; "
-             f"{report.linked} inputs declared in W&B, {len(report.link_failed)} not yet (run sync again)")
+        echo(
+            f"{len(report.synced)} synced, {len(report.skipped)} skipped, {len(report.failed)} failed; "
+            f"{report.linked} inputs declared in W&B, {len(report.link_failed)} not yet (run sync again)"
+        )
 
 
 # ------------------------------------------------------------------------------------- lineage
@@ -227,8 +236,9 @@ def _pending_links(paths: StudyPaths, report: SyncReport) -> list[tuple[Path, di
     return out
 
 
-def link_inputs(paths: StudyPaths, report: SyncReport, echo: Callable[[str], None],
-                api_factory: Callable[[], Any] | None = None) -> None:
+def link_inputs(
+    paths: StudyPaths, report: SyncReport, echo: Callable[[str], None], api_factory: Callable[[], Any] | None = None
+) -> None:
     """Declare each uploaded run's undeclared inputs with the public API's ``Run.use_artifact``
     (the input as ``<name>:job-<upstream key16>``, the alias its producer logged it with)."""
     pending = _pending_links(paths, report)

@@ -65,7 +65,9 @@ def _tail(path: object) -> list[str]:
 def job_states(paths: StudyPaths) -> list[tuple[dict[str, object], JobState | None]]:
     """Every job of the study's submitted plan with its recorded state."""
     if not paths.plan.exists():
-        raise OrchestratorError(f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store")
+        raise OrchestratorError(
+            f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store"
+        )
     return [(job, read_state(paths, job["key"])) for job in read_plan(paths)["jobs"]]
 
 
@@ -100,7 +102,7 @@ def artifact_table(paths: StudyPaths, store: ArtifactStore) -> str:
     rows = []
     for job in read_plan(paths)["jobs"]:
         outputs = store.job_outputs(job["key"]) or {}
-        for name, ref in outputs.items():
+        for ref in outputs.values():
             version = store.get(ref)
             rows.append([str(ref), version.type, _size(version.size), len(version.files), job["label"]])
         if not outputs:

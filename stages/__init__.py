@@ -12,12 +12,35 @@ from orchestrator.stage import Registry
 def registry() -> Registry:
     """Every stage of the study, by name."""
     from stages import (
-        controls, corpus, dataset, encode, evaluate, parallel, prune, report, similarity, sweep_summary, tokenizer, train,
+        controls,
+        corpus,
+        dataset,
+        encode,
+        evaluate,
+        parallel,
+        prune,
+        report,
+        similarity,
+        sweep_summary,
+        tokenizer,
+        train,
     )
 
-    return Registry([
-        corpus.CORPUS, tokenizer.TOKENIZER, dataset.TOKENIZE, train.TRAIN,
-        prune.PRUNE, evaluate.CROSS_EVAL, evaluate.MASK_STATS, report.REPORT,
-        parallel.PARALLEL, encode.ENCODE, similarity.SIMILARITY, controls.TOKEN_OVERLAP, controls.LANGUAGE_DISTANCE,
-        sweep_summary.SWEEP_SUMMARY,
-    ])
+    return Registry(
+        [
+            corpus.CORPUS,
+            tokenizer.TOKENIZER,
+            dataset.TOKENIZE,
+            train.TRAIN,
+            prune.PRUNE,
+            evaluate.CROSS_EVAL,
+            evaluate.MASK_STATS,
+            report.REPORT,
+            parallel.PARALLEL,
+            encode.ENCODE,
+            similarity.SIMILARITY,
+            controls.TOKEN_OVERLAP,
+            controls.LANGUAGE_DISTANCE,
+            sweep_summary.SWEEP_SUMMARY,
+        ]
+    )

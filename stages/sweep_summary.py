@@ -42,8 +42,10 @@ def _items(inputs: Inputs, name: str) -> list[ResolvedInput]:
 
 def _axis_value(item: ResolvedInput, axis: str) -> Any:
     if axis not in item.point:
-        raise ValueError(f"input {item.ref} has no sweep axis {axis!r} in its matrix point {dict(item.point)}; "
-                         f"set params.axis to one of {sorted(item.point)} and collect that axis in the spec")
+        raise ValueError(
+            f"input {item.ref} has no sweep axis {axis!r} in its matrix point {dict(item.point)}; "
+            f"set params.axis to one of {sorted(item.point)} and collect that axis in the spec"
+        )
     return item.point[axis]
 
 
@@ -54,8 +56,12 @@ def summary_rows(inputs: Inputs, params: SweepSummaryParams) -> list[dict[str, A
         mask = read_json(item.path / "mask.json")
         lang = item.point.get("language", mask.get("language"))
         value = _axis_value(item, params.axis)
-        rows[(value, lang)] = {params.axis: value, "language": lang, "heads_kept": mask.get("heads_kept"),
-                               "total_heads": mask.get("total_heads")}
+        rows[(value, lang)] = {
+            params.axis: value,
+            "language": lang,
+            "heads_kept": mask.get("heads_kept"),
+            "total_heads": mask.get("total_heads"),
+        }
     per_value: dict[Any, dict[str, Any]] = {}
     for item in _items(inputs, "cross_eval"):
         per_value.setdefault(_axis_value(item, params.axis), {})["cross_eval"] = read_json(item.path / "cross_eval.json")

@@ -9,8 +9,14 @@ from pathlib import Path
 
 
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 def test_validate_plan_submit_status_artifacts(toy_spec: Path, tmp_path: Path) -> None:
@@ -70,14 +76,15 @@ def test_slurm_without_slurm_fails_clearly_and_submits_nothing(toy_spec: Path, t
     assert not (tmp_path / ".orchestrator" / "studies").exists()
     dry = cli("submit", str(toy_spec), "--executor", "slurm", "--dry-run", cwd=tmp_path, env=no_slurm)
     assert dry.returncode == 0, dry.stderr
-    assert "nothing submitted" in dry.stdout and "00-emit.sbatch" in dry.stdout and "#SBATCH --array               0-2" in dry.stdout
+    assert (
+        "nothing submitted" in dry.stdout and "00-emit.sbatch" in dry.stdout and "#SBATCH --array               0-2" in dry.stdout
+    )
     assert "--dependency=afterok:<emit>" in dry.stdout and "--dependency=afterok:<scale>" in dry.stdout
 
 
 def test_no_command_prints_help(tmp_path: Path) -> None:
     out = cli(cwd=tmp_path)
     assert out.returncode == 2 and "validate" in out.stdout and "submit" in out.stdout
-
 
 
 def test_plots_exports_figures_and_fsck_checks_the_store(toy_spec: Path, tmp_path: Path) -> None:

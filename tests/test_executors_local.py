@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from orchestrator.executors import LocalExecutor
 from orchestrator.paths import StudyPaths
@@ -18,8 +19,6 @@ from orchestrator.plan import Plan, build_plan
 from orchestrator.records import read_state
 from orchestrator.runner import open_store
 from orchestrator.spec import load_study
-
-from conftest import ROOT, TOY_SPEC
 
 
 def setup(spec: Path, root: Path, *overrides: str) -> tuple[Plan, LocalExecutor, list[str]]:
@@ -86,8 +85,10 @@ def test_failed_job_stops_dependents_and_names_its_log(toy_spec: Path, tmp_path:
 
 def test_bounded_parallelism(tmp_path: Path) -> None:
     spec = tmp_path / "p.yaml"
-    spec.write_text("name: par\nlanguages: [a, b, c, d]\nstage_package: toystages\nstages:\n"
-                    "  emit:\n    matrix: {language: \"${languages}\"}\n    params: {sleep_s: 0.6}\n")
+    spec.write_text(
+        "name: par\nlanguages: [a, b, c, d]\nstage_package: toystages\nstages:\n"
+        '  emit:\n    matrix: {language: "${languages}"}\n    params: {sleep_s: 0.6}\n'
+    )
     plan, ex, _ = setup(spec, tmp_path / "root")
     report = ex.submit(plan, spec)
     assert report.ok
@@ -103,12 +104,20 @@ def test_bounded_parallelism(tmp_path: Path) -> None:
 
 def test_ctrl_c_stops_running_jobs_cleanly(tmp_path: Path) -> None:
     spec = tmp_path / "slow.yaml"
-    spec.write_text("name: slow\nlanguages: [a, b, c]\nstage_package: toystages\nstages:\n"
-                    "  emit:\n    matrix: {language: \"${languages}\"}\n    params: {sleep_s: 30}\n")
+    spec.write_text(
+        "name: slow\nlanguages: [a, b, c]\nstage_package: toystages\nstages:\n"
+        '  emit:\n    matrix: {language: "${languages}"}\n    params: {sleep_s: 30}\n'
+    )
     root = tmp_path / "root"
     env = {**os.environ}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "submit", str(spec), "--store", str(root)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "submit", str(spec), "--store", str(root)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     jobs_dir = root / "studies" / "slow" / "jobs"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

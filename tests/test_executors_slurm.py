@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, TOY_SPEC
 
 from orchestrator.artifacts import LocalStore
 from orchestrator.errors import OrchestratorError
@@ -30,22 +31,28 @@ from orchestrator.executors.slurm import (
 )
 from orchestrator.spec import Resources
 
-from conftest import ROOT, TOY_SPEC
-
 GOLDEN = Path(__file__).parent / "golden" / "slurm_array.sbatch"
 HAVE_SLURM = shutil.which("sbatch") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
 cluster = pytest.mark.skipif(not HAVE_SLURM and not os.environ.get("REQUIRE_SLURM"), reason="no SLURM cluster here")
-ODD = "it's \"odd\" $(touch /tmp/xls-pwned) `id` ; rm -rf ~ \n second line $HOME"
+ODD = 'it\'s "odd" $(touch /tmp/xls-pwned) `id` ; rm -rf ~ \n second line $HOME'
 
 
 def golden_script() -> str:
-    sub = Submission("prune", ("a", "b", "c"), ("train",),
-                     Resources(cpus=4, mem_gb=16, time_min=90, gpus=1, partition="gpu", account="proj x",
-                               extra={"mail-type": "FAIL"}))
+    sub = Submission(
+        "prune",
+        ("a", "b", "c"),
+        ("train",),
+        Resources(cpus=4, mem_gb=16, time_min=90, gpus=1, partition="gpu", account="proj x", extra={"mail-type": "FAIL"}),
+    )
     opts = sbatch_options(sub, "demo", Path("/scratch/my study/slurm"))
-    return render_script(DEFAULT_TEMPLATE.read_text(), directives=render_directives(opts), study="demo", stage="prune",
-                         workdir=Path("/home/me/it's here"),
-                         command=render_command("/opt/py env/bin/python", Path("/scratch/my study/01-prune.jobs.json")))
+    return render_script(
+        DEFAULT_TEMPLATE.read_text(),
+        directives=render_directives(opts),
+        study="demo",
+        stage="prune",
+        workdir=Path("/home/me/it's here"),
+        command=render_command("/opt/py env/bin/python", Path("/scratch/my study/01-prune.jobs.json")),
+    )
 
 
 def test_rendered_script_matches_golden_file() -> None:
@@ -70,8 +77,14 @@ def test_template_placeholders() -> None:
     with pytest.raises(OrchestratorError, match=r"unknown placeholder \{\{modules\}\}"):
         render_script("{{directives}}{{modules}}{{command}}", directives="", study="s", stage="t", workdir=Path("/"), command="")
     # a value containing {{...}} is never expanded again
-    out = render_script("{{directives}}\n{{command}}", directives="#SBATCH --comment '{{command}}'", study="s",
-                        stage="t", workdir=Path("/"), command="run")
+    out = render_script(
+        "{{directives}}\n{{command}}",
+        directives="#SBATCH --comment '{{command}}'",
+        study="s",
+        stage="t",
+        workdir=Path("/"),
+        command="run",
+    )
     assert out == "#SBATCH --comment '{{command}}'\nrun"
 
 
@@ -84,9 +97,14 @@ def test_dependency_argument_for_several_ids() -> None:
 
 
 def submit(spec: Path, store: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator", "submit", str(spec), "--executor", "slurm",
-                           "--store", str(store), *args], cwd=spec.parent, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", "submit", str(spec), "--executor", "slurm", "--store", str(store), *args],
+        cwd=spec.parent,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 def states(store: Path, study: str) -> dict[str, str]:
@@ -103,8 +121,12 @@ def wait_until_done(store: Path, study: str, timeout_s: float = 120) -> dict[str
     """Poll `status` (real squeue/sacct) until no job is queued or running."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        out = subprocess.run([sys.executable, "-m", "orchestrator", "status", study, "--store", str(store)],
-                             capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "status", study, "--store", str(store)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         rows = {ln.split()[0]: ln.split()[1] for ln in out.stdout.splitlines()[3:] if ln.strip()}
         if rows and not {"queued", "running", "pending", "interrupted"} & set(rows.values()):
             return rows
@@ -123,7 +145,7 @@ def value(store: Path, study: str, label: str) -> dict[str, object]:
 @pytest.fixture
 def odd_dir(tmp_path: Path) -> Path:
     """A work folder whose name has spaces and quotes, to catch quoting bugs."""
-    d = tmp_path / "my study's \"dir\""
+    d = tmp_path / 'my study\'s "dir"'
     d.mkdir()
     return d
 
@@ -144,8 +166,9 @@ def test_real_cluster_runs_study_with_arrays_and_dependencies(odd_dir: Path) -> 
     assert len(sub["keys"]["emit"]) == 3  # one array of 3, not 3 sbatch calls
     # dependency order: every scale job started after every emit job finished
     metrics = {lbl: _first_metric_time(store, "toy", lbl) for lbl in final}
-    assert min(metrics[f"scale[language={x}]"] for x in "en de fr".split()) >= max(
-        metrics[f"emit[language={x}]"] for x in "en de fr".split())
+    assert min(metrics[f"scale[language={x}]"] for x in ["en", "de", "fr"]) >= max(
+        metrics[f"emit[language={x}]"] for x in ["en", "de", "fr"]
+    )
     again = submit(spec, store)
     assert "7 of 7 jobs cached" in again.stdout and "nothing to submit" in again.stdout
 
@@ -171,8 +194,9 @@ def test_real_cluster_failed_job_cancels_dependents_and_resubmit_runs_only_missi
     assert final["scale[language=de]"] == "failed"
     assert final["total"] == "cancelled"  # --kill-on-invalid-dep: not left pending forever
     assert final["scale[language=en]"] == "succeeded"
-    status = subprocess.run([sys.executable, "-m", "orchestrator", "status", "toy", "--store", str(store)],
-                            capture_output=True, text=True, cwd=ROOT).stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "status", "toy", "--store", str(store)], capture_output=True, text=True, cwd=ROOT
+    ).stdout
     assert "DependencyNeverSatisfied" in status or "CANCELLED" in status
     row = next(ln for ln in status.splitlines() if ln.startswith("scale[language=de]"))
     log = _job_dir(store, "toy", "scale[language=de]") / "job.log"
@@ -188,9 +212,11 @@ def test_real_cluster_failed_job_cancels_dependents_and_resubmit_runs_only_missi
 @cluster
 def test_real_cluster_spec_values_run_exactly_as_written(odd_dir: Path) -> None:
     spec = odd_dir / "odd.yaml"
-    spec.write_text("name: odd\nlanguages: [en]\nstage_package: toystages\nstages:\n  emit:\n"
-                    f"    params: {{language: {json.dumps(ODD)}}}\n"
-                    f"executor: {{resources: {{default: {{extra: {{comment: {json.dumps(ODD.replace(chr(10), ' '))}}}}}}}}}\n")
+    spec.write_text(
+        "name: odd\nlanguages: [en]\nstage_package: toystages\nstages:\n  emit:\n"
+        f"    params: {{language: {json.dumps(ODD)}}}\n"
+        f"executor: {{resources: {{default: {{extra: {{comment: {json.dumps(ODD.replace(chr(10), ' '))}}}}}}}}}\n"
+    )
     store = odd_dir / "store"
     Path("/tmp/xls-pwned").unlink(missing_ok=True)
     out = submit(spec, store)
@@ -219,12 +245,14 @@ def test_failed_sbatch_reports_stderr_and_cancels_what_it_queued(odd_dir: Path) 
 @cluster
 def test_cancel_command(odd_dir: Path) -> None:
     spec = odd_dir / "slow.yaml"
-    spec.write_text("name: slow\nlanguages: [en]\nstage_package: toystages\nstages:\n"
-                    "  count: {params: {steps: 100, sleep_s: 1}}\n")
+    spec.write_text(
+        "name: slow\nlanguages: [en]\nstage_package: toystages\nstages:\n  count: {params: {steps: 100, sleep_s: 1}}\n"
+    )
     store = odd_dir / "store"
     assert submit(spec, store).returncode == 0
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "cancel", "slow", "--store", str(store)],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "cancel", "slow", "--store", str(store)], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0 and "cancelled SLURM jobs" in out.stdout
     assert set(wait_until_done(store, "slow").values()) <= {"cancelled", "interrupted", "failed"}
 
@@ -232,8 +260,9 @@ def test_cancel_command(odd_dir: Path) -> None:
 @cluster
 def test_preempted_job_checkpoints_requeues_and_resumes(odd_dir: Path) -> None:
     spec = odd_dir / "count.yaml"
-    spec.write_text("name: count\nlanguages: [en]\nstage_package: toystages\nstages:\n"
-                    "  count: {params: {steps: 8, sleep_s: 0.5}}\n")
+    spec.write_text(
+        "name: count\nlanguages: [en]\nstage_package: toystages\nstages:\n  count: {params: {steps: 8, sleep_s: 0.5}}\n"
+    )
     store = odd_dir / "store"
     assert submit(spec, store).returncode == 0
     sub = json.loads(next((store / "studies" / "count" / "slurm").glob("*/submission.json")).read_text())
@@ -257,8 +286,13 @@ def test_status_query_degrades_without_accounting() -> None:
 
     def fake(cmd: list[str], **_: object) -> subprocess.CompletedProcess[str]:
         if cmd[0] == "squeue":
-            return subprocess.CompletedProcess(cmd, 0, "7_0|PENDING|Dependency\n7_1|RUNNING|None\n8|PENDING|DependencyNeverSatisfied\n", "")
+            return subprocess.CompletedProcess(
+                cmd, 0, "7_0|PENDING|Dependency\n7_1|RUNNING|None\n8|PENDING|DependencyNeverSatisfied\n", ""
+            )
         return subprocess.CompletedProcess(cmd, 1, "", "Slurm accounting storage is disabled")
 
     assert query_states(["7_0", "7_1", "8"], run=fake) == {
-        "7_0": ("PENDING", "Dependency"), "7_1": ("RUNNING", ""), "8": ("PENDING", "DependencyNeverSatisfied")}
+        "7_0": ("PENDING", "Dependency"),
+        "7_1": ("RUNNING", ""),
+        "8": ("PENDING", "DependencyNeverSatisfied"),
+    }

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, TESTS, TOY_SPEC
 
 from orchestrator.errors import SpecError
 from orchestrator.plan import Plan, artifact_name, build_plan, job_label
 from orchestrator.spec import load_study
-
-from conftest import ROOT, TESTS, TOY_SPEC
 
 
 def plan_of(path: Path, *overrides: str) -> Plan:
@@ -29,8 +28,13 @@ def test_expansion_and_dependencies(toy_spec: Path) -> None:
     plan = plan_of(toy_spec)
     labels = [job.label for job in plan.jobs]
     assert labels == [
-        "emit[language=en]", "emit[language=de]", "emit[language=fr]",
-        "scale[language=en]", "scale[language=de]", "scale[language=fr]", "total",
+        "emit[language=en]",
+        "emit[language=de]",
+        "emit[language=fr]",
+        "scale[language=en]",
+        "scale[language=de]",
+        "scale[language=fr]",
+        "total",
     ]
     by_label = {job.label: job for job in plan.jobs}
     scale_de = by_label["scale[language=de]"]
@@ -52,8 +56,13 @@ def test_keys_are_stable_across_processes(toy_spec: Path) -> None:
         "s, r = load_study(__import__('pathlib').Path(sys.argv[1]))\n"
         "print(json.dumps({j.label: j.key for j in build_plan(s, r).jobs}))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(toy_spec), str(TESTS), str(ROOT)],
-                         capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(toy_spec), str(TESTS), str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    )
     assert json.loads(out.stdout) == keys(plan_of(toy_spec))
 
 
@@ -151,7 +160,10 @@ def test_downstream_closure(toy_spec: Path) -> None:
 
 def test_names_and_labels() -> None:
     assert job_label("prune", {"language": "en", "threshold": 1.1}) == "prune[language=en,threshold=1.1]"
-    assert artifact_name("demo", "prune", "mask", {"language": "en", "threshold": 1.1}) == "demo.prune.mask.language-en.threshold-1.1"
+    assert (
+        artifact_name("demo", "prune", "mask", {"language": "en", "threshold": 1.1})
+        == "demo.prune.mask.language-en.threshold-1.1"
+    )
     odd = artifact_name("demo", "prune", "mask", {"path": "a/b c"})
     assert odd.startswith("demo.prune.mask.path-a_b_c.") and odd != artifact_name("demo", "prune", "mask", {"path": "a_b_c"})
     assert len(artifact_name("d", "s", "o", {"x": "y" * 500})) <= 120

@@ -52,7 +52,8 @@ def test_provenance_and_lineage_on_every_artifact(toy_run, toy_spec: Path) -> No
     producer = version.producer
     assert producer is not None and producer.job_key == total.key and producer.stage == "total"
     assert sorted(str(r) for r in producer.inputs) == sorted(
-        str(ex.store.job_outputs(j.key)["number"]) for j in plan.stage_jobs("scale"))
+        str(ex.store.job_outputs(j.key)["number"]) for j in plan.stage_jobs("scale")
+    )
     prov = producer.provenance
     assert prov["spec_hash"] == plan.study.spec_hash() and prov["job_key"] == total.key
     assert prov["seed"] == 1234 and "pydantic" in prov["packages"]

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import TOY_SPEC
 
 from orchestrator.errors import SpecError
 from orchestrator.source import apply_overrides, deep_merge, load_source
 from orchestrator.spec import load_study
-
-from conftest import TOY_SPEC
 
 
 def test_lines_point_at_keys_and_items(tmp_path: Path) -> None:

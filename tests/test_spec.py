@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import TOY_SPEC
 
 from orchestrator.cli import main
 from orchestrator.errors import SpecError
 from orchestrator.spec import load_study
-
-from conftest import TOY_SPEC
 
 
 def write(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
@@ -37,21 +36,69 @@ def test_valid_toy_spec_loads_with_references_resolved(toy_spec: Path) -> None:
     ("old", "new", "expected"),
     [
         ("name: toy", "name: 'bad name!'", "study.yaml:1: name: String should match pattern"),
-        ("name: toy\n", "name: toy\nextra_key: 1\n", "study.yaml:2: extra_key: unknown field; valid fields: data, description, executor"),
+        (
+            "name: toy\n",
+            "name: toy\nextra_key: 1\n",
+            "study.yaml:2: extra_key: unknown field; valid fields: data, description, executor",
+        ),
         ("languages: [en, de, fr]", "languages: []", "study.yaml:2: languages: List should have at least 1 item"),
         ("languages: [en, de, fr]", "languages: [en, en]", "study.yaml:2: languages: Value error, languages repeat"),
         ("      value: 3", "      value: three", "study.yaml:8: stages.emit.params.value: Input should be a valid number"),
-        ("      value: 3", "      valeu: 3", "study.yaml:8: stages.emit.params.valeu: unknown field; valid fields: language, sleep_s, value"),
-        ("      number: emit", "      number: emitt", "study.yaml:13: stages.scale.inputs.number: no stage 'emitt' in this study"),
-        ("      number: emit", "      numbr: emit", "stages.scale.inputs.numbr: stage 'scale' has no input 'numbr'; inputs: number"),
-        ("  total:\n", "  total:\n    stage: totl\n", "stages.total.stage: no stage named 'totl'; registered stages: chart, count, emit, scale, total"),
-        ("      language: ${languages}\n    params:", "      language: ${langs}\n    params:", "stages.emit.matrix.language: ${langs} refers to nothing; valid references: ${name}, ${languages}"),
-        ("      language: ${languages}\n    params:", "      lang: [en]\n    params:", "stages.emit.matrix.lang: not a parameter of stage 'emit'"),
-        ("      language: ${languages}\n    params:", "      language: []\n    params:", "stages.emit.matrix: Value error, matrix axis 'language' has no values"),
-        ("stage_package: toystages", "stage_package: no_such_pkg", "study.yaml:17: stage_package: cannot import stage package 'no_such_pkg'"),
-        ("name: toy\n", "name: toy\nexecutor: {backend: pbs}\n", "study.yaml:2: executor.backend: Input should be 'local' or 'slurm' (got 'pbs')"),
-        ("name: toy\n", "name: toy\nexecutor: {resources: {trian: {cpus: 2}}}\n", "executor.resources.trian: no such stage; valid: default, emit, scale, total"),
-        ("name: toy\n", "name: toy\nexecutor: {resources: {default: {cpus: 0}}}\n", "executor.resources.default.cpus: Input should be greater than or equal to 1"),
+        (
+            "      value: 3",
+            "      valeu: 3",
+            "study.yaml:8: stages.emit.params.valeu: unknown field; valid fields: language, sleep_s, value",
+        ),
+        (
+            "      number: emit",
+            "      number: emitt",
+            "study.yaml:13: stages.scale.inputs.number: no stage 'emitt' in this study",
+        ),
+        (
+            "      number: emit",
+            "      numbr: emit",
+            "stages.scale.inputs.numbr: stage 'scale' has no input 'numbr'; inputs: number",
+        ),
+        (
+            "  total:\n",
+            "  total:\n    stage: totl\n",
+            "stages.total.stage: no stage named 'totl'; registered stages: chart, count, emit, scale, total",
+        ),
+        (
+            "      language: ${languages}\n    params:",
+            "      language: ${langs}\n    params:",
+            "stages.emit.matrix.language: ${langs} refers to nothing; valid references: ${name}, ${languages}",
+        ),
+        (
+            "      language: ${languages}\n    params:",
+            "      lang: [en]\n    params:",
+            "stages.emit.matrix.lang: not a parameter of stage 'emit'",
+        ),
+        (
+            "      language: ${languages}\n    params:",
+            "      language: []\n    params:",
+            "stages.emit.matrix: Value error, matrix axis 'language' has no values",
+        ),
+        (
+            "stage_package: toystages",
+            "stage_package: no_such_pkg",
+            "study.yaml:17: stage_package: cannot import stage package 'no_such_pkg'",
+        ),
+        (
+            "name: toy\n",
+            "name: toy\nexecutor: {backend: pbs}\n",
+            "study.yaml:2: executor.backend: Input should be 'local' or 'slurm' (got 'pbs')",
+        ),
+        (
+            "name: toy\n",
+            "name: toy\nexecutor: {resources: {trian: {cpus: 2}}}\n",
+            "executor.resources.trian: no such stage; valid: default, emit, scale, total",
+        ),
+        (
+            "name: toy\n",
+            "name: toy\nexecutor: {resources: {default: {cpus: 0}}}\n",
+            "executor.resources.default.cpus: Input should be greater than or equal to 1",
+        ),
         ("name: toy\n", "name: toy\ntracking: {backend: mlflow}\n", "tracking.backend: Input should be 'local' or 'wandb'"),
         ("name: toy\n", "name: toy\nname: toy2\n", "study.yaml:2: name: given twice (first on line 1)"),
         ("  total:\n", "  total:\n    seed: x\n", "stages.total.seed: Input should be a valid integer"),

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import TOY_SPEC
 
 from orchestrator.errors import SpecError
 from orchestrator.executors import LocalExecutor
@@ -14,8 +15,6 @@ from orchestrator.plan import Plan, build_plan
 from orchestrator.runner import open_store
 from orchestrator.spec import load_study
 from orchestrator.sweep import sample
-
-from conftest import TOY_SPEC
 
 
 def spec_with(tmp_path: Path, sweep: str, extra_stages: str = "") -> Path:
@@ -61,14 +60,17 @@ def test_collect_gathers_every_sweep_point(tmp_path: Path) -> None:
 
 
 def test_random_sweep_is_seeded_and_deduplicates_identical_jobs(tmp_path: Path) -> None:
-    spec = spec_with(tmp_path, """\
+    spec = spec_with(
+        tmp_path,
+        """\
 sweep:
   method: random
   run_cap: 6
   parameters:
     emit.sleep_s: {values: [0.0, 0.01]}
     scale.factor: {distribution: uniform, min: 1.0, max: 2.0}
-""")
+""",
+    )
     plan = plan_of(spec)
     assert plan_of(spec).by_key.keys() == plan.by_key.keys()  # same seed, same points
     emits = plan.stage_jobs("emit")
@@ -86,21 +88,29 @@ sweep:
 @pytest.mark.parametrize(
     ("sweep", "expected"),
     [
-        ("sweep:\n  method: bayes\n  metric: {name: v, goal: minimize}\n  parameters:\n    scale.factor: {values: [1]}\n",
-         "sweep.method: bayesian optimisation needs a W&B server"),
-        ("sweep:\n  method: grid\n  parameters:\n    factor: {values: [1]}\n",
-         "sweep.parameters.factor: sweep parameters are named <stage id>.<param>"),
-        ("sweep:\n  method: grid\n  parameters:\n    scale.factr: {values: [1]}\n",
-         "sweep.parameters.scale.factr: stage 'scale' has no parameter 'factr'; parameters: factor, fail, language, seed"),
-        ("sweep:\n  method: grid\n  parameters:\n    scale.factor: {values: [x]}\n",
-         "sweep.parameters.scale.factor: Input should be a valid number"),
-        ("sweep:\n  method: grid\n  parameters:\n    scale.factor: {valuez: [1]}\n",
-         "sweep.parameters.scale.factor: not a valid W&B sweep parameter"),
-        ("sweep:\n  method: random\n  parameters:\n    scale.factor: {values: [1]}\n",
-         "sweep: method random needs run_cap"),
+        (
+            "sweep:\n  method: bayes\n  metric: {name: v, goal: minimize}\n  parameters:\n    scale.factor: {values: [1]}\n",
+            "sweep.method: bayesian optimisation needs a W&B server",
+        ),
+        (
+            "sweep:\n  method: grid\n  parameters:\n    factor: {values: [1]}\n",
+            "sweep.parameters.factor: sweep parameters are named <stage id>.<param>",
+        ),
+        (
+            "sweep:\n  method: grid\n  parameters:\n    scale.factr: {values: [1]}\n",
+            "sweep.parameters.scale.factr: stage 'scale' has no parameter 'factr'; parameters: factor, fail, language, seed",
+        ),
+        (
+            "sweep:\n  method: grid\n  parameters:\n    scale.factor: {values: [x]}\n",
+            "sweep.parameters.scale.factor: Input should be a valid number",
+        ),
+        (
+            "sweep:\n  method: grid\n  parameters:\n    scale.factor: {valuez: [1]}\n",
+            "sweep.parameters.scale.factor: not a valid W&B sweep parameter",
+        ),
+        ("sweep:\n  method: random\n  parameters:\n    scale.factor: {values: [1]}\n", "sweep: method random needs run_cap"),
         ("sweep:\n  method: grid\n  parameters: {}\n", "sweep.parameters"),
-        ("sweep:\n  method: grid\n  parameters:\n    scale.language: {values: [en]}\n",
-         "'language' is also set in stages.scale"),
+        ("sweep:\n  method: grid\n  parameters:\n    scale.language: {values: [en]}\n", "'language' is also set in stages.scale"),
         ("sweep:\n  methd: grid\n", "sweep"),
     ],
 )
@@ -148,12 +158,18 @@ def test_sweep_command_shows_axes_then_submits(tmp_path: Path) -> None:
     import sys
 
     spec = spec_with(tmp_path, GRID)
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(spec), "--dry-run"], cwd=tmp_path,
-                         capture_output=True, text=True, env=dict(os.environ))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sweep", str(spec), "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     assert out.returncode == 0, out.stderr
     assert "sweep (grid) of study toy:" in out.stdout
     assert "axis factor: 2 points over scale.factor" in out.stdout
     assert "jobs per stage: emit 3, scale 6, total 2" in out.stdout
-    plain = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(tmp_path / "x.yaml")], cwd=tmp_path,
-                           capture_output=True, text=True)
+    plain = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sweep", str(tmp_path / "x.yaml")], cwd=tmp_path, capture_output=True, text=True
+    )
     assert plain.returncode == 2  # no such file: a spec error

@@ -33,8 +33,7 @@ def check_name(name: str) -> str:
     """Return ``name`` if it is a valid artifact name, else raise ArtifactError."""
     if not NAME_RE.match(name) or len(name) > 128:
         raise ArtifactError(
-            f"invalid artifact name {name!r}: use at most 128 letters, digits and . _ = , + -"
-            " (starting with a letter or digit)"
+            f"invalid artifact name {name!r}: use at most 128 letters, digits and . _ = , + - (starting with a letter or digit)"
         )
     return name
 

@@ -99,9 +99,7 @@ def _to_json(value: Any, what: str) -> str:
     try:
         return json.dumps(value, sort_keys=True, indent=1)
     except (TypeError, ValueError) as e:
-        raise ArtifactError(
-            f"{what} is not JSON-serialisable ({e}); use str, int, float, bool, None, lists and dicts"
-        ) from e
+        raise ArtifactError(f"{what} is not JSON-serialisable ({e}); use str, int, float, bool, None, lists and dicts") from e
 
 
 def _pid_alive(pid: int) -> bool:
@@ -405,8 +403,7 @@ class LocalStore(ArtifactStore):
     def _job_path(self, job_key: str) -> Path:
         if not JOB_KEY_RE.match(job_key):
             raise ArtifactError(
-                f"invalid job key {job_key!r}: use up to 128 letters, digits and . _ -"
-                " (starting with a letter or digit)"
+                f"invalid job key {job_key!r}: use up to 128 letters, digits and . _ - (starting with a letter or digit)"
             )
         return self.root / "jobs" / f"{job_key}.json"
 

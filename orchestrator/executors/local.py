@@ -36,8 +36,14 @@ POLL_S = 0.02
 class LocalExecutor(Executor):
     name = "local"
 
-    def __init__(self, paths: StudyPaths, store: ArtifactStore, max_parallel: int = 2,
-                 grace_s: float = 30.0, echo: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        paths: StudyPaths,
+        store: ArtifactStore,
+        max_parallel: int = 2,
+        grace_s: float = 30.0,
+        echo: Callable[[str], None] = print,
+    ) -> None:
         super().__init__(paths, store)
         self.max_parallel = max_parallel
         self.grace_s = grace_s
@@ -58,8 +64,9 @@ class LocalExecutor(Executor):
     def _launch(self, key: str, force: bool) -> BaseProcess:
         job_paths = self.paths.job(key)
         argv = ["run-job", str(job_paths.record), *(["--force"] if force else [])]
-        proc = _context().Process(target=_job_main, args=(argv, str(job_paths.log), dict(os.environ), os.getcwd()),
-                                  name=f"job-{key[:12]}")
+        proc = _context().Process(
+            target=_job_main, args=(argv, str(job_paths.log), dict(os.environ), os.getcwd()), name=f"job-{key[:12]}"
+        )
         proc.start()
         write_state(self.paths, key, "running", executor=self.name, external_id=str(proc.pid))
         return proc
@@ -97,8 +104,9 @@ def _job_main(argv: list[str], log_path: str, environ: dict[str, str], cwd: str)
 class _Run:
     """The scheduling loop of one submit."""
 
-    def __init__(self, executor: LocalExecutor, plan: Plan, todo: list[str], cached: set[str],
-                 force: bool, report: SubmitReport) -> None:
+    def __init__(
+        self, executor: LocalExecutor, plan: Plan, todo: list[str], cached: set[str], force: bool, report: SubmitReport
+    ) -> None:
         self.ex, self.plan, self.force, self.report = executor, plan, force, report
         self.waiting = list(todo)
         self.done = set(cached)
@@ -167,7 +175,9 @@ class _Run:
         self.waiting = []
 
     def _stop_all(self) -> None:
-        self.ex.echo(f"interrupted: stopping {len(self.running)} running jobs (SIGTERM, then SIGKILL after {self.ex.grace_s:.0f}s)")
+        self.ex.echo(
+            f"interrupted: stopping {len(self.running)} running jobs (SIGTERM, then SIGKILL after {self.ex.grace_s:.0f}s)"
+        )
         for proc, _ in self.running.values():
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + self.ex.grace_s
@@ -177,8 +187,9 @@ class _Run:
                 _signal_group(proc, signal.SIGKILL)
                 proc.join()
             self.report.cancelled.append(key)
-            write_state(self.ex.paths, key, "cancelled", exit_code=proc.exitcode, executor=self.ex.name,
-                        message="stopped by Ctrl-C")
+            write_state(
+                self.ex.paths, key, "cancelled", exit_code=proc.exitcode, executor=self.ex.name, message="stopped by Ctrl-C"
+            )
         self.running.clear()
 
 

@@ -100,8 +100,11 @@ def sbatch_options(sub: Submission, study: str, log_dir: Path) -> dict[str, str]
         "mem": f"{int(res.mem_gb * 1024)}M" if res.mem_gb else None,
         "time": str(res.time_min) if res.time_min else None,
         "gpus": str(res.gpus) if res.gpus else None,
-        "partition": res.partition, "account": res.account, "qos": res.qos,
-        "constraint": res.constraint, "gres": res.gres,
+        "partition": res.partition,
+        "account": res.account,
+        "qos": res.qos,
+        "constraint": res.constraint,
+        "gres": res.gres,
     }
     opts.update({k: v for k, v in optional.items() if v is not None})
     opts.update({k.replace("-", "_"): v for k, v in res.extra.items()})
@@ -144,8 +147,13 @@ exit "$rc\""""
 
 def render_script(template: str, *, directives: str, study: str, stage: str, workdir: Path, command: str) -> str:
     """Fill a template's ``{{placeholders}}`` in one pass; pure, so a golden-file test can pin it."""
-    values = {"directives": directives, "study": shlex.quote(study), "stage": shlex.quote(stage),
-              "workdir": shlex.quote(str(workdir)), "command": command}
+    values = {
+        "directives": directives,
+        "study": shlex.quote(study),
+        "stage": shlex.quote(stage),
+        "workdir": shlex.quote(str(workdir)),
+        "command": command,
+    }
     for name in ("directives", "command"):
         if "{{" + name + "}}" not in template:
             raise OrchestratorError(f"the sbatch template has no {{{{{name}}}}} placeholder")
@@ -166,9 +174,16 @@ def dependency_arg(ids: Sequence[str]) -> list[str]:
 class SlurmExecutor(Executor):
     name = "slurm"
 
-    def __init__(self, paths: StudyPaths, store: ArtifactStore, *, template: Path | None = None,
-                 dry_run: bool = False, echo: Callable[[str], None] = print,
-                 run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> None:
+    def __init__(
+        self,
+        paths: StudyPaths,
+        store: ArtifactStore,
+        *,
+        template: Path | None = None,
+        dry_run: bool = False,
+        echo: Callable[[str], None] = print,
+        run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+    ) -> None:
         super().__init__(paths, store)
         self.template = template or DEFAULT_TEMPLATE
         self.dry_run = dry_run
@@ -192,11 +207,18 @@ class SlurmExecutor(Executor):
         self._submit_all(record)
         for sid in record.order:
             for i, key in enumerate(record.keys[sid]):
-                write_state(self.paths, key, "queued", executor=self.name,
-                            external_id=f"{record.ids[sid]}_{i}" if len(record.keys[sid]) > 1 else record.ids[sid])
+                write_state(
+                    self.paths,
+                    key,
+                    "queued",
+                    executor=self.name,
+                    external_id=f"{record.ids[sid]}_{i}" if len(record.keys[sid]) > 1 else record.ids[sid],
+                )
         report.submitted = [k for sid in record.order for k in record.keys[sid]]
-        self.echo(f"queued {len(report.submitted)} jobs in {len(record.order)} sbatch submissions; "
-                  f"follow with: python -m orchestrator status {plan.study.name} --store {self.paths.root}")
+        self.echo(
+            f"queued {len(report.submitted)} jobs in {len(record.order)} sbatch submissions; "
+            f"follow with: python -m orchestrator status {plan.study.name} --store {self.paths.root}"
+        )
         return report
 
     def _write_scripts(self, plan: Plan, subs: list[Submission]) -> SubmitRecord:
@@ -207,8 +229,11 @@ class SlurmExecutor(Executor):
             list_path = record.dir / f"{n:02d}-{sub.stage_id}.jobs.json"
             atomic_write_json(list_path, [str(self.paths.job(k).record) for k in sub.keys])
             script = render_script(
-                template, directives=render_directives(sbatch_options(sub, plan.study.name, record.dir)),
-                study=plan.study.name, stage=sub.stage_id, workdir=Path.cwd(),
+                template,
+                directives=render_directives(sbatch_options(sub, plan.study.name, record.dir)),
+                study=plan.study.name,
+                stage=sub.stage_id,
+                workdir=Path.cwd(),
                 command=render_command(sys.executable, list_path),
             )
             atomic_write_text(record.dir / f"{n:02d}-{sub.stage_id}.sbatch", script)
@@ -240,10 +265,15 @@ class SlurmExecutor(Executor):
         return ids
 
     def _save(self, record: SubmitRecord) -> None:
-        atomic_write_json(record.dir / "submission.json", {
-            "order": record.order, "ids": record.ids, "keys": record.keys,
-            "after": {sid: list(record.after[sid]) for sid in record.order},
-        })
+        atomic_write_json(
+            record.dir / "submission.json",
+            {
+                "order": record.order,
+                "ids": record.ids,
+                "keys": record.keys,
+                "after": {sid: list(record.after[sid]) for sid in record.order},
+            },
+        )
         atomic_write_json(self.paths.dir / "slurm" / "latest.json", {"dir": str(record.dir)})
 
     def _print_dry_run(self, record: SubmitRecord) -> None:
@@ -271,9 +301,9 @@ def latest_submission(paths: StudyPaths) -> dict[str, object] | None:
     return read_json(Path(read_json(pointer)["dir"]) / "submission.json")
 
 
-
-def query_states(job_ids: Sequence[str], run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run
-                 ) -> dict[str, tuple[str, str]]:
+def query_states(
+    job_ids: Sequence[str], run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run
+) -> dict[str, tuple[str, str]]:
     """SLURM job id (``123`` or ``123_4``) -> (state, reason), from one ``squeue`` call for all jobs
     plus one ``sacct`` call for jobs that left the queue. Without accounting, sacct fails and
     finished jobs are simply absent (the runner's own state records cover them)."""

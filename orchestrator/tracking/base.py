@@ -16,10 +16,10 @@ class TrackingRun(ABC):
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Record scalar metrics, optionally at a step."""
 
-    def use_input(self, version: ArtifactVersion, path: Path) -> None:
+    def use_input(self, version: ArtifactVersion, path: Path) -> None:  # noqa: B027 - optional hook
         """Declare an input artifact version the job read (for the backend's lineage graph)."""
 
-    def log_output(self, version: ArtifactVersion, path: Path) -> None:
+    def log_output(self, version: ArtifactVersion, path: Path) -> None:  # noqa: B027 - optional hook
         """Mirror an output version the store just committed (files under ``path``)."""
 
     @abstractmethod

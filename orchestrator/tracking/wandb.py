@@ -161,8 +161,9 @@ class WandbRun(TrackingRun):
     """One job's W&B run. Metrics also go to the job's ``metrics.jsonl`` (as with local tracking),
     so nothing depends on W&B being reachable."""
 
-    def __init__(self, record: JobRecord, paths: StudyPaths, *, wandb: ModuleType | None = None,
-                 echo: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, record: JobRecord, paths: StudyPaths, *, wandb: ModuleType | None = None, echo: Callable[[str], None] | None = None
+    ) -> None:
         self.record = record
         self.paths = paths
         self.wandb = wandb or import_wandb()
@@ -176,12 +177,20 @@ class WandbRun(TrackingRun):
         self.online = False
         previous = read_marker(self.marker) or {}
         self.state: dict[str, Any] = {
-            "run_id": self.run_id, "project": record.tracking.project, "entity": record.tracking.entity,
-            "study": record.study, "job_key": record.key, "label": record.label,
-            "requested_mode": self.mode, "mode": None,
+            "run_id": self.run_id,
+            "project": record.tracking.project,
+            "entity": record.tracking.entity,
+            "study": record.study,
+            "job_key": record.key,
+            "label": record.label,
+            "requested_mode": self.mode,
+            "mode": None,
             "runs": list(previous.get("runs", [])),  # every attempt's run directory, oldest first
             "synced": list(previous.get("synced", [])),  # written by sync
-            "inputs": [], "outputs": [], "errors": [], "finished": False,
+            "inputs": [],
+            "outputs": [],
+            "errors": [],
+            "finished": False,
         }
         if self.mode == "disabled":
             self.echo("W&B: WANDB_MODE=disabled; metrics go to metrics.jsonl only")
@@ -203,9 +212,16 @@ class WandbRun(TrackingRun):
     def _config(self) -> dict[str, Any]:
         r = self.record
         return {
-            "study": r.study, "stage_id": r.stage_id, "stage": r.stage, "stage_version": r.stage_version,
-            "job_key": r.key, "label": r.label, "seed": r.seed, "point": dict(r.point),
-            "spec_hash": r.spec_hash, "params": dict(r.params),
+            "study": r.study,
+            "stage_id": r.stage_id,
+            "stage": r.stage,
+            "stage_version": r.stage_version,
+            "job_key": r.key,
+            "label": r.label,
+            "seed": r.seed,
+            "point": dict(r.point),
+            "spec_hash": r.spec_hash,
+            "params": dict(r.params),
             "inputs": [f"{e['artifact']}:{e['alias']}" for e in self.state["inputs"]],
         }
 
@@ -214,9 +230,18 @@ class WandbRun(TrackingRun):
         t = self.record.tracking
         try:
             self.run = self.wandb.init(
-                project=t.project, entity=t.entity, group=self.record.study, job_type=self.record.stage_id,
-                name=self.record.label, id=self.run_id, resume="allow", dir=str(self.job_dir), mode=mode,
-                config=self._config(), reinit="create_new", settings=self._settings(),
+                project=t.project,
+                entity=t.entity,
+                group=self.record.study,
+                job_type=self.record.stage_id,
+                name=self.record.label,
+                id=self.run_id,
+                resume="allow",
+                dir=str(self.job_dir),
+                mode=mode,
+                config=self._config(),
+                reinit="create_new",
+                settings=self._settings(),
             )
         except Exception as e:  # noqa: BLE001 - any W&B failure degrades to offline, never fails the job
             self._error(f"could not start the {mode} run", e)
@@ -229,8 +254,10 @@ class WandbRun(TrackingRun):
         self.state["mode"] = "online" if self.online else "offline"
         self._note_run_dir()
         if not self.online:
-            self.echo(f"W&B: offline run {self.run_id} in {self._rel(self._run_dir())}; "
-                      f"upload it with: python -m orchestrator sync {self.record.study}")
+            self.echo(
+                f"W&B: offline run {self.run_id} in {self._rel(self._run_dir())}; "
+                f"upload it with: python -m orchestrator sync {self.record.study}"
+            )
         return True
 
     def _go_offline(self, reason: str) -> bool:
@@ -321,15 +348,18 @@ class WandbRun(TrackingRun):
     def use_input(self, version: ArtifactVersion, path: Path) -> None:
         wname = wandb_artifact_name(version.ref.name)
         entry = {
-            "ref": str(version.ref), "artifact": wname, "alias": self._input_alias(version),
-            "type": version.type, "digest": version.digest, "linked": False,
+            "ref": str(version.ref),
+            "artifact": wname,
+            "alias": self._input_alias(version),
+            "type": version.type,
+            "digest": version.digest,
+            "linked": False,
         }
         self.state["inputs"].append(entry)
         if self.run is not None and self.online:
             self._use_online(entry)
         refs = [f"{e['artifact']}:{e['alias']}" for e in self.state["inputs"]]
-        self._call("recording inputs in the config",
-                   lambda run: run.config.update({"inputs": refs}, allow_val_change=True))
+        self._call("recording inputs in the config", lambda run: run.config.update({"inputs": refs}, allow_val_change=True))
         self._save()
 
     def _use_online(self, entry: dict[str, Any]) -> None:
@@ -342,14 +372,21 @@ class WandbRun(TrackingRun):
         entry["linked"] = True
         theirs = ((getattr(art, "metadata", None) or {}).get("orchestrator") or {}).get("digest")
         if theirs and theirs != entry["digest"]:
-            self.echo(f"W&B: {entry['artifact']}:{entry['alias']} in W&B has digest {theirs[:12]}, the local "
-                      f"mirror's {entry['ref']} has {entry['digest'][:12]}; the job uses the local one")
+            self.echo(
+                f"W&B: {entry['artifact']}:{entry['alias']} in W&B has digest {theirs[:12]}, the local "
+                f"mirror's {entry['ref']} has {entry['digest'][:12]}; the job uses the local one"
+            )
 
     def log_output(self, version: ArtifactVersion, path: Path) -> None:
         wname = wandb_artifact_name(version.ref.name)
         entry: dict[str, Any] = {
-            "ref": str(version.ref), "artifact": wname, "type": version.type, "digest": version.digest,
-            "aliases": self._aliases(version), "logged": False, "wandb_digest": None,
+            "ref": str(version.ref),
+            "artifact": wname,
+            "type": version.type,
+            "digest": version.digest,
+            "aliases": self._aliases(version),
+            "logged": False,
+            "wandb_digest": None,
         }
         self.state["outputs"].append(entry)
         try:
@@ -357,8 +394,10 @@ class WandbRun(TrackingRun):
         except Exception as e:  # noqa: BLE001 - a local problem: no reason to leave online mode
             self._error(f"preparing artifact {wname}", e)
             art = None
-        if art is not None and self._call(f"log_artifact {wname}",
-                                          lambda run: run.log_artifact(art, aliases=entry["aliases"])) is not None:
+        if (
+            art is not None
+            and self._call(f"log_artifact {wname}", lambda run: run.log_artifact(art, aliases=entry["aliases"])) is not None
+        ):
             entry["logged"] = True
             entry["wandb_digest"] = getattr(art, "digest", None)
         self._save()
@@ -371,14 +410,18 @@ class WandbRun(TrackingRun):
     def _artifact(self, version: ArtifactVersion, wname: str, path: Path) -> Any:
         p = version.producer
         lineage = {
-            "ref": str(version.ref), "digest": version.digest, "created_at": version.created_at,
-            "study": self.record.study, "job_key": self.record.key, "job_label": self.record.label,
-            "stage": self.record.stage, "inputs": [e["ref"] for e in self.state["inputs"]],
+            "ref": str(version.ref),
+            "digest": version.digest,
+            "created_at": version.created_at,
+            "study": self.record.study,
+            "job_key": self.record.key,
+            "job_label": self.record.label,
+            "stage": self.record.stage,
+            "inputs": [e["ref"] for e in self.state["inputs"]],
             "inputs_wandb": [f"{e['artifact']}:{e['alias']}" for e in self.state["inputs"]],
             "provenance": dict(p.provenance) if p else {},
         }
-        art = self.wandb.Artifact(name=wname, type=version.type,
-                                  metadata={**dict(version.metadata), "orchestrator": lineage})
+        art = self.wandb.Artifact(name=wname, type=version.type, metadata={**dict(version.metadata), "orchestrator": lineage})
         if self.record.tracking.reference_artifacts:
             for f in version.files:  # not uploaded: W&B records file:// URIs, sizes and checksums
                 art.add_reference(f"file://{(path / f.path).resolve()}", name=f.path)
