@@ -296,3 +296,29 @@ def test_status_query_degrades_without_accounting() -> None:
         "7_1": ("RUNNING", ""),
         "8": ("PENDING", "DependencyNeverSatisfied"),
     }
+
+
+@cluster
+def test_real_cluster_runs_a_sweep_with_shared_upstream(odd_dir: Path) -> None:
+    spec = odd_dir / "sweep.yaml"
+    spec.write_text(
+        TOY_SPEC.replace(
+            "stage_package:", "  summary:\n    stage: total\n    collect: [factor]\n    inputs: {numbers: scale}\nstage_package:"
+        )
+        + "sweep:\n  method: grid\n  parameters:\n    scale.factor: {values: [2, 3]}\n"
+    )
+    store = odd_dir / "store"
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "sweep", str(spec), "--executor", "slurm", "--store", str(store)],
+        cwd=spec.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "jobs per stage: emit 3, scale 6, total 2, summary 1" in out.stdout
+    assert "queued 12 jobs in 4 sbatch submissions" in out.stdout
+    final = wait_until_done(store, "toy")
+    assert set(final.values()) == {"succeeded"} and len(final) == 12
+    assert value(store, "toy", "total[factor=3]")["value"] == 27
+    assert value(store, "toy", "summary")["value"] == 18 + 27 and value(store, "toy", "summary")["parts"] == 6
