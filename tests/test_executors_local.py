@@ -133,3 +133,27 @@ def test_ctrl_c_stops_running_jobs_cleanly(tmp_path: Path) -> None:
     states = sorted(json.loads(p.read_text())["state"] for p in jobs_dir.glob("*/state.json"))
     assert states == ["cancelled", "cancelled", "cancelled"]
     assert not list((root / "artifacts").glob("jobs/*.json"))  # nothing half-committed
+
+
+def test_jobs_share_the_cpus_their_resources_ask_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        "name: cpus\nlanguages: [a, b, c]\nstage_package: toystages\nstages:\n"
+        '  emit:\n    matrix: {language: "${languages}"}\n    params: {sleep_s: 0.5}\n'
+        "executor: {max_parallel: 3, resources: {emit: {cpus: 2}}}\n"
+    )
+    study, registry = load_study(spec)
+    plan = build_plan(study, registry)
+    root = tmp_path / "root"
+    ex = LocalExecutor(StudyPaths(root, study.name), open_store(root), max_parallel=3, echo=lambda _: None, cpus=3)
+    assert ex.submit(plan, spec).ok
+    ends = sorted(json.loads(ex.paths.job(j.key).metrics.read_text().splitlines()[0])["time"] for j in plan.jobs)
+    assert ends[1] - ends[0] > 0.4 and ends[2] - ends[1] > 0.4  # 2 + 2 > 3 CPUs: one job at a time
+    assert {value_of_field(ex, plan, j.label, "threads") for j in plan.jobs} == {"2"}  # OMP_NUM_THREADS = cpus
+
+
+def value_of_field(executor: LocalExecutor, plan: Plan, label: str, field: str) -> object:
+    job = next(j for j in plan.jobs if j.label == label)
+    ref = executor.store.job_outputs(job.key)[job.outputs[0].name]
+    return json.loads((executor.store.materialize(ref) / "value.json").read_text())[field]

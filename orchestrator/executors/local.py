@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import os
 import signal
@@ -30,7 +31,7 @@ from orchestrator.plan import Plan
 from orchestrator.records import write_state
 from orchestrator.runner import EXIT_INTERRUPTED
 
-POLL_S = 0.02
+POLL_S = 0.5  # upper bound on a wait: job exits wake the loop at once
 
 
 class LocalExecutor(Executor):
@@ -43,11 +44,13 @@ class LocalExecutor(Executor):
         max_parallel: int = 2,
         grace_s: float = 30.0,
         echo: Callable[[str], None] = print,
+        cpus: int | None = None,
     ) -> None:
         super().__init__(paths, store)
         self.max_parallel = max_parallel
         self.grace_s = grace_s
         self.echo = echo
+        self.cpus = cpus or available_cpus()
 
     def submit(self, plan: Plan, spec_path: Path, *, force: bool = False) -> SubmitReport:
         todo, cached = self.prepare(plan, spec_path, force)
@@ -57,19 +60,32 @@ class LocalExecutor(Executor):
         if not todo:
             self.echo("nothing to run")
             return report
-        self.echo(f"running {len(todo)} jobs, {self.max_parallel} at a time; logs under {self.paths.dir / 'jobs'}")
+        self.echo(
+            f"running {len(todo)} jobs, at most {self.max_parallel} at a time on {self.cpus} CPUs; "
+            f"logs under {self.paths.dir / 'jobs'}"
+        )
         _Run(self, plan, todo, cached, force, report).loop()
         return report
 
-    def _launch(self, key: str, force: bool) -> BaseProcess:
+    def _launch(self, key: str, force: bool, cpus: int) -> BaseProcess:
         job_paths = self.paths.job(key)
         argv = ["run-job", str(job_paths.record), *(["--force"] if force else [])]
+        environ = dict(os.environ)
+        environ.setdefault("OMP_NUM_THREADS", str(cpus))  # the job's share, as SLURM's cpus-per-task would give
         proc = _context().Process(
-            target=_job_main, args=(argv, str(job_paths.log), dict(os.environ), os.getcwd()), name=f"job-{key[:12]}"
+            target=_job_main, args=(argv, str(job_paths.log), environ, os.getcwd()), name=f"job-{key[:12]}"
         )
         proc.start()
         write_state(self.paths, key, "running", executor=self.name, external_id=str(proc.pid))
         return proc
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. inside a SLURM allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -112,6 +128,8 @@ class _Run:
         self.done = set(cached)
         self.running: dict[str, tuple[BaseProcess, float]] = {}
         self.total = len(todo)
+        resources = plan.study.executor
+        self.cpus = {key: min(resources.resources_for(plan.by_key[key].stage_id).cpus, executor.cpus) for key in todo}
 
     def loop(self) -> None:
         try:
@@ -119,20 +137,23 @@ class _Run:
                 self._start_ready()
                 if not self.running:
                     break
+                multiprocessing.connection.wait([p.sentinel for p, _ in self.running.values()], timeout=POLL_S)
                 self._reap()
-                time.sleep(POLL_S)
         except KeyboardInterrupt:
             self._stop_all()
             self.report.interrupted = True
         self._skip_unreachable()
 
     def _start_ready(self) -> None:
+        """Start ready jobs, in plan order, while slots and CPUs (each job's resources.cpus) allow."""
         for key in list(self.waiting):
             if len(self.running) >= self.ex.max_parallel:
                 return
-            if all(d in self.done for d in self.plan.by_key[key].deps):
+            in_use = sum(self.cpus[k] for k in self.running)
+            fits = not self.running or in_use + self.cpus[key] <= self.ex.cpus
+            if fits and all(d in self.done for d in self.plan.by_key[key].deps):
                 self.waiting.remove(key)
-                self.running[key] = (self.ex._launch(key, self.force), time.monotonic())
+                self.running[key] = (self.ex._launch(key, self.force, self.cpus[key]), time.monotonic())
 
     def _reap(self) -> None:
         for key, (proc, started) in list(self.running.items()):

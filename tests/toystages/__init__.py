@@ -46,7 +46,7 @@ def _write(ctx: Any, name: str, value: float, **extra: Any) -> Mapping[str, Mapp
 def emit(params: EmitParams, inputs: Any, ctx: Any) -> Mapping[str, Mapping[str, Any]]:
     """Write params.value."""
     time.sleep(params.sleep_s)
-    return _write(ctx, "number", params.value, language=params.language, seed=ctx.seed)
+    return _write(ctx, "number", params.value, language=params.language, seed=ctx.seed, threads=os.environ.get("OMP_NUM_THREADS"))
 
 
 @stage("scale", params=ScaleParams, inputs={"number": Input("number")}, outputs={"number": "number"})
