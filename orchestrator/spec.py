@@ -332,7 +332,9 @@ def _check_stage(study: Study, sid: str, spec: StageSpec, registry: Registry, so
     fields = set(stage_def.params.model_fields)
     valid_axes = {}
     for axis, values in spec.matrix.items():
-        if axis != MATRIX_SEED and axis not in fields:
+        if axis == MATRIX_SEED and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            issues.append(source.issue((*loc, "matrix", axis), f"seeds must be integers (got {values!r})"))
+        elif axis != MATRIX_SEED and axis not in fields:
             issues.append(
                 source.issue(
                     (*loc, "matrix", axis),

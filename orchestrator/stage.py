@@ -177,7 +177,7 @@ def load_registry(package: str) -> Registry:
 
     try:
         module = importlib.import_module(package)
-    except ImportError as e:
+    except (ImportError, ValueError, TypeError) as e:  # "" and ".x" raise ValueError/TypeError
         raise ImportError(f"cannot import stage package {package!r} ({e}); is it installed or on PYTHONPATH?") from e
     factory = getattr(module, "registry", None)
     if not callable(factory):
