@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from orchestrator.errors import SpecError, SpecIssue
 from orchestrator.source import Loc, SpecSource, apply_overrides, load_source, resolve_refs
-from orchestrator.stage import Registry, load_registry
+from orchestrator.stage import Registry, StageDef, load_registry
 from orchestrator.sweep import SERVER_METHODS, SweepAxis, build_axes, schema_errors, split_name
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
@@ -328,31 +328,39 @@ def _check_stage(study: Study, sid: str, spec: StageSpec, registry: Registry, so
         return [
             source.issue(field, f"no stage named {study.stage_name(sid)!r}; registered stages: {', '.join(registry.names())}")
         ]
+    issues, valid_axes = _check_matrix(stage_def, spec, source, loc)
+    issues += _check_params(stage_def.params, spec.params, valid_axes, source, loc)
+    return issues + _check_inputs(study, stage_def, spec, source, loc)
+
+
+def _check_matrix(
+    stage_def: StageDef, spec: StageSpec, source: SpecSource, loc: Loc
+) -> tuple[list[SpecIssue], dict[str, list[Any]]]:
+    """Problems with the matrix axes, and the axes that are fine (to validate params with)."""
     issues: list[SpecIssue] = []
     fields = set(stage_def.params.model_fields)
     valid_axes = {}
     for axis, values in spec.matrix.items():
+        where = (*loc, "matrix", axis)
         if axis == MATRIX_SEED and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            issues.append(source.issue((*loc, "matrix", axis), f"seeds must be integers (got {values!r})"))
+            issues.append(source.issue(where, f"seeds must be integers (got {values!r})"))
         elif axis != MATRIX_SEED and axis not in fields:
-            issues.append(
-                source.issue(
-                    (*loc, "matrix", axis),
-                    f"not a parameter of stage {stage_def.name!r}; parameters: {', '.join(sorted(fields)) or 'none'}",
-                )
-            )
+            params = ", ".join(sorted(fields)) or "none"
+            issues.append(source.issue(where, f"not a parameter of stage {stage_def.name!r}; parameters: {params}"))
         elif axis in spec.params:
-            issues.append(source.issue((*loc, "matrix", axis), f"also set in params; set {axis!r} in one place"))
+            issues.append(source.issue(where, f"also set in params; set {axis!r} in one place"))
         else:
             valid_axes[axis] = values
-    issues += _check_params(stage_def.params, spec.params, valid_axes, source, loc)
+    return issues, valid_axes
+
+
+def _check_inputs(study: Study, stage_def: StageDef, spec: StageSpec, source: SpecSource, loc: Loc) -> list[SpecIssue]:
+    issues: list[SpecIssue] = []
     for name in spec.inputs:
         if name not in stage_def.inputs:
+            declared = ", ".join(stage_def.inputs) or "none"
             issues.append(
-                source.issue(
-                    (*loc, "inputs", name),
-                    f"stage {stage_def.name!r} has no input {name!r}; inputs: {', '.join(stage_def.inputs) or 'none'}",
-                )
+                source.issue((*loc, "inputs", name), f"stage {stage_def.name!r} has no input {name!r}; inputs: {declared}")
             )
     for name, decl in stage_def.inputs.items():
         upstream = input_stage(study, spec, name)

@@ -72,9 +72,7 @@ class LocalExecutor(Executor):
         argv = ["run-job", str(job_paths.record), *(["--force"] if force else [])]
         environ = dict(os.environ)
         environ.setdefault("OMP_NUM_THREADS", str(cpus))  # the job's share, as SLURM's cpus-per-task would give
-        proc = _context().Process(
-            target=_job_main, args=(argv, str(job_paths.log), environ, os.getcwd()), name=f"job-{key[:12]}"
-        )
+        proc = _context().Process(target=_job_main, args=(argv, str(job_paths.log), environ, os.getcwd()), name=f"job-{key[:12]}")
         proc.start()
         write_state(self.paths, key, "running", executor=self.name, external_id=str(proc.pid))
         return proc
