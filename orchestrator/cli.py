@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     sweep = spec_command("sweep", "show a spec's sweep points, then submit them like submit", _sweep)
     sweep.add_argument("--force", action="store_true", help="rerun jobs even if their outputs are committed")
     sweep.add_argument("--dry-run", action="store_true", help="show what would run; submit nothing")
+    sweep.add_argument(
+        "--wandb-agents",
+        type=int,
+        metavar="N",
+        help="let a W&B server run the sweep (grid, random or bayes): create it, queue the shared upstream jobs, "
+        "then N `wandb agent` workers as one SLURM array (see README, Sweeps)",
+    )
     plan = spec_command("plan", "show the job DAG and what is cached", _plan)
     plan.add_argument("--verbose", "-v", action="store_true", help="also show parameters and inputs of each job")
     submit = spec_command("submit", "run (or queue) every job that is not cached", _submit)
@@ -108,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--index", type=int, default=0, help="... and which entry to run")
     run.add_argument("--force", action="store_true")
     run.set_defaults(func=_run_job)
+    agent = sub.add_parser("agent-run")  # hidden (no help): what `wandb agent` starts for a sweep run
+    agent.add_argument("study", type=Path, help="the frozen study of a W&B sweep")
+    agent.set_defaults(func=_agent_run)
     return p
 
 
@@ -170,6 +180,11 @@ def _submit(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from collections import Counter
 
+    if args.wandb_agents is not None:
+        from orchestrator.wandb_sweep import cli_overrides, submit_agents
+
+        overrides = cli_overrides(args.overrides, args.executor, args.store)
+        return submit_agents(args.spec, overrides, args.wandb_agents, dry_run=args.dry_run, force=args.force)
     study, plan = _load(args)
     axes = study.sweep_axes()
     if not axes:
@@ -250,6 +265,12 @@ def _sync(args: argparse.Namespace) -> int:
 
     report = sync_study(StudyPaths(args.store.resolve(), args.study), dry_run=args.dry_run)
     return 0 if report.ok else 1
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    from orchestrator.wandb_sweep import agent_run
+
+    return agent_run(args.study)
 
 
 def _run_job(args: argparse.Namespace) -> int:
