@@ -106,7 +106,7 @@ def now() -> str:
 
 def write_job_record(paths: StudyPaths, record: JobRecord) -> Path:
     path = paths.job(record.key).record
-    atomic_write_json(path, record.model_dump(mode="json"))
+    atomic_write_json(path, record.model_dump(mode="json"), durable=False)
     return path
 
 
@@ -115,7 +115,8 @@ def read_job_record(path: Path) -> JobRecord:
 
 
 def write_state(paths: StudyPaths, key: str, state: State, **fields: Any) -> None:
-    atomic_write_json(paths.job(key).state, JobState(state=state, updated_at=now(), **fields).model_dump(mode="json"))
+    state_doc = JobState(state=state, updated_at=now(), **fields).model_dump(mode="json")
+    atomic_write_json(paths.job(key).state, state_doc, durable=False)
 
 
 def read_state(paths: StudyPaths, key: str) -> JobState | None:
