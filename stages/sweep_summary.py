@@ -129,7 +129,14 @@ def quantity_figure(rows: Sequence[Mapping[str, Any]], axis: str, key: str) -> A
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[lang], label=lang)
     ax.set_xlabel(axis)
     ax.set_ylabel(QUANTITIES[key])
-    ax.set_title(f"{QUANTITIES[key]} vs {axis}")
+    if key == "heads_kept":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{QUANTITIES[key]} vs {axis} (lines of equal values overlap)")
+        ax.set_xticks(sorted({r[axis] for r in rows}))
+    if not ax.get_title():
+        ax.set_title(f"{QUANTITIES[key]} vs {axis}")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(title="language", fontsize=8)
     return fig
