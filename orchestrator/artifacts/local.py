@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import re
@@ -46,6 +47,7 @@ from .base import (
 from .locking import file_lock
 
 CHUNK = 1 << 20
+IO_THREADS = min(8, 2 * (os.cpu_count() or 1))  # hashing and copying files side by side
 LATEST = "latest"
 VERSION_DIR_RE = re.compile(r"^v(\d+)$")
 ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+\-]{0,127}$")
@@ -197,7 +199,9 @@ class LocalStore(ArtifactStore):
         self._check_type(name, type, self._version_numbers(name))  # checked again under the lock
         new_aliases = [self._check_alias(a) for a in aliases if a != LATEST]
         sources = _list_source(source)
-        files = [FileEntry(rel, _sha256_file(p), p.stat().st_size) for rel, p in sources]
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:  # hashlib and file I/O release the GIL
+            digests = list(pool.map(_sha256_file, [p for _, p in sources]))
+        files = [FileEntry(rel, sha, p.stat().st_size) for (rel, p), sha in zip(sources, digests, strict=True)]
         record = {
             "type": type,
             "digest": manifest_digest(files),
@@ -207,8 +211,8 @@ class LocalStore(ArtifactStore):
             "producer": self._producer_to_dict(producer),
         }
         text = _to_json(record, f"metadata/provenance of artifact {name!r}")
-        for (_, path), entry in zip(sources, files, strict=True):
-            self._store_blob(path, entry.sha256)  # every blob is in place before the commit
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:  # every blob is in place before the commit
+            list(pool.map(self._store_blob, [p for _, p in sources], [f.sha256 for f in files]))
         staging = self._stage_version(text)
         try:
             with file_lock(self._art_dir(name) / "lock", self.lock_timeout_s):
