@@ -37,9 +37,5 @@ class SpecError(OrchestratorError):
         super().__init__("\n".join(lines))
 
 
-class JobFailed(OrchestratorError):
-    """One or more jobs failed; the message names each failed job's log."""
-
-
 class ExecutorUnavailable(OrchestratorError):
     """The executor backend named in the spec cannot run here (e.g. no SLURM commands)."""

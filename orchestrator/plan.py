@@ -83,14 +83,6 @@ class Plan:
     def __post_init__(self) -> None:
         self.by_key = {job.key: job for job in self.jobs}
 
-    def dependents(self) -> dict[str, list[str]]:
-        """Job key -> keys of the jobs that read its outputs directly."""
-        out: dict[str, list[str]] = defaultdict(list)
-        for job in self.jobs:
-            for dep in job.deps:
-                out[dep].append(job.key)
-        return out
-
     def downstream(self, keys: set[str]) -> set[str]:
         """Every job that depends, directly or not, on one of ``keys`` (``keys`` excluded)."""
         found: set[str] = set()

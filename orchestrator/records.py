@@ -18,7 +18,6 @@ from orchestrator.plan import Job, Plan
 from orchestrator.spec import TrackingSpec
 
 State = Literal["pending", "queued", "running", "succeeded", "failed", "cancelled", "skipped", "cached", "interrupted"]
-FINAL_STATES = {"succeeded", "failed", "cancelled", "skipped", "cached"}
 
 
 class UpstreamRecord(BaseModel):

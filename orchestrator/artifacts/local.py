@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import re
@@ -27,6 +26,7 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
