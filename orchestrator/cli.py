@@ -143,14 +143,18 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from orchestrator import views
+
+    study, plan = _load(args)
+    print(views.plan_table(plan, _cached(plan, _paths(study)), verbose=args.verbose))
+    return 0
+
+
+def _cached(plan: Plan, paths: StudyPaths) -> set[str]:
+    """Keys of the plan's jobs whose outputs are already committed in the study's store."""
     from orchestrator.executors.base import cached_keys
     from orchestrator.runner import open_store
 
-    study, plan = _load(args)
-    paths = _paths(study)
-    cached = cached_keys(plan, open_store(paths.root), force=False) if paths.store.exists() else set()
-    print(views.plan_table(plan, cached, verbose=args.verbose))
-    return 0
+    return cached_keys(plan, open_store(paths.root), force=False) if paths.store.exists() else set()
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -166,8 +170,8 @@ def _submit(args: argparse.Namespace) -> int:
         if not args.dry_run:
             require_slurm()  # before anything is written
         executor = SlurmExecutor(paths, open_store(paths.root), template=study.executor.template, dry_run=args.dry_run)
-    elif args.dry_run:
-        print(views.plan_table(plan, set()))
+    elif args.dry_run:  # the local executor has no scripts to write: show what would run
+        print(views.plan_table(plan, _cached(plan, paths)))
         return 0
     else:
         executor = LocalExecutor(paths, open_store(paths.root), max_parallel=study.executor.max_parallel)

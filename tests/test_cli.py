@@ -102,3 +102,10 @@ def test_plots_exports_figures_and_fsck_checks_the_store(toy_spec: Path, tmp_pat
     (folder / "total.png").write_bytes(b"edited")  # a copy: editing it leaves the store intact
     fsck = cli("fsck", cwd=tmp_path)
     assert fsck.returncode == 0 and "store ok" in fsck.stdout
+
+
+def test_local_dry_run_shows_what_would_run(toy_spec: Path, tmp_path: Path) -> None:
+    assert cli("submit", str(toy_spec), cwd=tmp_path).returncode == 0
+    dry = cli("submit", str(toy_spec), "--dry-run", "--set", "stages.total.params.label=x", cwd=tmp_path)
+    assert dry.returncode == 0 and "7 jobs, 6 cached, 1 to run" in dry.stdout
+    assert "study toy:" in dry.stdout and "succeeded" not in dry.stdout
