@@ -44,6 +44,7 @@ from .base import (
     Producer,
     check_name,
 )
+from .hashcache import HashCache, sha256_file
 from .locking import file_lock
 
 CHUNK = 1 << 20
@@ -81,14 +82,6 @@ def _write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest_digest(files: Sequence[FileEntry]) -> str:
@@ -150,6 +143,7 @@ class LocalStore(ArtifactStore):
     def __init__(self, root: Path | str, *, lock_timeout_s: float | None = 600.0) -> None:
         self.root = Path(root).resolve()
         self.lock_timeout_s = lock_timeout_s
+        self._hashes = HashCache(self.root / "cache" / "hashes.jsonl")
         for sub in ("objects", "artifacts", "jobs", "materialized", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -200,7 +194,7 @@ class LocalStore(ArtifactStore):
         new_aliases = [self._check_alias(a) for a in aliases if a != LATEST]
         sources = _list_source(source)
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:  # hashlib and file I/O release the GIL
-            digests = list(pool.map(_sha256_file, [p for _, p in sources]))
+            digests = list(pool.map(self._hashes.sha256, [p for _, p in sources]))
         files = [FileEntry(rel, sha, p.stat().st_size) for (rel, p), sha in zip(sources, digests, strict=True)]
         record = {
             "type": type,
@@ -470,7 +464,7 @@ class LocalStore(ArtifactStore):
         for f in version.files:
             blob = self._blob(f.sha256)
             if f.sha256 not in verified:
-                verified[f.sha256] = blob.is_file() and _sha256_file(blob) == f.sha256
+                verified[f.sha256] = blob.is_file() and sha256_file(blob) == f.sha256
             if not verified[f.sha256]:
                 return f"blob of {f.path} is missing or corrupt ({blob})"
         return None

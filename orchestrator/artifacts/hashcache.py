@@ -1,0 +1,84 @@
+"""Remembered file digests, so logging content that is already in the store does not re-read it.
+
+A file's sha256 is remembered under its identity and change stamps (device, inode, size, mtime and
+ctime in ns), as git's index and DVC do. Any write changes mtime/ctime, so a changed file misses.
+To avoid git's "racily clean" problem (file timestamps tick coarsely: a rewrite within the same
+tick keeps the stamps), files modified less than ``SETTLE_S`` before hashing are not remembered.
+Entries are JSON lines appended to one file (appends of short lines are atomic, so concurrent
+writers are safe); a torn or foreign line is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+CHUNK = 1 << 20
+SETTLE_S = 2.0
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_file(path: Path) -> str:  # a seam for tests that count reads
+    return sha256_file(path)
+
+
+def _stamp(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+class HashCache:
+    def __init__(self, path: Path, settle_s: float = SETTLE_S) -> None:
+        self.path = path
+        self.settle_s = settle_s
+        self._known: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def sha256(self, file: Path) -> str:
+        """The file's sha256, from memory when its stamps are unchanged since it was last hashed."""
+        before = file.stat()
+        stamp = _stamp(before)
+        known = self._load()
+        if stamp in known:
+            return known[stamp]
+        sha = hash_file(file)
+        settled = time.time() - max(before.st_mtime, before.st_ctime) > self.settle_s
+        if settled and _stamp(file.stat()) == stamp:  # unchanged while we read it
+            self._remember(stamp, sha)
+        return sha
+
+    def _load(self) -> dict[str, str]:
+        with self._lock:
+            if self._known is None:
+                self._known = {}
+                if self.path.exists():
+                    for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                        try:
+                            stamp, sha = json.loads(line)
+                        except (ValueError, TypeError):
+                            continue
+                        if isinstance(stamp, str) and isinstance(sha, str) and len(sha) == 64:
+                            self._known[stamp] = sha
+            return self._known
+
+    def _remember(self, stamp: str, sha: str) -> None:
+        line = json.dumps([stamp, sha]) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+            if self._known is not None:
+                self._known[stamp] = sha
