@@ -62,32 +62,37 @@ class JobRecord(BaseModel):
 
     @classmethod
     def from_job(cls, job: Job, plan: Plan, root: Path) -> JobRecord:
-        study = plan.study
-        return cls(
-            key=job.key,
-            label=job.label,
-            study=study.name,
-            stage_id=job.stage_id,
-            stage=job.stage,
-            stage_version=job.stage_version,
-            stage_package=study.stage_package,
-            params=dict(job.params),
-            seed=job.seed,
-            point=dict(job.point),
-            inputs=[
-                BindingRecord(
-                    name=b.name,
-                    type=b.type,
-                    many=b.many,
-                    upstream=[UpstreamRecord(job_key=u.job_key, output=u.output, point=dict(u.point)) for u in b.upstream],
-                )
-                for b in job.inputs
-            ],
-            outputs=[OutputRecord(name=o.name, type=o.type, artifact=o.artifact) for o in job.outputs],
-            root=root,
-            spec_hash=study.spec_hash(),
-            tracking=study.tracking,
-        )
+        return cls.model_validate(record_dict(job, plan, root, plan.study.spec_hash()))
+
+
+def record_dict(job: Job, plan: Plan, root: Path, spec_hash: str) -> dict[str, Any]:
+    """A job's record as plain JSON data (what JobRecord validates): cheap to build by the thousand."""
+    study = plan.study
+    return {
+        "key": job.key,
+        "label": job.label,
+        "study": study.name,
+        "stage_id": job.stage_id,
+        "stage": job.stage,
+        "stage_version": job.stage_version,
+        "stage_package": study.stage_package,
+        "params": dict(job.params),
+        "seed": job.seed,
+        "point": dict(job.point),
+        "inputs": [
+            {
+                "name": b.name,
+                "type": b.type,
+                "many": b.many,
+                "upstream": [{"job_key": u.job_key, "output": u.output, "point": dict(u.point)} for u in b.upstream],
+            }
+            for b in job.inputs
+        ],
+        "outputs": [{"name": o.name, "type": o.type, "artifact": o.artifact} for o in job.outputs],
+        "root": str(root),
+        "spec_hash": spec_hash,
+        "tracking": study.tracking.model_dump(mode="json"),
+    }
 
 
 class JobState(BaseModel):

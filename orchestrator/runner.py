@@ -26,7 +26,7 @@ from typing import Any
 from orchestrator.artifacts import ArtifactRef, ArtifactStore, LocalStore, Producer
 from orchestrator.errors import OrchestratorError
 from orchestrator.paths import StudyPaths
-from orchestrator.records import JobRecord, read_job_record, write_state
+from orchestrator.records import JobRecord, read_job_record, write_job_record, write_state
 from orchestrator.stage import ResolvedInput, StageDef, StageInterrupted, load_registry
 from orchestrator.tracking import TrackingRun, open_run
 
@@ -65,9 +65,10 @@ def run_listed_job(list_path: Path, index: int, force: bool = False) -> int:
     records = json.loads(list_path.read_text(encoding="utf-8"))
     if not 0 <= index < len(records):
         raise OrchestratorError(f"{list_path} has {len(records)} jobs; there is no index {index}")
-    record_path = Path(records[index])
-    record = read_job_record(record_path)
+    entry = records[index]  # the record itself, or the path of its job.json
+    record = JobRecord.model_validate(entry) if isinstance(entry, dict) else read_job_record(Path(entry))
     paths = StudyPaths(record.root, record.study)
+    record_path = write_job_record(paths, record)  # next to the job's log, as for local jobs
     log = paths.job(record.key).log
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as f:

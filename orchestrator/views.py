@@ -68,7 +68,16 @@ def job_states(paths: StudyPaths) -> list[tuple[dict[str, object], JobState | No
         raise OrchestratorError(
             f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store"
         )
-    return [(job, read_state(paths, job["key"])) for job in read_plan(paths)["jobs"]]
+    from orchestrator.executors.slurm import queued_jobs
+
+    queued = queued_jobs(paths)
+    out = []
+    for job in read_plan(paths)["jobs"]:
+        state = read_state(paths, job["key"])
+        if state is None and job["key"] in queued:  # queued on SLURM, not started yet
+            state = JobState(state="queued", updated_at="", executor="slurm", external_id=queued[job["key"]])
+        out.append((job, state))
+    return out
 
 
 def status_table(paths: StudyPaths, scheduler: dict[str, tuple[str, str]] | None = None) -> str:

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 if [ "$(id -u)" = 0 ] && [ "${SKIP_SLURM:-0}" != 1 ]; then
-  bash scripts/slurm/start-local-slurm.sh --accounting
+  # --clean: a test cluster starts with no saved jobs (held or finished ones count against MaxJobCount)
+  bash scripts/slurm/start-local-slurm.sh --accounting --clean
   export REQUIRE_SLURM=1  # from here on, a missing cluster fails the SLURM tests instead of skipping them
 fi
 exec .venv/bin/python -m pytest -q "$@"

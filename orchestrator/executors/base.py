@@ -9,7 +9,7 @@ from pathlib import Path
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
-from orchestrator.records import JobRecord, write_job_record, write_plan, write_state
+from orchestrator.records import JobRecord, record_dict, write_job_record, write_plan, write_state
 
 
 @dataclass
@@ -45,18 +45,27 @@ class Executor(ABC):
         self.paths = paths
         self.store = store
 
-    def prepare(self, plan: Plan, spec_path: Path, force: bool) -> tuple[list[str], set[str]]:
-        """Write the plan and every job record; return (keys to run in order, cached keys)."""
+    def prepare(self, plan: Plan, spec_path: Path, force: bool, *, job_files: bool = True) -> tuple[list[str], set[str]]:
+        """Write the plan and every job record; return (keys to run in order, cached keys).
+
+        Without ``job_files``, jobs to run get no record or state file here (the SLURM executor
+        ships records inside its per-stage job lists), only any stale state from an earlier submit
+        is removed, so that status reads the new submission instead.
+        """
         write_plan(self.paths, plan, spec_path)
         cached = cached_keys(plan, self.store, force)
+        spec_hash = plan.study.spec_hash()
         todo = []
         for job in plan.jobs:
             if job.key in cached:
                 write_state(self.paths, job.key, "cached", executor=self.name)
-                continue
-            write_job_record(self.paths, JobRecord.from_job(job, plan, self.paths.root))
-            write_state(self.paths, job.key, "pending", executor=self.name)
-            todo.append(job.key)
+            elif job_files:
+                write_job_record(self.paths, JobRecord.model_validate(record_dict(job, plan, self.paths.root, spec_hash)))
+                write_state(self.paths, job.key, "pending", executor=self.name)
+            else:
+                self.paths.job(job.key).state.unlink(missing_ok=True)
+            if job.key not in cached:
+                todo.append(job.key)
         return todo, cached
 
     @abstractmethod

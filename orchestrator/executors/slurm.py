@@ -29,7 +29,7 @@ from orchestrator.executors.base import Executor, SubmitReport
 from orchestrator.fsutil import atomic_write_json, atomic_write_text, read_json
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
-from orchestrator.records import now, write_state
+from orchestrator.records import now, record_dict
 from orchestrator.runner import EXIT_INTERRUPTED
 from orchestrator.spec import Resources
 
@@ -193,7 +193,7 @@ class SlurmExecutor(Executor):
     def submit(self, plan: Plan, spec_path: Path, *, force: bool = False) -> SubmitReport:
         if not self.dry_run:
             require_slurm()
-        todo, cached = self.prepare(plan, spec_path, force)
+        todo, cached = self.prepare(plan, spec_path, force, job_files=False)
         report = SubmitReport(cached=sorted(cached))
         if cached:
             self.echo(f"{len(cached)} of {len(plan.jobs)} jobs cached (outputs already committed)")
@@ -204,16 +204,7 @@ class SlurmExecutor(Executor):
         if self.dry_run:
             self._print_dry_run(record)
             return report
-        self._submit_all(record)
-        for sid in record.order:
-            for i, key in enumerate(record.keys[sid]):
-                write_state(
-                    self.paths,
-                    key,
-                    "queued",
-                    executor=self.name,
-                    external_id=f"{record.ids[sid]}_{i}" if len(record.keys[sid]) > 1 else record.ids[sid],
-                )
+        self._submit_all(record)  # queued jobs have no state file until they run: status reads submission.json
         report.submitted = [k for sid in record.order for k in record.keys[sid]]
         self.echo(
             f"queued {len(report.submitted)} jobs in {len(record.order)} sbatch submissions; "
@@ -225,9 +216,12 @@ class SlurmExecutor(Executor):
         stamp = now().replace(":", "").replace("+0000", "Z")
         record = SubmitRecord(self.paths.dir / "slurm" / stamp)
         template = self.template.read_text(encoding="utf-8")
+        spec_hash = plan.study.spec_hash()
         for n, sub in enumerate(subs):
             list_path = record.dir / f"{n:02d}-{sub.stage_id}.jobs.json"
-            atomic_write_json(list_path, [str(self.paths.job(k).record) for k in sub.keys])
+            # the job records themselves, one file per stage (not one per job): the array task picks its own
+            records = [record_dict(plan.by_key[k], plan, self.paths.root, spec_hash) for k in sub.keys]
+            atomic_write_json(list_path, records, durable=False)
             script = render_script(
                 template,
                 directives=render_directives(sbatch_options(sub, plan.study.name, record.dir)),
@@ -272,6 +266,7 @@ class SlurmExecutor(Executor):
                 "ids": record.ids,
                 "keys": record.keys,
                 "after": {sid: list(record.after[sid]) for sid in record.order},
+                "submitted_at": now(),
             },
         )
         atomic_write_json(self.paths.dir / "slurm" / "latest.json", {"dir": str(record.dir)})
@@ -323,6 +318,18 @@ def query_states(
                 jid, state, reason = (line.split("|") + ["", ""])[:3]
                 states.setdefault(jid.strip(), (state.split()[0] if state else "", "" if reason == "None" else reason))
     return states
+
+
+def queued_jobs(paths: StudyPaths) -> dict[str, str]:
+    """Job key -> SLURM id (``123`` or ``123_4``) of every job the study's latest submit queued."""
+    sub = latest_submission(paths) or {}
+    ids, keys = sub.get("ids", {}), sub.get("keys", {})
+    out = {}
+    for sid, stage_keys in keys.items():  # type: ignore[union-attr]
+        if sid in ids:
+            for i, key in enumerate(stage_keys):
+                out[key] = f"{ids[sid]}_{i}" if len(stage_keys) > 1 else ids[sid]
+    return out
 
 
 def cancel_study(paths: StudyPaths, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> list[str]:
