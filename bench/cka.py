@@ -1,0 +1,118 @@
+"""CKA for every language pair at every layer: ours vs the matrix-product floor vs Gram matrices.
+
+The original study's size: 8 languages, 13 layers (embeddings + 12), 5,000 sentences, 768 dims;
+linear CKA between every pair of languages at the same layer = 28 x 13 = 364 comparisons.
+
+- ours: ``stages.similarity.cka_stats`` once per (language, layer) (centring, X^T X, row norms), then
+  ``cka_pair`` per comparison (one d x d cross product; biased and debiased CKA from it);
+- floor: the same number of X^T Y products of the same (already centred) shapes, nothing else;
+- Gram form, as the original computed it: per pair, n x n Gram matrices K = X X^T and L = Y Y^T,
+  centred with H = I - 11^T/n, HSIC = tr(K H L H). Too slow to run 364 times, so it is timed on a
+  few pairs and the per-pair time is multiplied out (the table says so).
+
+Targets (issue 8): ours within 1.2x of the floor, at least 100x faster than the Gram form.
+
+    python bench/cka.py            # 8 x 13 x 5000 x 768 (about 2-4 minutes on 2 CPUs, ~4 GB RAM)
+    python bench/cka.py --quick    # 8 x 13 x 1000 x 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import numpy as np
+from common import header, table, verdict
+
+from stages.similarity import cka_pair, cka_stats
+
+LANGUAGES = 8
+LAYERS = 13
+
+
+def gram_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA through n x n Gram matrices and an explicit centring matrix."""
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l_ = x @ x.T, y @ y.T
+    kh, lh = k @ h, l_ @ h
+    hsic_xy = np.trace(kh @ lh)
+    return float(hsic_xy / np.sqrt(np.trace(kh @ kh) * np.trace(lh @ lh)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 sentences x 256 dims")
+    parser.add_argument("--gram-pairs", type=int, default=2, help="pairs timed with the Gram form")
+    args = parser.parse_args()
+    n, d = (1000, 256) if args.quick else (5000, 768)
+    header(f"CKA: {LANGUAGES} languages x {LAYERS} layers x {n} sentences x {d} dims")
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((n, d)).astype(np.float32)  # some common structure across languages
+    reps = [[(shared + rng.standard_normal((n, d)).astype(np.float32)) for _ in range(LAYERS)] for _ in range(LANGUAGES)]
+    pairs = list(itertools.combinations(range(LANGUAGES), 2))
+    comparisons = len(pairs) * LAYERS
+
+    t0 = time.perf_counter()
+    stats = [[cka_stats(reps[lang][layer]) for layer in range(LAYERS)] for lang in range(LANGUAGES)]
+    t_stats = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours = [cka_pair(stats[a][layer], stats[b][layer]) for a, b in pairs for layer in range(LAYERS)]
+    t_pairs = time.perf_counter() - t0
+    t_ours = t_stats + t_pairs
+
+    centred = [[s.xc for s in row] for row in stats]
+    t0 = time.perf_counter()
+    for a, b in pairs:
+        for layer in range(LAYERS):
+            centred[a][layer].T @ centred[b][layer]
+    t_floor = time.perf_counter() - t0
+
+    gram_n = min(args.gram_pairs, comparisons)
+    t0 = time.perf_counter()
+    gram_values = [gram_cka(reps[a][0].astype(np.float64), reps[b][0].astype(np.float64)) for a, b in pairs[:gram_n]]
+    t_gram_each = (time.perf_counter() - t0) / gram_n
+    t_gram = t_gram_each * comparisons
+    agree = max(abs(g - ours[i * LAYERS][0]) for i, g in enumerate(gram_values))
+
+    print(
+        table(
+            ["method", "comparisons", "seconds", "ms/comparison", "time / ours"],
+            [
+                [
+                    "ours: cka_stats per (language, layer) + cka_pair (biased + debiased)",
+                    comparisons,
+                    round(t_ours, 3),
+                    round(1000 * t_ours / comparisons, 3),
+                    1.0,
+                ],
+                ["  of which cka_stats (once per language and layer)", LANGUAGES * LAYERS, round(t_stats, 3), "", ""],
+                [
+                    "floor: the same number of X^T Y products",
+                    comparisons,
+                    round(t_floor, 3),
+                    round(1000 * t_floor / comparisons, 3),
+                    round(t_floor / t_ours, 3),
+                ],
+                [
+                    f"Gram form (timed on {gram_n} pairs, x {comparisons})",
+                    comparisons,
+                    round(t_gram, 1),
+                    round(1000 * t_gram_each, 1),
+                    round(t_gram / t_ours, 1),
+                ],
+            ],
+        )
+    )
+    print(f"\nGram form and ours agree to {agree:.1e} on the timed pairs (biased CKA)")
+    within = t_ours / t_floor
+    print(
+        f"target: ours within 1.2x of the floor: {within:.2f}x -> {verdict(within <= 1.2)} "
+        f"(the floor excludes centring and X^T X, which ours does once per language and layer)"
+    )
+    print(f"target: ours >= 100x faster than the Gram form: {t_gram / t_ours:.0f}x -> {verdict(t_gram / t_ours >= 100)}")
+
+
+if __name__ == "__main__":
+    main()
