@@ -39,7 +39,7 @@ from pydantic import Field
 
 from orchestrator.stage import Input, Inputs, ResolvedInput, StageContext, StageDef, StageParams, stage
 from stages._io import get_input, write_json
-from stages.mlm import DEFAULT_EVAL_SEED
+from stages.mlm import EvalParams
 from stages.prune import read_mask_dir
 
 FULL = "full"
@@ -158,7 +158,8 @@ def mask_statistics(
     by_lang = masked_per_layer_by_language(masks)
     pairs = [
         {"a": languages[i], "b": languages[j], "jaccard": float(jac[i, j])}
-        for i in range(len(languages)) for j in range(i + 1, len(languages))
+        for i in range(len(languages))
+        for j in range(i + 1, len(languages))
     ]
     stats: dict[str, Any] = {
         "languages": list(languages),
@@ -237,20 +238,10 @@ def _finite(x: float) -> float | None:
 # --------------------------------------------------------------------------------------------------
 
 
-class CrossEvalParams(StageParams):
+class CrossEvalParams(EvalParams):
     """Parameters of the ``cross_eval`` stage."""
 
-    languages: list[str] | None = Field(
-        None, description="Eval languages (columns); None: every language of the dataset."
-    )
-    eval_batch_size: int = Field(8, ge=1, description="Chunks per evaluation batch.")
-    max_eval_chunks: int | None = Field(None, ge=1, description="Use the first N test chunks per language; None: all.")
-    mlm_probability: float = Field(0.15, gt=0.0, le=1.0, description="Share of tokens masked for evaluation.")
-    eval_seed: int = Field(
-        DEFAULT_EVAL_SEED,
-        description="Seed of the deterministic evaluation masks: keep the train stage's (1234) so that "
-        "perplexities of every stage are measured on the same masked positions.",
-    )
+    languages: list[str] | None = Field(None, description="Eval languages (columns); None: every language of the dataset.")
 
 
 @stage(
@@ -283,8 +274,9 @@ def cross_eval_stage(params: CrossEvalParams, inputs: Inputs, ctx: StageContext)
             raise ValueError(f"head mask of {lang!r} has shape {mask.shape}, the model has (layers, heads) {shape}")
     tokenizer = eval_tokenizer(model_in.path, data_in.path)
     batches = {
-        lang: eval_batches_for(data_in.path, lang, tokenizer, model, params.eval_batch_size, seed,
-                               params.max_eval_chunks, params.mlm_probability)
+        lang: eval_batches_for(
+            data_in.path, lang, tokenizer, model, params.eval_batch_size, seed, params.max_eval_chunks, params.mlm_probability
+        )
         for lang in cols
     }
     rows: list[tuple[str, np.ndarray | None]] = [(lang, mask) for lang, mask, _ in masks] + [(FULL, None)]
@@ -331,8 +323,7 @@ def cross_eval_stage(params: CrossEvalParams, inputs: Inputs, ctx: StageContext)
     write_json(out / "cross_eval.json", doc)
     (out / "cross_eval.csv").write_text(matrix_csv(labels, cols, ppl, "subnetwork"), encoding="utf-8")
     diag = [float(ppl[labels.index(c), j]) for j, c in enumerate(cols) if c in labels[:-1]]
-    meta = {"rows": labels, "cols": cols, "eval_seed": seed,
-            "mean_diagonal_perplexity": float(np.mean(diag)) if diag else None}
+    meta = {"rows": labels, "cols": cols, "eval_seed": seed, "mean_diagonal_perplexity": float(np.mean(diag)) if diag else None}
     return {"metrics": meta}
 
 

@@ -33,9 +33,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
+
+from orchestrator.stage import StageParams
 
 META_FILE = "meta.json"
 DEFAULT_EVAL_SEED = 1234  # the study's seed (SCIENCE.md); every stage evaluating perplexity uses it
+
+
+class EvalParams(StageParams):
+    """The deterministic-evaluation settings shared by the stages that measure perplexity on the
+    test sets (prune, cross_eval): one definition, so their numbers stay comparable."""
+
+    eval_batch_size: int = Field(8, ge=1, description="Chunks per evaluation batch.")
+    max_eval_chunks: int | None = Field(None, ge=1, description="Use the first N test chunks per language; None: all.")
+    mlm_probability: float = Field(0.15, gt=0.0, le=1.0, description="Share of tokens masked for evaluation.")
+    eval_seed: int = Field(
+        DEFAULT_EVAL_SEED,
+        description="Seed of the deterministic evaluation masks: keep the train stage's (1234) so that "
+        "perplexities of every stage are measured on the same masked positions.",
+    )
+
+
 IGNORE_INDEX = -100
 EVAL_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -230,11 +249,13 @@ def eval_batches(
     batches = []
     for lo in range(0, len(inputs), batch_size):
         sl = slice(lo, lo + batch_size)
-        batches.append({
-            "input_ids": torch.from_numpy(inputs[sl].copy()),
-            "attention_mask": torch.from_numpy(attention[sl].copy()),
-            "labels": torch.from_numpy(labels[sl].copy()),
-        })
+        batches.append(
+            {
+                "input_ids": torch.from_numpy(inputs[sl].copy()),
+                "attention_mask": torch.from_numpy(attention[sl].copy()),
+                "labels": torch.from_numpy(labels[sl].copy()),
+            }
+        )
     return batches
 
 
@@ -255,8 +276,15 @@ def language_eval_batches(
     if max_chunks is not None:
         chunks = chunks[:max_chunks]
     return eval_batches(
-        chunks, tokenizer.mask_token_id, special_token_ids(tokenizer), len(tokenizer), batch_size, seed,
-        mlm_probability, language=lang, pad_token_id=tokenizer.pad_token_id,
+        chunks,
+        tokenizer.mask_token_id,
+        special_token_ids(tokenizer),
+        len(tokenizer),
+        batch_size,
+        seed,
+        mlm_probability,
+        language=lang,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
 

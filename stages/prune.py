@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageParams, stage
+from orchestrator.stage import Input, Inputs, StageContext, StageDef, stage
 from stages._io import get_input, read_json, write_json
-from stages.mlm import DEFAULT_EVAL_SEED
+from stages.mlm import EvalParams
 
 # --------------------------------------------------------------------------------------------------
 # Pure algorithm (numpy only)
@@ -120,8 +120,7 @@ class PruneStep:
     accepted: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "heads_kept": self.heads_kept, "perplexity": self.perplexity,
-                "accepted": self.accepted}
+        return {"step": self.step, "heads_kept": self.heads_kept, "perplexity": self.perplexity, "accepted": self.accepted}
 
 
 @dataclass
@@ -216,9 +215,7 @@ def iterative_prune(
     )
 
 
-def _start_mask(
-    shape: tuple[int, int], threshold: float, min_heads: int, initial_mask: np.ndarray | None
-) -> np.ndarray:
+def _start_mask(shape: tuple[int, int], threshold: float, min_heads: int, initial_mask: np.ndarray | None) -> np.ndarray:
     """Validate :func:`iterative_prune`'s arguments; the float32 mask it starts from."""
     if threshold <= 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
@@ -411,8 +408,14 @@ def model_facts(model: Any) -> dict[str, Any]:
 
 
 def eval_batches_for(
-    dataset_dir: Path, lang: str, tokenizer: Any, model: Any, batch_size: int, seed: int,
-    max_chunks: int | None, mlm_probability: float,
+    dataset_dir: Path,
+    lang: str,
+    tokenizer: Any,
+    model: Any,
+    batch_size: int,
+    seed: int,
+    max_chunks: int | None,
+    mlm_probability: float,
 ) -> list[dict[str, Any]]:
     """Deterministically masked test batches of ``lang``, checked against the model's shapes."""
     from stages.mlm import check_model_fits, language_eval_batches, load_split
@@ -432,7 +435,7 @@ def eval_batches_for(
 # --------------------------------------------------------------------------------------------------
 
 
-class PruneParams(StageParams):
+class PruneParams(EvalParams):
     """Parameters of the ``prune`` stage."""
 
     language: str = Field(..., min_length=1, description="Language whose test split drives pruning.")
@@ -443,14 +446,6 @@ class PruneParams(StageParams):
     normalize_layers: bool = Field(True, description="Divide each layer's importance by its L2 norm.")
     normalize_global: bool = Field(True, description="Min-max the importance over all heads to [0, 1].")
     min_heads: int = Field(1, ge=1, description="Never keep fewer heads than this.")
-    eval_batch_size: int = Field(8, ge=1, description="Chunks per batch for importance and perplexity.")
-    max_eval_chunks: int | None = Field(None, ge=1, description="Use the first N test chunks; None: all.")
-    mlm_probability: float = Field(0.15, gt=0.0, le=1.0, description="Share of tokens masked for evaluation.")
-    eval_seed: int = Field(
-        DEFAULT_EVAL_SEED,
-        description="Seed of the deterministic evaluation masks: keep the train stage's (1234) so that "
-        "perplexities of every stage are measured on the same masked positions.",
-    )
 
 
 @stage(
@@ -471,17 +466,28 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
     seed = params.eval_seed
     model, _ = load_eval_model(model_in.path)
     tokenizer = eval_tokenizer(model_in.path, data_in.path)
-    batches = eval_batches_for(data_in.path, params.language, tokenizer, model, params.eval_batch_size, seed,
-                               params.max_eval_chunks, params.mlm_probability)
+    batches = eval_batches_for(
+        data_in.path,
+        params.language,
+        tokenizer,
+        model,
+        params.eval_batch_size,
+        seed,
+        params.max_eval_chunks,
+        params.mlm_probability,
+    )
     facts = model_facts(model)
     n_layers, n_heads = facts["num_layers"], facts["num_heads"]
     k = heads_per_step(n_layers, n_heads, params.masking_amount)
-    bar = tqdm(total=max(0, (n_layers * n_heads - params.min_heads) // k), desc=f"prune[{params.language}]",
-               unit="step", leave=False)
+    bar = tqdm(
+        total=max(0, (n_layers * n_heads - params.min_heads) // k), desc=f"prune[{params.language}]", unit="step", leave=False
+    )
 
     def on_step(point: PruneStep) -> None:
-        ctx.log({"heads_kept": float(point.heads_kept), "perplexity": point.perplexity,
-                 "accepted": float(point.accepted)}, step=point.step)
+        ctx.log(
+            {"heads_kept": float(point.heads_kept), "perplexity": point.perplexity, "accepted": float(point.accepted)},
+            step=point.step,
+        )
         if point.step > 0:
             bar.update(1)
         bar.set_postfix(heads=point.heads_kept, ppl=f"{point.perplexity:.3f}")
@@ -498,9 +504,16 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
 
         try:
             result = iterative_prune(
-                n_layers, n_heads, importance_fn, perplexity_fn, params.threshold, params.masking_amount,
-                params.min_heads, normalize_layers=params.normalize_layers,
-                normalize_global=params.normalize_global, on_step=on_step,
+                n_layers,
+                n_heads,
+                importance_fn,
+                perplexity_fn,
+                params.threshold,
+                params.masking_amount,
+                params.min_heads,
+                normalize_layers=params.normalize_layers,
+                normalize_global=params.normalize_global,
+                on_step=on_step,
             )
         finally:
             bar.close()
@@ -520,8 +533,13 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
         **facts,
     }
     write_mask_dir(ctx.output_dir("mask"), result, meta)
-    ctx.log({"heads_kept_final": float(meta["heads_kept"]), "perplexity_final": result.perplexity_final,
-             "perplexity_full": result.perplexity_full})
+    ctx.log(
+        {
+            "heads_kept_final": float(meta["heads_kept"]),
+            "perplexity_final": result.perplexity_final,
+            "perplexity_full": result.perplexity_full,
+        }
+    )
     return {"mask": meta}
 
 
