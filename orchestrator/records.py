@@ -138,20 +138,22 @@ def write_plan(paths: StudyPaths, plan: Plan, spec_path: Path) -> None:
             "spec_hash": plan.study.spec_hash(),
             "spec": plan.study.model_dump(mode="json"),
             "submitted_at": now(),
-            "jobs": [
-                {
-                    "key": j.key,
-                    "label": j.label,
-                    "stage_id": j.stage_id,
-                    "stage": j.stage,
-                    "point": dict(j.point),
-                    "deps": list(j.deps),
-                    "outputs": {o.name: o.artifact for o in j.outputs},
-                }
-                for j in plan.jobs
-            ],
+            "jobs": [plan_entry(j) for j in plan.jobs],
         },
     )
+
+
+def plan_entry(job: Job) -> dict[str, Any]:
+    """One job as plan.json lists it (what status, artifacts and sync read back)."""
+    return {
+        "key": job.key,
+        "label": job.label,
+        "stage_id": job.stage_id,
+        "stage": job.stage,
+        "point": dict(job.point),
+        "deps": list(job.deps),
+        "outputs": {o.name: o.artifact for o in job.outputs},
+    }
 
 
 def read_plan(paths: StudyPaths) -> dict[str, Any]:

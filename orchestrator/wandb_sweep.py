@@ -58,7 +58,7 @@ from orchestrator.executors.local import LocalExecutor
 from orchestrator.fsutil import atomic_write_json, atomic_write_text
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Job, Plan, build_plan
-from orchestrator.records import JobRecord, now, read_plan, read_state, write_job_record, write_plan, write_state
+from orchestrator.records import now, plan_entry, read_plan, read_state, write_plan, write_state
 from orchestrator.runner import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from orchestrator.source import SpecSource, apply_overrides, load_source
 from orchestrator.spec import Resources, Study, canonical_json, load_study
@@ -591,19 +591,12 @@ class PointExecutor(LocalExecutor):
     """The local executor for one sweep point: it adds the point's jobs to the study's plan (other
     agents add theirs) instead of replacing it, and leaves the states of cached jobs alone."""
 
-    def prepare(self, plan: Plan, spec_path: Path, force: bool) -> tuple[list[str], set[str]]:
+    def write_plan(self, plan: Plan, spec_path: Path) -> None:
         merge_plan(self.paths, plan, spec_path)
-        cached = cached_keys(plan, self.store, force)
-        todo = []
-        for job in plan.jobs:
-            if job.key in cached:
-                if read_state(self.paths, job.key) is None:
-                    write_state(self.paths, job.key, "cached", executor=self.name)
-                continue
-            write_job_record(self.paths, JobRecord.from_job(job, plan, self.paths.root))
-            write_state(self.paths, job.key, "pending", executor=self.name)
-            todo.append(job.key)
-        return todo, cached
+
+    def mark_cached(self, key: str) -> None:
+        if read_state(self.paths, key) is None:
+            write_state(self.paths, key, "cached", executor=self.name)
 
 
 def merge_plan(paths: StudyPaths, plan: Plan, spec_path: Path) -> None:
@@ -614,19 +607,7 @@ def merge_plan(paths: StudyPaths, plan: Plan, spec_path: Path) -> None:
             return
         data = read_plan(paths)
         known = {j["key"] for j in data["jobs"]}
-        data["jobs"] += [
-            {
-                "key": j.key,
-                "label": j.label,
-                "stage_id": j.stage_id,
-                "stage": j.stage,
-                "point": dict(j.point),
-                "deps": list(j.deps),
-                "outputs": {o.name: o.artifact for o in j.outputs},
-            }
-            for j in plan.jobs
-            if j.key not in known
-        ]
+        data["jobs"] += [plan_entry(j) for j in plan.jobs if j.key not in known]
         atomic_write_json(paths.plan, data)
 
 

@@ -52,13 +52,13 @@ class Executor(ABC):
         ships records inside its per-stage job lists), only any stale state from an earlier submit
         is removed, so that status reads the new submission instead.
         """
-        write_plan(self.paths, plan, spec_path)
+        self.write_plan(plan, spec_path)
         cached = cached_keys(plan, self.store, force)
         spec_hash = plan.study.spec_hash()
         todo = []
         for job in plan.jobs:
             if job.key in cached:
-                write_state(self.paths, job.key, "cached", executor=self.name)
+                self.mark_cached(job.key)
             elif job_files:
                 write_job_record(self.paths, JobRecord.model_validate(record_dict(job, plan, self.paths.root, spec_hash)))
                 write_state(self.paths, job.key, "pending", executor=self.name)
@@ -67,6 +67,13 @@ class Executor(ABC):
             if job.key not in cached:
                 todo.append(job.key)
         return todo, cached
+
+    def write_plan(self, plan: Plan, spec_path: Path) -> None:
+        """Record the plan being submitted (replacing the study's previous one)."""
+        write_plan(self.paths, plan, spec_path)
+
+    def mark_cached(self, key: str) -> None:
+        write_state(self.paths, key, "cached", executor=self.name)
 
     @abstractmethod
     def submit(self, plan: Plan, spec_path: Path, *, force: bool = False) -> SubmitReport:
