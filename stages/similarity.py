@@ -37,9 +37,9 @@ Measures (pure numpy functions in float64 below):
   graphs, larger for less isomorphic ones; it does not use the sentence alignment.
 
 Whatever can be reused across pairs is computed once per (language, layer): the centred matrix,
-``||X^T X||_F``, the row norms and the unbiased self-HSIC; the standardised RDM triangle; the
-Laplacian spectrum. Each pair then costs one ``X^T Y`` product (shared by both CKAs), one dot product
-(RSA) and a vector difference (isomorphism).
+``||X^T X||_F`` (BLAS syrk), the row norms and the unbiased self-HSIC; the standardised RDM triangle;
+the Laplacian spectrum. Each pair then costs one ``X^T Y`` product (shared by both CKAs), one dot
+product (RSA) and a vector difference (isomorphism).
 
 Output ``metrics`` (type ``metrics``): ``similarity.json``::
 
@@ -110,28 +110,37 @@ class SimilarityParams(StageParams):
 # --------------------------------------------------------------------------------------------------
 
 
+def center(x: Any) -> np.ndarray:
+    """Column-centred float64 copy of a [n, d] matrix, cast and centred in one pass."""
+    import numpy as np
+
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"expected a [n, d] matrix, got shape {x.shape}")
+    out = np.empty(x.shape, dtype=np.float64)
+    np.subtract(x, x.mean(axis=0, dtype=np.float64), out=out)  # no float64 copy of x in between
+    return out
+
+
 @dataclass(frozen=True)
 class CKAStats:
     """What one representation contributes to every CKA it enters (computed once, reused per pair)."""
 
     xc: np.ndarray  # column-centred float64 [n, d]
     sq_norms: np.ndarray  # k_i = ||x_i||^2 of the centred rows
-    self_biased: float  # ||Xc^T Xc||_F
-    self_unbiased: float  # HSIC_u(X, X) (unnormalised by n(n-3): the factor cancels in CKA)
+    self_sq: float  # ||Xc^T Xc||_F^2
+    self_unbiased: float  # n(n-3) HSIC_u(X, X) (the factor cancels in CKA)
 
     @property
     def n(self) -> int:
         return int(self.xc.shape[0])
 
 
-def center(x: Any) -> np.ndarray:
-    """Column-centred float64 copy of a [n, d] matrix."""
+def _frobenius_sq(m: np.ndarray) -> float:
     import numpy as np
 
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"expected a [n, d] matrix, got shape {x.shape}")
-    return x - x.mean(axis=0, keepdims=True)
+    flat = m.reshape(-1)
+    return float(np.dot(flat, flat))  # BLAS ddot: no squared copy of m
 
 
 def _hsic_u_numerator(cross_sq: float, k: np.ndarray, l: np.ndarray, n: int) -> float:  # noqa: E741
@@ -148,10 +157,9 @@ def cka_stats(x: Any) -> CKAStats:
     n = xc.shape[0]
     if n < 4:
         raise ValueError(f"CKA needs at least 4 sentences (the debiased estimator divides by n-3), got {n}")
-    gram = xc.T @ xc
-    self_sq = float(np.sum(gram * gram))
+    self_sq = _frobenius_sq(xc.T @ xc)  # numpy sees X^T X and calls BLAS syrk: half a general product
     k = np.einsum("ij,ij->i", xc, xc)
-    return CKAStats(xc, k, math.sqrt(self_sq), _hsic_u_numerator(self_sq, k, k, n))
+    return CKAStats(xc, k, self_sq, _hsic_u_numerator(self_sq, k, k, n))
 
 
 def _ratio(num: float, a: float, b: float) -> float:
@@ -161,28 +169,44 @@ def _ratio(num: float, a: float, b: float) -> float:
 
 
 def cka_pair(a: CKAStats, b: CKAStats, *, debiased: bool = True) -> tuple[float, float]:
-    """(linear CKA, debiased linear CKA) of two representations of the same n sentences."""
-    import numpy as np
-
+    """(linear CKA, debiased linear CKA) of two representations of the same n sentences: one
+    d_a x d_b product, shared by both."""
     if a.n != b.n:
         raise ValueError(f"CKA compares the same sentences: {a.n} vs {b.n} rows")
-    cross = a.xc.T @ b.xc
-    cross_sq = float(np.sum(cross * cross))
-    biased = _ratio(cross_sq, a.self_biased**2, b.self_biased**2)
+    cross_sq = _frobenius_sq(a.xc.T @ b.xc)
+    biased = _ratio(cross_sq, a.self_sq, b.self_sq)
     if not debiased:
         return biased, math.nan
     unbiased = _ratio(_hsic_u_numerator(cross_sq, a.sq_norms, b.sq_norms, a.n), a.self_unbiased, b.self_unbiased)
     return biased, unbiased
 
 
+def cka_matrix(xs: Sequence[Any], *, debiased: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(linear CKA, debiased linear CKA) of every pair of ``xs``, each [n, d_i] over the same n rows.
+
+    Each representation is centred and its self terms computed once; each pair then costs one
+    cross product. Diagonals are 1 (NaN for a constant representation); ``debiased=False`` leaves
+    the second matrix NaN.
+    """
+    import numpy as np
+
+    stats = [cka_stats(x) for x in xs]
+    m = len(stats)
+    biased, unbiased = np.full((m, m), np.nan), np.full((m, m), np.nan)
+    for i, j in itertools.combinations_with_replacement(range(m), 2):
+        biased[i, j], unbiased[i, j] = cka_pair(stats[i], stats[j], debiased=debiased)
+        biased[j, i], unbiased[j, i] = biased[i, j], unbiased[i, j]
+    return biased, unbiased
+
+
 def linear_cka(x: Any, y: Any) -> float:
     """Linear CKA of two [n, d] representations (feature space)."""
-    return cka_pair(cka_stats(x), cka_stats(y), debiased=False)[0]
+    return float(cka_matrix([x, y], debiased=False)[0][0, 1])
 
 
 def debiased_cka(x: Any, y: Any) -> float:
     """Debiased linear CKA (unbiased HSIC) of two [n, d] representations (feature space)."""
-    return cka_pair(cka_stats(x), cka_stats(y))[1]
+    return float(cka_matrix([x, y])[1][0, 1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,41 +353,47 @@ class MeasureConfig:
 
 @dataclass(frozen=True)
 class RepStats:
-    """Everything one representation (a language at a layer) contributes to the pairwise measures."""
+    """What one representation (a language at a layer) contributes to the pairwise RSA and isomorphism."""
 
-    cka: CKAStats | None
     rsa: np.ndarray | None
     spectrum: np.ndarray | None
 
 
 def rep_stats(x: Any, cfg: MeasureConfig) -> RepStats:
-    """Compute once what every pair involving ``x`` reuses."""
+    """Compute once what every pair involving ``x`` reuses (CKA is computed for all pairs at once)."""
     import numpy as np
 
     x = np.asarray(x, dtype=np.float64)
     want = set(cfg.measures)
-    cka = cka_stats(x) if want & {"cka", "cka_debiased"} else None
     rsa_v = rsa_vector(x, cfg.rsa_method) if "rsa" in want else None
     spectrum = None
     if "isomorphism" in want:
         rows = x if cfg.iso_rows is None else x[cfg.iso_rows]
         spectrum = laplacian_spectrum(rows, cfg.iso_k)
-    return RepStats(cka, rsa_v, spectrum)
+    return RepStats(rsa_v, spectrum)
 
 
 def pair_measures(a: RepStats, b: RepStats, cfg: MeasureConfig) -> dict[str, float]:
-    """Every requested measure of one pair from the two cached representations."""
+    """RSA and isomorphism of one pair from the two cached representations."""
     out: dict[str, float] = {}
-    if a.cka is not None and b.cka is not None:
-        biased, unbiased = cka_pair(a.cka, b.cka, debiased="cka_debiased" in cfg.measures)
-        if "cka" in cfg.measures:
-            out["cka"] = biased
-        if "cka_debiased" in cfg.measures:
-            out["cka_debiased"] = unbiased
     if "rsa" in cfg.measures:
         out["rsa"] = rsa_pair(a.rsa, b.rsa)
     if "isomorphism" in cfg.measures and a.spectrum is not None and b.spectrum is not None:
         out["isomorphism"] = eigenvector_similarity(a.spectrum, b.spectrum, cfg.iso_energy)
+    return out
+
+
+def layer_measures(xs: Sequence[Any], cfg: MeasureConfig) -> list[dict[str, float]]:
+    """Every requested measure of every pair ``(i, j)``, i < j, of one layer's representations."""
+    want = set(cfg.measures)
+    cka = cka_matrix(xs, debiased="cka_debiased" in want) if want & {"cka", "cka_debiased"} else None
+    stats = [rep_stats(x, cfg) for x in xs] if want & {"rsa", "isomorphism"} else None
+    out: list[dict[str, float]] = []
+    for i, j in itertools.combinations(range(len(xs)), 2):
+        values = pair_measures(stats[i], stats[j], cfg) if stats is not None else {}
+        if cka is not None:
+            values.update({m: float(cka[k][i, j]) for k, m in enumerate(("cka", "cka_debiased")) if m in want})
+        out.append({m: values[m] for m in cfg.measures if m in values})
     return out
 
 
@@ -385,16 +415,16 @@ def pairwise_by_layer(
     """``{measure: {"a-b": [value per layer]}}`` for every pair of ``languages``.
 
     Layer-major: at each layer every language's statistics are computed once and then every pair is
-    compared, so memory holds one layer's caches at a time.
+    compared, so memory holds one layer's representations and caches at a time.
     """
     pairs = language_pairs(languages)
     result: dict[str, dict[str, list[float]]] = {m: {f"{a}-{b}": [] for a, b in pairs} for m in cfg.measures}
     for layer in range(n_layers):
         if should_stop is not None and should_stop():
             raise StageInterrupted("similarity: stop requested (nothing to checkpoint, the stage reruns)")
-        stats = {lang: rep_stats(get(lang, layer), cfg) for lang in languages}
-        for a, b in pairs:
-            for m, v in pair_measures(stats[a], stats[b], cfg).items():
+        values = layer_measures([get(lang, layer) for lang in languages], cfg)
+        for (a, b), measures in zip(pairs, values, strict=True):
+            for m, v in measures.items():
                 result[m][f"{a}-{b}"].append(v)
     return result
 

@@ -13,6 +13,7 @@ from stagekit import FakeContext, make_input, run_stage
 
 from stages.similarity import (
     SIMILARITY,
+    cka_matrix,
     cka_pair,
     cka_stats,
     debiased_cka,
@@ -102,16 +103,34 @@ def test_cka_invariant_to_orthogonal_transform_isotropic_scaling_and_shift():
     assert linear_cka(x * np.arange(1, 9), y) != pytest.approx(base, abs=1e-4)
 
 
+def test_cka_matrix_is_every_pair():
+    x, y = related(30, 6, seed=4)
+    z = np.tanh(x[:, :4]) * 2.0 + 1.0  # a third representation of another width
+    biased, unbiased = cka_matrix([x, y, z])
+    for (i, a), (j, b) in [((0, x), (1, y)), ((0, x), (2, z)), ((1, y), (2, z))]:
+        assert biased[i, j] == biased[j, i] == pytest.approx(cka_gram(a, b, debiased=False), abs=1e-8)
+        assert unbiased[i, j] == unbiased[j, i] == pytest.approx(cka_gram(a, b, debiased=True), abs=1e-8)
+    np.testing.assert_allclose(np.diag(biased), 1.0, atol=1e-12)
+    np.testing.assert_allclose(np.diag(unbiased), 1.0, atol=1e-12)
+    assert np.isnan(cka_matrix([x, y], debiased=False)[1]).all()
+
+
 def test_cka_is_symmetric_and_stats_are_reusable():
     x, y = related(30, 6, seed=4)
-    sx, sy = cka_stats(x), cka_stats(y)
+    sx, sy = cka_stats(x.astype(np.float32)), cka_stats(y)
+    assert sx.xc.dtype == np.float64
     assert cka_pair(sx, sy) == pytest.approx(cka_pair(sy, sx), abs=1e-12)
-    assert cka_pair(sx, sy)[0] == pytest.approx(linear_cka(x, y), abs=1e-12)
+    assert cka_pair(sx, sy)[0] == pytest.approx(linear_cka(x, y), abs=1e-6)  # x went through float32
     np.testing.assert_allclose(sx.xc.mean(0), 0.0, atol=1e-12)
-    assert sx.self_biased == pytest.approx(np.linalg.norm(sx.xc.T @ sx.xc), rel=1e-12)
+    assert sx.self_sq == pytest.approx(np.linalg.norm(sx.xc.T @ sx.xc) ** 2, rel=1e-12)
     with pytest.raises(ValueError, match="same sentences"):
         cka_pair(sx, cka_stats(y[:20]))
+    with pytest.raises(ValueError, match="at least 4 sentences"):
+        cka_stats(x[:3])
+    with pytest.raises(ValueError, match=r"\[n, d\] matrix"):
+        cka_stats(x[0])
     assert math.isnan(linear_cka(x, np.ones((30, 4))))  # a constant representation has no CKA
+    assert math.isnan(debiased_cka(x, np.ones((30, 4))))
 
 
 def test_shuffled_rows_control():
