@@ -13,7 +13,14 @@ pytest.importorskip("transformers")
 
 from stagekit import FakeContext, make_input, run_stage  # noqa: E402
 
-from stages.encode import ENCODE, encode_sentences, length_sorted_batches, template_token_ids  # noqa: E402
+from stages.encode import (  # noqa: E402
+    ENCODE,
+    encode_sentences,
+    in_order_batches,
+    length_sorted_batches,
+    position_budget,
+    template_token_ids,
+)
 
 N_WORDS = 40
 CONFIG = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
@@ -104,6 +111,16 @@ def test_length_sorted_batches():
     assert sorted(i for b in batches for i in b) == list(range(10))
 
 
+def test_position_budget_splits_the_long_tail():
+    lengths = [40, 12, 11, 10, 10, 9, 9, 9]
+    budget = position_budget(lengths, 4)
+    assert budget == 4 * 14  # 4 sentences of the mean length, 13.75 rounded up
+    # the 40-token sentence is alone (never dropped, though over the budget); the rest fill by count
+    assert length_sorted_batches(lengths, 4, budget) == [[0], [1, 2, 3, 4], [5, 6, 7]]
+    assert length_sorted_batches(lengths, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert in_order_batches(5, 2) == [[0, 1], [2, 3], [4]] and in_order_batches(0, 2) == []
+
+
 def test_encodings_layout_and_meta(full):
     meta, out, ctx = full
     assert sorted(p.name for p in out.iterdir()) == ["de.npy", "en.npy", "meta.json", "zh.npy"]
@@ -128,8 +145,9 @@ def test_pooling_matches_manual_mean_and_ignores_padding(study):
     model, tok = load_model(study["model"]).eval(), load_tokenizer(study["model"])
     short, long_ = "w1 w2 w3", "w4 w5 w6 w7 w8 w9 w10 w11 w12"
     alone, _ = encode_sentences(model, tok, [short], batch_size=1)
-    together, stats = encode_sentences(model, tok, [long_, short, long_], batch_size=3)
-    assert stats["padded_positions"] == 6 and stats["padding_fraction"] == pytest.approx(6 / 33)
+    # 11 + 3 x 5 tokens: a budget of 4 x 7 positions puts the long one with one short one (6 pads)
+    together, stats = encode_sentences(model, tok, [long_, short, short, short], batch_size=4)
+    assert stats["padded_positions"] == 6 and stats["padding_fraction"] == pytest.approx(6 / 32)
     np.testing.assert_allclose(together[:, 1], alone[:, 0], atol=1e-5)
     # manual: hidden states of <s> w1 w2 w3 </s>, mean over the 3 word positions (template tokens excluded)
     ids = torch.tensor([[0, 5, 6, 7, 2]])
