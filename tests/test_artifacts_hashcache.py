@@ -75,3 +75,40 @@ def test_store_relog_after_edit_commits_the_new_content(tmp_path: Path) -> None:
     v1 = store.log("m", "model", src)
     assert v1.ref.version == 1
     assert (store.materialize(v1.ref) / "w.bin").read_bytes() == b"b" * 100
+
+
+def test_known_and_remember_by_stat(tmp_path: Path) -> None:
+    """The store hashes while copying and hands the cache the stats from before and after."""
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"payload")
+    sha = hashlib.sha256(b"payload").hexdigest()
+    cache = HashCache(tmp_path / "hashes.jsonl", settle_s=0.0)
+    before = f.stat()
+    assert cache.known(before) is None
+    f.write_bytes(b"PAYLOAD")  # written while "being read": not remembered
+    cache.remember(before, f.stat(), sha)
+    assert cache.known(before) is None and cache.known(f.stat()) is None
+    before = f.stat()
+    cache.remember(before, f.stat(), sha)
+    assert cache.known(f.stat()) == sha
+    assert HashCache(tmp_path / "hashes.jsonl").known(f.stat()) is None  # in memory until flushed
+    cache.flush()
+    assert HashCache(tmp_path / "hashes.jsonl").known(f.stat()) == sha
+    fresh = HashCache(tmp_path / "other.jsonl", settle_s=60.0)
+    fresh.remember(before, f.stat(), sha)  # modified just now: its stamps are not trusted yet
+    assert fresh.known(f.stat()) is None
+
+
+def test_store_first_log_remembers_settled_files_without_a_second_read(tmp_path: Path, reads: list[Path]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(3 << 20))
+    (src / "small.txt").write_text("small")
+    store = LocalStore(tmp_path / "store")
+    store._hashes.settle_s = 0.0
+    v = store.log("m", "model", src)
+    assert reads == []  # the store hashes while it copies, not through a separate hashing pass
+    lines = (store.root / "cache" / "hashes.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # appended once the files were read
+    fresh = HashCache(store.root / "cache" / "hashes.jsonl")
+    assert all(fresh.known((src / f.path).stat()) == f.sha256 for f in v.files)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import fsutil
 from orchestrator.artifacts import (
     ArtifactError,
     ArtifactNotFound,
@@ -28,6 +32,7 @@ from orchestrator.artifacts import (
     LockTimeout,
     Producer,
     file_lock,
+    local,
 )
 from orchestrator.artifacts.local import manifest_digest
 
@@ -170,6 +175,19 @@ def test_identical_content_is_stored_once(store: LocalStore, tmp_path: Path) -> 
     assert blob.stat().st_mode & 0o777 == 0o444
 
 
+def test_records_in_the_older_indented_format_still_work(store: LocalStore, tmp_path: Path) -> None:
+    src = make_dir(tmp_path / "a", {"f": "1", "d/g": "2"})
+    v0 = store.log("x", "t", src, metadata={"k": 1})
+    record = store.root / "artifacts" / "x" / "versions" / "v0" / "version.json"
+    record.write_text(json.dumps(json.loads(record.read_text()), sort_keys=True, indent=1))  # as stores wrote it before
+    again = LocalStore(store.root)
+    assert again.get("x:v0") == v0
+    assert again.log("x", "t", src).ref == v0.ref  # its digest is found: deduplicated
+    record.write_text(json.dumps(json.loads(record.read_text())))  # keys unsorted: the whole record is read
+    assert LocalStore(store.root).log("x", "t", src).ref == v0.ref
+    assert again.fsck().ok
+
+
 def test_type_mismatch_is_an_error(store: LocalStore, tmp_path: Path) -> None:
     src = make_dir(tmp_path / "a", {"f": "1"})
     store.log("x", "head-mask", src)
@@ -255,6 +273,14 @@ def test_materialize_is_read_only_copy_of_content(store: LocalStore, tmp_path: P
             (path / "a.txt").write_text("overwrite")
     assert store.materialize("x:latest") == path
     assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_materialize_names_a_missing_blob(store: LocalStore, tmp_path: Path) -> None:
+    v = store.log("x", "t", make_dir(tmp_path / "src", {"a": "1", "d/b": "2"}))
+    blob = store._blob(sha(b"2"))
+    blob.unlink()
+    with pytest.raises(ArtifactError, match=f"blob {blob} is missing; run fsck"):
+        store.materialize(v.ref)
 
 
 def test_materialize_losing_the_race_uses_the_winner(store: LocalStore, tmp_path: Path) -> None:
@@ -485,8 +511,9 @@ def test_sigkill_at_random_points_never_leaves_a_partial_version(tmp_path: Path)
 CRASH_AT_STEP = """
 import os, signal, sys
 from pathlib import Path
+from orchestrator import fsutil
 from orchestrator.artifacts import LocalStore
-root, src, crash_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+root, src, crash_at, barrier = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 calls = 0
 
 def crashing(real):
@@ -499,19 +526,23 @@ def crashing(real):
     return wrapper
 
 store = LocalStore(root)
+if barrier == "fsync":  # as where the OS has no syncfs: each file and directory is fsynced
+    fsutil.syncfs = lambda path: False
 os.fsync, os.rename, os.replace = crashing(os.fsync), crashing(os.rename), crashing(os.replace)
+fsutil.syncfs = crashing(fsutil.syncfs)
 store.log("x", "t", src, aliases=["best"])
 """
 
 
-def test_sigkill_before_each_fsync_and_rename_leaves_a_consistent_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize("barrier", ["syncfs", "fsync"])
+def test_sigkill_before_each_fsync_and_rename_leaves_a_consistent_store(tmp_path: Path, barrier: str) -> None:
     files = {"a.bin": b"a" * 5000, "d/b.txt": "bee", "d/c.txt": "sea"}
     src = make_dir(tmp_path / "src", files)
     expected = {rel: sha(data.encode() if isinstance(data, str) else data) for rel, data in files.items()}
     outcomes = []
     for step in range(1, 40):
         root = tmp_path / f"store{step}"
-        rc = spawn(CRASH_AT_STEP, str(root), str(src), str(step)).wait()
+        rc = spawn(CRASH_AT_STEP, str(root), str(src), str(step), barrier).wait()
         outcomes.append(rc)
         store = LocalStore(root)
         for v in store.versions("x"):  # at most v0, and complete if visible
@@ -527,7 +558,7 @@ def test_sigkill_before_each_fsync_and_rename_leaves_a_consistent_store(tmp_path
             break
     assert outcomes[-1] == 0, "the log never completed: raise the step range"
     assert outcomes[:-1] == [-signal.SIGKILL] * (len(outcomes) - 1)
-    assert len(outcomes) > 10  # every blob, the version record and the alias file were crash points
+    assert len(outcomes) > 10  # both barriers, every blob, the version record and the alias file were crash points
 
 
 CONCURRENT_LOG = """
@@ -595,4 +626,220 @@ def test_concurrent_identical_logs_make_one_version(store: LocalStore, tmp_path:
     assert refs == [ArtifactRef("dup", 0)] * 6
     assert len(store.versions("dup")) == 1
     assert count_blobs(store) == 2
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+# ------------------------------------------------------------- one read per file, batched durability
+
+_opened: list[str] | None = None  # paths opened while a test listens (audit hooks cannot be removed)
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], str | bytes | os.PathLike):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def opened_under(root: Path, fn: object) -> list[str]:
+    """The files under ``root`` that ``fn()`` opened, one entry per open (builtin open and os.open)."""
+    global _opened
+    _opened = []
+    try:
+        fn()  # type: ignore[operator]
+        return sorted(p for p in _opened if Path(p).is_relative_to(root))
+    finally:
+        _opened = None
+
+
+def big_and_small(path: Path) -> dict[str, bytes]:
+    rng = random.Random(7)
+    files = {"big.bin": rng.randbytes(3 * (1 << 20) + 5), "empty": b""}
+    files |= {f"d{i % 3}/f{i}.txt": rng.randbytes(rng.randrange(1, 5000)) for i in range(40)}
+    make_dir(path, files)  # type: ignore[arg-type]
+    return files
+
+
+@pytest.mark.parametrize("move", [False, True])
+def test_first_log_reads_each_file_once(store: LocalStore, tmp_path: Path, move: bool) -> None:
+    src = tmp_path / "src"
+    files = big_and_small(src)
+    store._hashes.settle_s = 0.0
+    opens = opened_under(src, lambda: store.log("x", "t", src, move=move))
+    assert sorted(opens) == sorted(str(src / rel) for rel in files)  # each once: no manifest pass
+    v = store.get("x:v0")
+    assert {f.path: f.sha256 for f in v.files} == {rel: sha(data) for rel, data in files.items()}
+    out = store.materialize(v.ref)
+    assert all((out / rel).read_bytes() == data for rel, data in files.items())
+    if not move:  # the same files, remembered: an identical re-log reads none of them
+        assert opened_under(src, lambda: store.log("x", "t", src)) == []
+    assert store.fsck().ok
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> list[object]:
+    calls: list[object] = []
+    real = getattr(obj, name)
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counting)
+    return calls
+
+
+def test_durability_is_two_syncfs_not_one_fsync_per_file(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_dir(tmp_path / "src", {f"f{i}": f"content {i}" for i in range(50)})
+    syncs = count_calls(monkeypatch, fsutil, "syncfs")
+    fsyncs = count_calls(monkeypatch, os, "fsync")
+    store.log("x", "t", src, aliases=["best"])
+    assert len(syncs) == 2  # barrier 1 (blob bytes) and barrier 2 (blob names, version record)
+    assert len(fsyncs) == 3  # the versions/ folder (the commit), the alias file and its folder
+    syncs.clear()
+    fsyncs.clear()
+    assert store.log("x", "t", src).ref.version == 0  # identical content: nothing to make durable
+    assert syncs == [] and fsyncs == []
+    assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_without_syncfs_every_blob_and_folder_is_fsynced(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = {f"d{i % 2}/f{i}": f"content {i}" for i in range(6)} | {"same1": "dup", "same2": "dup"}
+    src = make_dir(tmp_path / "src", files)
+    monkeypatch.setattr(fsutil, "syncfs", lambda path: False)
+    synced = count_calls(monkeypatch, fsutil, "fsync_path")
+    v = store.log("x", "t", src)
+    names = [Path(str(p)).name for p in synced]
+    assert sum(n.endswith(".blob") for n in names) == 7  # each new blob's bytes, before its rename
+    blob_dirs = {str(store._blob(f.sha256).parent) for f in v.files}
+    assert blob_dirs <= {str(p) for p in synced}  # each blob's name, before the commit
+    assert "version.json" in names
+    assert store.fsck().ok
+
+
+def test_move_renames_files_into_the_store(store: LocalStore, tmp_path: Path) -> None:
+    src = tmp_path / "staging" / "out"
+    files = big_and_small(src)
+    inodes = {rel: (src / rel).stat().st_ino for rel in files}
+    copied = store.log("copy", "t", make_dir(tmp_path / "copy", files))  # type: ignore[arg-type]
+    moved_src = make_dir(tmp_path / "staging2", {"new.bin": b"not stored yet", "again.txt": files["d0/f0.txt"]})
+    v = store.log("x", "t", src, move=True)
+    assert v.digest == copied.digest  # moving or copying: the same version
+    # Content already stored stays where it is; the rest was moved, not copied: same inode.
+    assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()) == sorted(files)
+    v2 = store.log("y", "t", moved_src, move=True)
+    new = next(f for f in v2.files if f.path == "new.bin")
+    assert not (moved_src / "new.bin").exists()
+    assert (moved_src / "again.txt").exists()  # its blob existed: left in place
+    blob = store._blob(new.sha256)
+    assert blob.read_bytes() == b"not stored yet"
+    assert blob.stat().st_mode & 0o777 == 0o444
+    assert store.fsck().ok
+    # A fresh tree with unseen content is moved whole.
+    fresh = tmp_path / "fresh"
+    make_dir(fresh, {"a/one.bin": random.Random(1).randbytes(2_000_000), "two.txt": "two, fresh"})
+    ino = (fresh / "a/one.bin").stat().st_ino
+    v3 = store.log("z", "t", fresh, move=True)
+    assert [p for p in fresh.rglob("*") if p.is_file()] == []
+    one = next(f for f in v3.files if f.path == "a/one.bin")
+    assert store._blob(one.sha256).stat().st_ino == ino
+    assert (store.materialize(v3.ref) / "two.txt").read_text() == "two, fresh"
+    assert list((store.root / "tmp").iterdir()) == []
+    assert inodes  # (the first tree's inodes were not reused by a copy: checked through v3)
+
+
+def test_move_copies_what_it_may_not_take(store: LocalStore, tmp_path: Path) -> None:
+    outside = make_dir(tmp_path / "outside", {"target.txt": "linked to", "hard.txt": "hard linked"})
+    src = make_dir(tmp_path / "src", {"own.txt": "own"})
+    (src / "link.txt").symlink_to(outside / "target.txt")
+    os.link(outside / "hard.txt", src / "hard.txt")
+    v = store.log("x", "t", src, move=True)
+    assert {f.path: f.sha256 for f in v.files} == {
+        "own.txt": sha(b"own"), "link.txt": sha(b"linked to"), "hard.txt": sha(b"hard linked"),
+    }  # fmt: skip
+    assert not (src / "own.txt").exists()
+    assert (src / "link.txt").is_symlink() and (src / "hard.txt").exists()
+    for name in ("target.txt", "hard.txt"):  # still the caller's: neither moved nor made read-only
+        assert (outside / name).stat().st_mode & 0o200
+    assert store._blob(sha(b"hard linked")).stat().st_ino != (outside / "hard.txt").stat().st_ino
+    assert store.fsck().ok
+
+
+def test_move_falls_back_to_copy_across_filesystems(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_dir(tmp_path / "src", {"a.bin": b"a" * 3000, "b.txt": "bee"})
+    real = os.rename
+
+    def cross_device(a: object, b: object) -> None:
+        if Path(str(a)).is_relative_to(src):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(a, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    v = store.log("x", "t", src, move=True)
+    assert (src / "a.bin").exists() and (src / "b.txt").exists()  # copied instead
+    assert (store.materialize(v.ref) / "a.bin").read_bytes() == b"a" * 3000
+    assert store.fsck().ok
+    assert list((store.root / "tmp").iterdir()) == []
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != store.root.stat().st_dev:
+        other = make_dir(Path(tempfile.mkdtemp(dir=shm)), {"c.txt": "on tmpfs"})
+        try:
+            store.log("y", "t", other, move=True)
+            assert (other / "c.txt").read_text() == "on tmpfs"  # another filesystem: copied
+        finally:
+            shutil.rmtree(other)
+
+
+def test_a_file_changed_while_logged_is_refused(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_dir(tmp_path / "src", {"a.txt": "one", "b.txt": "two"})
+    real_list = local.list_source
+
+    def list_then_edit(source: Path) -> list:  # type: ignore[type-arg]
+        listed = real_list(source)
+        time.sleep(0.01)  # past the filesystem's timestamp granularity
+        (src / "a.txt").write_text("ONE")  # same size, new content
+        return listed
+
+    monkeypatch.setattr(local, "list_source", list_then_edit)
+    with pytest.raises(ArtifactError, match="a.txt changed while it was being logged"):
+        store.log("x", "t", src)
+    monkeypatch.setattr(local, "list_source", real_list)
+    # move: edited after it was hashed, before it is renamed into the store (during barrier 1)
+    real_syncfs = fsutil.syncfs
+
+    def syncfs_then_edit(path: Path) -> bool:
+        os.chmod(src / "b.txt", 0o644)
+        (src / "b.txt").write_text("TWO")
+        return real_syncfs(path)
+
+    monkeypatch.setattr(fsutil, "syncfs", syncfs_then_edit)
+    with pytest.raises(ArtifactError, match="b.txt changed while it was being logged"):
+        store.log("x", "t", src, move=True)
+    assert store.versions("x") == []
+    assert list((store.root / "tmp").iterdir()) == []
+    monkeypatch.setattr(fsutil, "syncfs", real_syncfs)
+    assert store.fsck().ok
+
+
+def test_concurrent_moves_of_identical_content_make_one_version(store: LocalStore, tmp_path: Path) -> None:
+    big = random.Random(3).randbytes(2_500_000)
+    srcs = [make_dir(tmp_path / f"s{t}", {"same.bin": big, "d/x": "y"}) for t in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        refs = list(pool.map(lambda src: store.log("dup", "t", src, move=True).ref, srcs))
+    assert refs == [ArtifactRef("dup", 0)] * 6
+    assert count_blobs(store) == 2
+    left = sum(1 for src in srcs for p in src.rglob("*") if p.is_file())
+    assert left <= 2 * 6 - 2  # each blob was taken from some source; the others kept theirs
+    out = store.materialize(refs[0])
+    assert (out / "same.bin").read_bytes() == big and (out / "d/x").read_text() == "y"
+    assert store.fsck().ok
     assert list((store.root / "tmp").iterdir()) == []

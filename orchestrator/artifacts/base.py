@@ -104,9 +104,12 @@ class ArtifactStore(ABC):
         metadata: Mapping[str, Any] | None = None,
         aliases: Sequence[str] = (),
         producer: Producer | None = None,
+        move: bool = False,
     ) -> ArtifactVersion:
         """Commit the files under directory ``source`` as a new version (atomically), or return the
-        existing version with identical content (adding ``aliases``). ``latest`` always moves."""
+        existing version with identical content (adding ``aliases``). ``latest`` always moves.
+        ``move=True``: the caller gives the files up (a job's staging output that is deleted
+        afterwards), so the store may move them instead of copying them."""
 
     @abstractmethod
     def get(self, ref: ArtifactRef | str) -> ArtifactVersion:

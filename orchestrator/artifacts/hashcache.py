@@ -4,8 +4,8 @@ A file's sha256 is remembered under its identity and change stamps (device, inod
 ctime in ns), as git's index and DVC do. Any write changes mtime/ctime, so a changed file misses.
 To avoid git's "racily clean" problem (file timestamps tick coarsely: a rewrite within the same
 tick keeps the stamps), files modified less than ``SETTLE_S`` before hashing are not remembered.
-Entries are JSON lines appended to one file (appends of short lines are atomic, so concurrent
-writers are safe); a torn or foreign line is ignored.
+Entries are JSON lines appended to one file (each ``flush`` is one append of whole lines, which
+is atomic, so concurrent writers are safe); a torn or foreign line is ignored.
 """
 
 from __future__ import annotations
@@ -42,20 +42,48 @@ class HashCache:
         self.path = path
         self.settle_s = settle_s
         self._known: dict[str, str] | None = None
+        self._unsaved: list[str] = []  # lines for the file, appended by ``flush``
         self._lock = threading.Lock()
 
     def sha256(self, file: Path) -> str:
         """The file's sha256, from memory when its stamps are unchanged since it was last hashed."""
         before = file.stat()
-        stamp = _stamp(before)
-        known = self._load()
-        if stamp in known:
-            return known[stamp]
-        sha = hash_file(file)
-        settled = time.time() - max(before.st_mtime, before.st_ctime) > self.settle_s
-        if settled and _stamp(file.stat()) == stamp:  # unchanged while we read it
-            self._remember(stamp, sha)
+        sha = self.known(before)
+        if sha is None:
+            sha = hash_file(file)
+            self.remember(before, file.stat(), sha)
+            self.flush()
         return sha
+
+    def known(self, st: os.stat_result) -> str | None:
+        """The remembered sha256 of the file that ``st`` (a stat of it) describes, if any."""
+        return self._load().get(_stamp(st))
+
+    def remember(self, before: os.stat_result, after: os.stat_result, sha: str) -> None:
+        """Remember ``sha`` for a file hashed between the stats ``before`` and ``after``, unless it
+        changed meanwhile or was modified too recently for its stamps to be trusted. In memory
+        at once; in the file after the next ``flush``."""
+        stamp = _stamp(before)
+        settled = time.time() - max(before.st_mtime, before.st_ctime) > self.settle_s
+        if settled and _stamp(after) == stamp:
+            known = self._load()
+            with self._lock:
+                known[stamp] = sha
+                self._unsaved.append(json.dumps([stamp, sha]) + "\n")
+
+    def flush(self) -> None:
+        """Append what was remembered since the last flush to the file, in one write (one per
+        log of many files, not one open/write/close per file)."""
+        with self._lock:
+            if not self._unsaved:
+                return
+            data, self._unsaved = "".join(self._unsaved).encode(), []
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
 
     def _load(self) -> dict[str, str]:
         with self._lock:
@@ -70,15 +98,3 @@ class HashCache:
                         if isinstance(stamp, str) and isinstance(sha, str) and len(sha) == 64:
                             self._known[stamp] = sha
             return self._known
-
-    def _remember(self, stamp: str, sha: str) -> None:
-        line = json.dumps([stamp, sha]) + "\n"
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
-            if self._known is not None:
-                self._known[stamp] = sha

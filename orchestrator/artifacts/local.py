@@ -8,10 +8,39 @@ Layout under the store root::
     artifacts/<name>/lock               lock file: version allocation and alias updates
     jobs/<job_key>.json                 the outputs a job committed
     materialized/<name>/v<N>/...        read-only hardlinked view of a version's files
-    tmp/<host>-<pid>-<uuid>.<kind>      staging; anything left here after a crash is garbage
+    tmp/<host>-<pid>-<unique>.<kind>    staging; anything left here after a crash is garbage
 
-A version becomes visible by a single ``rename`` of a complete, fsynced staging directory, after every
-blob it references is in place, so readers never see a half-written version, even after SIGKILL.
+A version becomes visible by a single ``rename`` of a complete staging directory, after every blob
+it references is durably in place, so readers never see a half-written version, even after SIGKILL
+or a power loss. How ``log`` gets there, reading each source file once:
+
+1. Ingest, file by file on a thread pool: a file whose digest is remembered (``HashCache``) and
+   whose blob exists is not read at all. Any other file is read once; the same bytes are hashed
+   and written to a temporary blob in ``tmp/`` (the digest is known only at the end, so it cannot
+   go to its address directly). With ``move=True`` a file the store may take (same filesystem,
+   one link, not a symlink) is only hashed, in place: it will be renamed, not copied.
+2. Barrier 1: the bytes of every temporary blob and taken file reach stable storage.
+3. Place: rename each into ``objects/`` unless a blob of that digest exists already.
+4. Barrier 2: those names, and the staged ``version.json``, reach stable storage.
+5. Commit, under the artifact's lock: rename the staging directory to ``versions/vN``, fsync
+   ``versions/`` (the commit point), then update aliases.
+
+Why this order is enough (crash = SIGKILL or power loss at any point):
+
+- Barrier 1 before step 3 keeps the store's invariant that a name in ``objects/`` always holds its
+  complete content: on ext4 and the like, a file renamed before its data is written can come back
+  from a power loss empty under its final name, and later logs would trust it (they skip existing
+  blobs). Renaming over an existing blob (two loggers racing) is harmless: both are complete,
+  durable and identical.
+- Barrier 2 before step 5 makes every blob name the version refers to durable before the version's
+  own name can be, including blobs placed by another process whose own barrier has not run yet.
+- A crash before step 5 leaves only garbage in ``tmp/`` (``fsck`` removes it) and complete but
+  unreferenced blobs, which are harmless; a rerun logs the same content again.
+
+A barrier is one ``syncfs`` of the store's filesystem where the OS has it (one journal commit and
+one device flush, however many files), else an fsync of each file and directory concerned. Large
+files start their writeback while they are being copied, so barrier 1 mostly finds them on disk.
+Steps 1-3 are ``ingest.BlobWriter``'s; this module keeps the versions, aliases, reads and fsck.
 """
 
 from __future__ import annotations
@@ -24,7 +53,6 @@ import re
 import shutil
 import socket
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +60,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .. import fsutil
 from .base import (
     NAME_RE,
     REF_RE,
@@ -45,15 +74,15 @@ from .base import (
     check_name,
 )
 from .hashcache import HashCache, sha256_file
+from .ingest import IO_THREADS, LINK_FALLBACK_ERRNOS, BlobWriter, Ingested, discard, list_source
 from .locking import file_lock
 
-CHUNK = 1 << 20
-IO_THREADS = min(8, 2 * (os.cpu_count() or 1))  # hashing and copying files side by side
 LATEST = "latest"
 VERSION_DIR_RE = re.compile(r"^v(\d+)$")
 ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+\-]{0,127}$")
 JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
-LINK_FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES}
+# The head of a version record, in the compact format and in the indented one of older stores.
+_RECORD_DIGEST_RE = re.compile(rb'\{\s*"created_at":\s*"[^"]*",\s*"digest":\s*"([0-9a-f]{64})"')
 
 
 @dataclass
@@ -67,14 +96,6 @@ class FsckReport:
     @property
     def ok(self) -> bool:
         return not self.corrupt and not self.dangling_jobs
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -91,8 +112,10 @@ def manifest_digest(files: Sequence[FileEntry]) -> str:
 
 
 def _to_json(value: Any, what: str) -> str:
+    """Compact JSON: with ``indent``, json falls back from its C encoder to pure Python, 5x slower
+    (30 ms for the record of 2,000 files)."""
     try:
-        return json.dumps(value, sort_keys=True, indent=1)
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{what} is not JSON-serialisable ({e}); use str, int, float, bool, None, lists and dicts") from e
 
@@ -105,29 +128,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _list_source(source: Path) -> list[tuple[str, Path]]:
-    """(relative POSIX path, file) for every file under ``source``, following file symlinks."""
-    source = Path(source)
-    if not source.is_dir():
-        raise ArtifactError(f"cannot log {source}: it is not a directory (log a directory of files)")
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(source):
-        for d in dirnames:
-            if os.path.islink(os.path.join(dirpath, d)):
-                raise ArtifactError(
-                    f"cannot log {source}: {os.path.join(dirpath, d)} is a symlinked directory;"
-                    " copy its files into the source directory instead"
-                )
-        for fname in filenames:
-            p = Path(dirpath, fname)
-            if not p.is_file():
-                raise ArtifactError(f"cannot log {p}: not a regular file (broken symlink?)")
-            found.append((p.relative_to(source).as_posix(), p))
-    if not found:
-        raise ArtifactError(f"cannot log {source}: the directory holds no files")
-    return sorted(found)
 
 
 def _describe(items: Sequence[str], limit: int = 12) -> str:
@@ -146,25 +146,27 @@ class LocalStore(ArtifactStore):
         self._hashes = HashCache(self.root / "cache" / "hashes.jsonl")
         for sub in ("objects", "artifacts", "jobs", "materialized", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._blobs = BlobWriter(self.root, self._hashes)
+        self._types: dict[str, str] = {}  # artifact name -> type of its first version
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
 
     # ----------------------------------------------------------------- paths and small helpers
     def _blob(self, sha: str) -> Path:
-        return self.root / "objects" / sha[:2] / sha[2:]
+        return Path(self._blobs.blob_path(sha))
 
     def _art_dir(self, name: str) -> Path:
         return self.root / "artifacts" / check_name(name)
 
     def _tmp(self, kind: str) -> Path:
-        return self.root / "tmp" / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}.{kind}"
+        return Path(self._blobs.tmp_path(kind))
 
     def _write_atomic(self, dest: Path, text: str) -> None:
         tmp = self._tmp("file")
         _write_synced(tmp, text)
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsutil.fsync_path(dest.parent)
 
     def _version_numbers(self, name: str) -> list[int]:
         vdir = self._art_dir(name) / "versions"
@@ -186,36 +188,72 @@ class LocalStore(ArtifactStore):
         metadata: Mapping[str, Any] | None = None,
         aliases: Sequence[str] = (),
         producer: Producer | None = None,
+        move: bool = False,
     ) -> ArtifactVersion:
         """Commit the files under ``source`` as version ``name:vN`` (N = 1 + the newest), or return
         the existing version with the same content digest (then ``metadata`` and ``producer`` are
-        ignored and only ``aliases`` are added). ``latest`` always names the newest version."""
+        ignored and only ``aliases`` are added). ``latest`` always names the newest version.
+
+        ``move=True`` hands the files over to the store: each one it can take (a regular file on
+        the store's filesystem with no other hard link) is renamed into the store instead of
+        copied, and made read-only first. Use it for a directory that is discarded afterwards,
+        such as a job's staging output, and write nothing to it once ``log`` has begun. Files that
+        cannot be taken (symlinks, hard-linked files, another filesystem) and files whose content
+        is already stored are copied or skipped and left where they are. If the log fails, some
+        files may be in the store already and gone from ``source``: recreate it to log again."""
         self._check_type(name, type, self._version_numbers(name))  # checked again under the lock
         new_aliases = [self._check_alias(a) for a in aliases if a != LATEST]
-        sources = _list_source(source)
-        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:  # hashlib and file I/O release the GIL
-            digests = list(pool.map(self._hashes.sha256, [p for _, p in sources]))
-        files = [FileEntry(rel, sha, p.stat().st_size) for (rel, p), sha in zip(sources, digests, strict=True)]
+        record = {"type": type, "metadata": dict(metadata or {}), "producer": self._producer_to_dict(producer)}
+        _to_json(record, f"metadata/provenance of artifact {name!r}")  # fail before touching any file
+        sources = list_source(source)
+        number = self._unchanged_version(name, sources)
+        if number is not None:  # an identical re-log, told from the listing alone
+            self._add_aliases(name, number, new_aliases)
+            return self.get(ArtifactRef(name, number))
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+            try:
+                items = self._blobs.ingest_all(pool, sources, move)
+            finally:
+                self._hashes.flush()  # the digests read, whether or not this log commits
+            try:
+                files = [FileEntry(i.rel, i.sha, i.size) for i in items]
+                number = self._commit_files(pool, name, record, files, items, new_aliases)
+            finally:
+                discard(items)  # left over if deduplicated or failed
+        return self.get(ArtifactRef(name, number))
+
+    def _commit_files(
+        self,
+        pool: ThreadPoolExecutor,
+        name: str,
+        record: dict[str, Any],
+        files: list[FileEntry],
+        items: Sequence[Ingested],
+        aliases: Sequence[str],
+    ) -> int:
+        """Steps 2-5 for the ingested ``items``, unless a version with their digest exists already
+        (then only ``aliases`` are set on it). ``record`` holds type, metadata and producer."""
+        digest = manifest_digest(files)
+        number, checked = self._find_digest(name, digest)
+        if number is not None:  # identical content: nothing to write
+            self._add_aliases(name, number, aliases)
+            return number
+        self._blobs.place_all(pool, items)
         record = {
-            "type": type,
-            "digest": manifest_digest(files),
+            **record,
+            "digest": digest,
             "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in files],
-            "metadata": dict(metadata or {}),
             "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
-            "producer": self._producer_to_dict(producer),
         }
-        text = _to_json(record, f"metadata/provenance of artifact {name!r}")
-        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:  # every blob is in place before the commit
-            list(pool.map(self._store_blob, [p for _, p in sources], [f.sha256 for f in files]))
-        staging = self._stage_version(text)
+        staging = self._stage_version(pool, _to_json(record, f"metadata/provenance of artifact {name!r}"), files)
         try:
             with file_lock(self._art_dir(name) / "lock", self.lock_timeout_s):
-                number = self._commit(name, type, record["digest"], staging)
-                if new_aliases:
-                    self._set_aliases(name, number, new_aliases)
+                number = self._commit(name, record["type"], digest, staging, checked)
+                if aliases:
+                    self._set_aliases(name, number, aliases)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone already unless deduplicated/failed
-        return self.get(ArtifactRef(name, number))
+            shutil.rmtree(staging, ignore_errors=True)  # renamed away unless deduplicated/failed
+        return number
 
     @staticmethod
     def _check_alias(alias: str) -> str:
@@ -239,42 +277,53 @@ class LocalStore(ArtifactStore):
             "provenance": dict(producer.provenance),
         }
 
-    def _store_blob(self, src: Path, sha: str) -> None:
-        """Copy ``src`` to its content address unless a blob with that digest already exists."""
-        dest = self._blob(sha)
-        if dest.exists():
-            return
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp("blob")
-        h = hashlib.sha256()
-        with open(src, "rb") as fin, open(tmp, "xb") as fout:
-            while chunk := fin.read(CHUNK):
-                h.update(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        if h.hexdigest() != sha:
-            tmp.unlink()
-            raise ArtifactError(f"{src} changed while it was being logged; log it again once stable")
-        os.chmod(tmp, 0o444)
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+    def _unchanged_version(self, name: str, sources: Sequence[tuple[str, str, os.stat_result]]) -> int | None:
+        """The version of ``name`` with exactly these files, if every file's digest is remembered:
+        then no file is read and no blob looked at (a committed version's blobs are in place)."""
+        shas = [self._hashes.known(st) for _, _, st in sources]
+        if any(sha is None for sha in shas):
+            return None
+        files = [FileEntry(rel, sha, st.st_size) for (rel, _, st), sha in zip(sources, shas, strict=True) if sha]
+        return self._find_digest(name, manifest_digest(files))[0]
 
-    def _stage_version(self, text: str) -> Path:
+    def _stage_version(self, pool: ThreadPoolExecutor, text: str, files: Sequence[FileEntry]) -> Path:
+        """Write the version record in a staging directory, then barrier 2 (step 4): it and every
+        blob name the version refers to (whoever placed them) are durable before the commit."""
         staging = self._tmp("version")
         staging.mkdir()
-        _write_synced(staging / "version.json", text)
-        _fsync_dir(staging)
+        (staging / "version.json").write_text(text)
+        blob_dirs = {os.path.dirname(self._blobs.blob_path(f.sha256)) for f in files}
+        self._blobs.barrier(pool, [staging / "version.json", staging, *blob_dirs])
         return staging
 
-    def _commit(self, name: str, type: str, digest: str, staging: Path) -> int:
+    # Step 5: commit --------------------------------------------------------------------------
+    def _find_digest(self, name: str, digest: str, checked: frozenset[int] = frozenset()) -> tuple[int | None, frozenset[int]]:
+        """(the version of ``name`` with ``digest``, if any, not looking at the ``checked`` ones;
+        every version number looked at so far). Committed versions never change, so a caller can
+        look without the lock first and, under it, only at versions committed since."""
+        numbers = [n for n in self._version_numbers(name) if n not in checked]
+        for n in reversed(numbers):
+            if self._record_digest(name, n) == digest:
+                return n, checked | set(numbers)
+        return None, checked | set(numbers)
+
+    def _record_digest(self, name: str, number: int) -> str:
+        """A version's digest from the head of its record, without parsing the whole file list:
+        records are written with sorted keys, so "digest" comes right after "created_at"."""
+        path = self._art_dir(name) / "versions" / f"v{number}" / "version.json"
+        with open(path, "rb") as f:
+            m = _RECORD_DIGEST_RE.match(f.read(256))
+        return m[1].decode() if m else self._read_record(name, number)["digest"]
+
+    def _commit(self, name: str, type: str, digest: str, staging: Path, checked: frozenset[int]) -> int:
         """Under the artifact's lock: reuse a version with ``digest`` or rename ``staging`` into
-        place as the next version. Returns the version number."""
+        place as the next version. The ``checked`` versions are known not to have ``digest``.
+        Returns the version number."""
         numbers = self._version_numbers(name)
         self._check_type(name, type, numbers)
-        for n in reversed(numbers):
-            if self._read_record(name, n)["digest"] == digest:
-                return n
+        found, _ = self._find_digest(name, digest, checked)
+        if found is not None:
+            return found
         number = numbers[-1] + 1 if numbers else 0
         vdir = self._art_dir(name) / "versions"
         vdir.mkdir(parents=True, exist_ok=True)
@@ -286,14 +335,24 @@ class LocalStore(ArtifactStore):
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
                 number += 1
-        _fsync_dir(vdir)
+        fsutil.fsync_path(vdir)
         return number
 
     def _check_type(self, name: str, type: str, numbers: Sequence[int]) -> None:
-        if numbers and (existing := self._read_record(name, numbers[0])["type"]) != type:
+        if not numbers:
+            return
+        if name not in self._types:  # the first version's, which never changes
+            self._types[name] = self._read_record(name, numbers[0])["type"]
+        if (existing := self._types[name]) != type:
             raise ArtifactError(
                 f"artifact {name!r} has type {existing!r}, cannot log type {type!r}; use another name for the new type"
             )
+
+    def _add_aliases(self, name: str, number: int, aliases: Sequence[str]) -> None:
+        """Point ``aliases`` at the committed version ``number``, under the lock."""
+        if aliases:
+            with file_lock(self._art_dir(name) / "lock", self.lock_timeout_s):
+                self._set_aliases(name, number, aliases)
 
     def _set_aliases(self, name: str, number: int, aliases: Sequence[str]) -> None:
         """Point ``aliases`` at ``number`` (moving them from other versions). Caller holds the lock."""
@@ -372,9 +431,12 @@ class LocalStore(ArtifactStore):
         if dest.is_dir():
             return dest
         build = self._tmp("materialize")
+        folders: set[Path] = set()
         for f in version.files:
             target = build / f.path
-            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.parent not in folders:  # one mkdir per folder, not per file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                folders.add(target.parent)
             self._link_or_copy(self._blob(f.sha256), target)
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -387,10 +449,12 @@ class LocalStore(ArtifactStore):
 
     @staticmethod
     def _link_or_copy(blob: Path, target: Path) -> None:
-        if not blob.exists():
-            raise ArtifactError(f"blob {blob} is missing; run fsck() and log the artifact again")
         try:
             os.link(blob, target)
+        except FileNotFoundError as e:
+            if blob.exists():
+                raise
+            raise ArtifactError(f"blob {blob} is missing; run fsck() and log the artifact again") from e
         except OSError as e:
             if e.errno not in LINK_FALLBACK_ERRNOS:
                 raise
