@@ -8,6 +8,7 @@ provenance, and records the job's outputs under its key. Exit codes: 0 done (or 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -213,6 +214,7 @@ def commit_outputs(
             metadata=dict(metadata.get(out.name, {})),
             aliases=[f"study-{record.study}", f"job-{record.key[:16]}"],
             producer=producer,
+            move=True,  # staging is the store's own filesystem and discarded after: rename, not copy
         )
         refs[out.name] = version.ref
     store.record_job(record.key, refs)
@@ -228,15 +230,38 @@ def _flatten(inputs: Mapping[str, ResolvedInput | list[ResolvedInput]]) -> list[
 
 def provenance(record: JobRecord) -> dict[str, Any]:
     """What a reader needs to reproduce an artifact: spec, job, code and package versions, seed."""
+    code = copy.deepcopy(_adopted_code) if _adopted_code is not None else code_provenance()
+    return {"spec_hash": record.spec_hash, "job_key": record.key, "seed": record.seed, **code}
+
+
+def code_provenance() -> dict[str, Any]:
+    """The part of provenance that is the same for every job run by one interpreter on one
+    checkout: git commit (+dirty), Python, host and package versions.
+
+    It costs ~10 ms (two git subprocesses, 8 package metadata files), a third of a trivial job,
+    so the local executor computes it in the submitting process and hands it to its job
+    processes (``adopt_code_provenance``); a SLURM task, on its own node, computes its own.
+    """
     return {
-        "spec_hash": record.spec_hash,
-        "job_key": record.key,
-        "seed": record.seed,
         "git_commit": git_commit(),
         "python": platform.python_version(),
         "host": platform.node(),
         "packages": {p: v for p in PACKAGES if (v := _version(p))},
     }
+
+
+_adopted_code: dict[str, Any] | None = None  # set only in a local job process, see below
+
+
+def adopt_code_provenance(code: dict[str, Any]) -> None:
+    """Use ``code`` as this process's ``code_provenance()`` instead of computing it again.
+
+    For a process forked to run one job by a submitting process that computed ``code`` on the
+    same machine, interpreter and ``sys.path`` about a second before at most, so that the content
+    is what this process would compute (the local executor's job processes; nothing else calls it).
+    """
+    global _adopted_code
+    _adopted_code = copy.deepcopy(code)
 
 
 def git_commit() -> str | None:
@@ -255,10 +280,23 @@ def git_commit() -> str | None:
 
 
 def _version(package: str) -> str | None:
+    """The installed version of ``package`` (None if it is not installed).
+
+    Reads the ``Version:`` header itself: ``importlib.metadata.version`` runs the email parser
+    over the whole metadata file, long description included (8 ms for our 8 packages, not 3).
+    """
     try:
-        return importlib_metadata.version(package)
+        dist = importlib_metadata.distribution(package)
     except importlib_metadata.PackageNotFoundError:
         return None
+    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+    for line in text.splitlines():
+        if not line:  # the headers end at the first empty line
+            break
+        name, colon, value = line.partition(":")
+        if colon and name.strip().lower() == "version":
+            return value.strip()
+    return dist.version
 
 
 class JobStopped(BaseException):

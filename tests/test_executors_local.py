@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from orchestrator.executors import LocalExecutor
+from orchestrator.executors import LocalExecutor, local
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan, build_plan
 from orchestrator.records import read_state
@@ -125,6 +125,10 @@ def test_ctrl_c_stops_running_jobs_cleanly(tmp_path: Path) -> None:
         if states.count("running") == 2:
             break
         time.sleep(0.05)
+    # each running job is a process of its own, leading its own session
+    running = [json.loads(p.read_text()) for p in jobs_dir.glob("*/state.json")]
+    pids = {int(s["external_id"]) for s in running if s["state"] == "running"}
+    assert len(pids) == 2 and all(os.getsid(pid) == pid for pid in pids)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
@@ -157,3 +161,55 @@ def value_of_field(executor: LocalExecutor, plan: Plan, label: str, field: str) 
     job = next(j for j in plan.jobs if j.label == label)
     ref = executor.store.job_outputs(job.key)[job.outputs[0].name]
     return json.loads((executor.store.materialize(ref) / "value.json").read_text())[field]
+
+
+def test_jobs_record_the_code_provenance_their_submitter_computed(
+    toy_spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Git commit, Python, host and packages come from the submitting process, computed there
+    once (per max age), not in each job (two git subprocesses a job); the rest is per job."""
+    calls: list[int] = []
+
+    def code() -> dict[str, object]:
+        calls.append(1)
+        return {"git_commit": "cafe+dirty", "python": "3.x", "host": "here", "packages": {"pydantic": "9.9"}}
+
+    monkeypatch.setattr(local, "code_provenance", code)
+    monkeypatch.setattr(local, "CODE_PROVENANCE_MAX_AGE_S", 3600.0)
+    plan, ex, _ = setup(toy_spec, tmp_path / "root")
+    assert ex.submit(plan, toy_spec).ok
+    expected = code()
+    for job in plan.jobs:
+        version = ex.store.get(ex.store.job_outputs(job.key)[job.outputs[0].name])
+        assert version.producer is not None
+        assert version.producer.provenance == {
+            "spec_hash": plan.study.spec_hash(),
+            "job_key": job.key,
+            "seed": job.seed,
+            **expected,
+        }
+    assert len(calls) == 2  # once for the whole submit (and once just above)
+
+
+def test_code_provenance_is_recomputed_once_older_than_its_max_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    now, cost = [0.0], [0.0]  # a fake clock; computing the provenance takes `cost` on it
+
+    def code() -> dict[str, object]:
+        now[0] += cost[0]
+        return {"at": now[0]}
+
+    monkeypatch.setattr(local, "code_provenance", code)
+    snapshot = local._CodeProvenance(1.0, clock=lambda: now[0])
+    assert snapshot.get() == {"at": 0.0}
+    now[0] = 1.0
+    assert snapshot.get() == {"at": 0.0}  # exactly max_age_s old: still fresh
+    now[0] = 1.5
+    assert snapshot.get() == {"at": 1.5}
+    assert snapshot.get() == {"at": 1.5}
+    cost[0] = 0.5  # slow (a huge checkout): at most 5% of the time goes to recomputing it
+    now[0] = 3.0
+    assert snapshot.get() == {"at": 3.5}
+    now[0] = 12.0
+    assert snapshot.get() == {"at": 3.5}  # taken 9 s ago, but it took 0.5 s: fresh for 10 s
+    now[0] = 13.1
+    assert snapshot.get() == {"at": 13.6}
