@@ -115,6 +115,20 @@ def test_cka_matrix_is_every_pair():
     assert np.isnan(cka_matrix([x, y], debiased=False)[1]).all()
 
 
+def test_cka_matrix_reuses_the_callers_buffers():
+    xs = [related(25, 5, seed=i)[0].astype(np.float32) for i in range(3)]
+    buffers: list[np.ndarray] = []
+    first = cka_matrix(xs, buffers=buffers)
+    kept = [id(b) for b in buffers]
+    assert len(buffers) == 3 and all(b.dtype == np.float64 and b.shape == (25, 5) for b in buffers)
+    again = cka_matrix(xs[::-1], buffers=buffers)  # the next layer: same shapes, same memory
+    assert [id(b) for b in buffers] == kept
+    np.testing.assert_allclose(again[0], first[0][::-1, ::-1], atol=1e-12)
+    np.testing.assert_allclose(cka_matrix(xs)[1], first[1], atol=1e-12)
+    cka_matrix([x[:, :4] for x in xs], buffers=buffers)  # another shape: replaced, not misused
+    assert all(b.shape == (25, 4) for b in buffers)
+
+
 def test_cka_is_symmetric_and_stats_are_reusable():
     x, y = related(30, 6, seed=4)
     sx, sy = cka_stats(x.astype(np.float32)), cka_stats(y)
