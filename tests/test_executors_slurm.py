@@ -117,8 +117,11 @@ def states(store: Path, study: str) -> dict[str, str]:
     return out
 
 
-def wait_until_done(store: Path, study: str, timeout_s: float = 120) -> dict[str, str]:
-    """Poll `status` (real squeue/sacct) until no job is queued or running."""
+def wait_until_done(
+    store: Path, study: str, timeout_s: float = 120, transient: frozenset[str] = frozenset({"queued", "running", "pending", "interrupted"})
+) -> dict[str, str]:
+    """Poll `status` (real squeue/sacct) until no job is in a ``transient`` state (by default
+    queued or running, or interrupted: a checkpointed job requeues itself)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         out = subprocess.run(
@@ -128,7 +131,7 @@ def wait_until_done(store: Path, study: str, timeout_s: float = 120) -> dict[str
             cwd=ROOT,
         )
         rows = {ln.split()[0]: ln.split()[1] for ln in out.stdout.splitlines()[3:] if ln.strip()}
-        if rows and not {"queued", "running", "pending", "interrupted"} & set(rows.values()):
+        if rows and not transient & set(rows.values()):
             return rows
         time.sleep(1)
     raise AssertionError(f"study {study} did not finish: {states(store, study)}")
@@ -250,11 +253,20 @@ def test_cancel_command(odd_dir: Path) -> None:
     )
     store = odd_dir / "store"
     assert submit(spec, store).returncode == 0
+    deadline = time.monotonic() + 60  # cancel it running: a job that checkpoints must not requeue itself
+    while "running" not in states(store, "slow").values() and time.monotonic() < deadline:
+        time.sleep(0.2)
     out = subprocess.run(
         [sys.executable, "-m", "orchestrator", "cancel", "slow", "--store", str(store)], capture_output=True, text=True, cwd=ROOT
     )
     assert out.returncode == 0 and "cancelled SLURM jobs" in out.stdout
-    assert set(wait_until_done(store, "slow").values()) <= {"cancelled", "interrupted", "failed"}
+    final = wait_until_done(store, "slow", transient=frozenset({"queued", "running", "pending"}))
+    assert set(final.values()) <= {"cancelled", "interrupted", "failed"}
+    time.sleep(3)  # a job that requeued itself after the TERM would be back in the queue by now
+    sub = json.loads(next((store / "studies" / "slow" / "slurm").glob("*/submission.json")).read_text())
+    ids = ",".join(sub["ids"].values())
+    queued = subprocess.run(["squeue", "-h", "-j", ids], capture_output=True, text=True).stdout
+    assert queued.strip() == "" and states(store, "slow") == final
 
 
 @cluster

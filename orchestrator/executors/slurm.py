@@ -9,7 +9,7 @@ reaches a shell: parameters travel in the job records, never in the script.
 
 Preemption and time limits: ``--signal=B:USR2@<s>`` reaches the batch shell, which forwards it to
 the runner; a stage that checkpoints exits with code 3 and the script requeues the job, whose next
-start resumes from the checkpoint.
+start resumes from the checkpoint. TERM (``scancel``) is forwarded too, but never requeues.
 """
 
 from __future__ import annotations
@@ -127,18 +127,22 @@ def render_directives(options: dict[str, str]) -> str:
 
 
 def render_command(python: str, list_path: Path) -> str:
-    """Run the job's runner in the background so the batch shell can forward signals; requeue on 3."""
+    """Run the job's runner in the background so the batch shell can forward signals; requeue when
+    it checkpointed (exit 3) after USR2, the time-limit signal. Not after TERM: that is ``scancel``
+    (a cancelled job that requeued itself would run on) or SLURM's own preemption, which requeues
+    by itself."""
     run = " ".join(shlex.quote(p) for p in (python, "-m", "orchestrator", "run-job", "--list", str(list_path)))
     return f"""\
 {run} --index "${{SLURM_ARRAY_TASK_ID:-0}}" &
 child=$!
-trap 'kill -USR2 "$child" 2>/dev/null' USR2
+requeue=0
+trap 'requeue=1; kill -USR2 "$child" 2>/dev/null' USR2
 trap 'kill -TERM "$child" 2>/dev/null' TERM
 while true; do
   wait "$child"; rc=$?
   kill -0 "$child" 2>/dev/null || break
 done
-if [ "$rc" -eq {EXIT_INTERRUPTED} ]; then
+if [ "$rc" -eq {EXIT_INTERRUPTED} ] && [ "$requeue" -eq 1 ]; then
   echo "checkpointed; requeueing ${{SLURM_JOB_ID}}"
   scontrol requeue "${{SLURM_JOB_ID}}"
 fi
