@@ -125,10 +125,15 @@ def test_ctrl_c_stops_running_jobs_cleanly(tmp_path: Path) -> None:
         if states.count("running") == 2:
             break
         time.sleep(0.05)
-    # each running job is a process of its own, leading its own session
+    # each running job is a process of its own, leading its own session (once it has called
+    # setsid, its first step: "running" is written as soon as the process exists)
     running = [json.loads(p.read_text()) for p in jobs_dir.glob("*/state.json")]
     pids = {int(s["external_id"]) for s in running if s["state"] == "running"}
-    assert len(pids) == 2 and all(os.getsid(pid) == pid for pid in pids)
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while not all(os.getsid(pid) == pid for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(os.getsid(pid) == pid for pid in pids)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
