@@ -141,7 +141,7 @@ def alone(keys):  # the executor's way, one at a time: fork, running state, run-
 alone(todo[:1])
 out["alone"] = alone(todo[1:n + 1])  # prep jobs first, then points that read them: plan order
 
-runner.adopt_code_provenance(runner.code_provenance())  # as in a job process
+code = runner.code_provenance()  # handed to each job, as the executor does
 commit, times = runner.commit_outputs, []
 def timed_commit(*a, **k):
     t = time.perf_counter(); refs = commit(*a, **k); times.append(time.perf_counter() - t); return refs
@@ -150,7 +150,7 @@ body = []
 for key in todo[n + 1: 2 * n + 2]:
     with redirect_stdout(io.StringIO()):
         t = time.perf_counter()
-        if run_job_command(paths.job(key).record) != 0: raise SystemExit(f"job {key} failed")
+        if run_job_command(paths.job(key).record, code=code) != 0: raise SystemExit(f"job {key} failed")
         body.append(time.perf_counter() - t)
 out["body"], out["commit"] = sum(body[1:]) / n, sum(times[1:]) / n
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from orchestrator.artifacts import ArtifactError
 from orchestrator.errors import OrchestratorError
@@ -30,13 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guarded(lambda: args.func(args))
 
 
-def run_job_command(record: Path, *, force: bool = False) -> int:
+def run_job_command(record: Path, *, force: bool = False, code: Mapping[str, Any] | None = None) -> int:
     """``run-job RECORD [--force]`` without parsing a command line, with main's exit codes and
     error messages: what the local executor's job processes call (building the whole parser
-    costs ~3 ms, a tenth of a trivial job)."""
+    costs ~3 ms, a tenth of a trivial job). ``code``: see ``runner.run_job``."""
     from orchestrator.runner import run_job
 
-    return _guarded(lambda: run_job(record, force=force))
+    return _guarded(lambda: run_job(record, force=force, code=code))
 
 
 def _guarded(command: Callable[[], int]) -> int:

@@ -8,7 +8,6 @@ provenance, and records the job's outputs under its key. Exit codes: 0 done (or 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -95,11 +94,12 @@ def slurm_job_id() -> str | None:
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
-def run_job(record_path: Path, force: bool = False) -> int:
+def run_job(record_path: Path, force: bool = False, code: Mapping[str, Any] | None = None) -> int:
     """Run the job described by ``record_path``; return the process exit code.
 
     A job whose outputs are already committed is not run again unless ``force`` is set, so that a
-    requeued or duplicated job is harmless.
+    requeued or duplicated job is harmless. ``code``: this checkout's ``code_provenance()`` when the
+    caller has it already (the local executor computes it once for many jobs); else computed here.
     """
     record = read_job_record(record_path)
     paths = StudyPaths(record.root, record.study)
@@ -120,7 +120,7 @@ def run_job(record_path: Path, force: bool = False) -> int:
     try:
         print(f"{record.label}: running stage {record.stage} (key {record.key[:12]}, seed {record.seed})", flush=True)
         metadata = stage_def.fn(stage_def.params.model_validate(record.params), inputs, ctx) or {}
-        refs = commit_outputs(store, record, stage_def, staging, metadata, inputs)
+        refs = commit_outputs(store, record, stage_def, staging, metadata, inputs, code)
         for ref in refs.values():
             run.log_output(store.get(ref), store.materialize(ref))
     except StageInterrupted as e:
@@ -189,6 +189,7 @@ def commit_outputs(
     staging: Path,
     metadata: Mapping[str, Mapping[str, Any]],
     inputs: Mapping[str, ResolvedInput | list[ResolvedInput]],
+    code: Mapping[str, Any] | None = None,
 ) -> dict[str, ArtifactRef]:
     """Log every declared output, then record them under the job key (the commit point for caching)."""
     unknown = set(metadata) - set(stage_def.outputs)
@@ -200,7 +201,7 @@ def commit_outputs(
         stage=record.stage,
         job_label=record.label,
         inputs=tuple(ArtifactRef(i.name, i.version) for i in _flatten(inputs)),
-        provenance=provenance(record),
+        provenance=provenance(record, code),
     )
     refs: dict[str, ArtifactRef] = {}
     for out in record.outputs:
@@ -228,9 +229,10 @@ def _flatten(inputs: Mapping[str, ResolvedInput | list[ResolvedInput]]) -> list[
     return out
 
 
-def provenance(record: JobRecord) -> dict[str, Any]:
-    """What a reader needs to reproduce an artifact: spec, job, code and package versions, seed."""
-    code = copy.deepcopy(_adopted_code) if _adopted_code is not None else code_provenance()
+def provenance(record: JobRecord, code: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a reader needs to reproduce an artifact: spec, job, code and package versions, seed
+    (``code``: ``code_provenance()``, computed here unless given)."""
+    code = code_provenance() if code is None else code
     return {"spec_hash": record.spec_hash, "job_key": record.key, "seed": record.seed, **code}
 
 
@@ -240,7 +242,7 @@ def code_provenance() -> dict[str, Any]:
 
     It costs ~10 ms (two git subprocesses, 8 package metadata files), a third of a trivial job,
     so the local executor computes it in the submitting process and hands it to its job
-    processes (``adopt_code_provenance``); a SLURM task, on its own node, computes its own.
+    processes (``run_job(..., code=...)``); a SLURM task, on its own node, computes its own.
     """
     return {
         "git_commit": git_commit(),
@@ -248,20 +250,6 @@ def code_provenance() -> dict[str, Any]:
         "host": platform.node(),
         "packages": {p: v for p in PACKAGES if (v := _version(p))},
     }
-
-
-_adopted_code: dict[str, Any] | None = None  # set only in a local job process, see below
-
-
-def adopt_code_provenance(code: dict[str, Any]) -> None:
-    """Use ``code`` as this process's ``code_provenance()`` instead of computing it again.
-
-    For a process forked to run one job by a submitting process that computed ``code`` on the
-    same machine, interpreter and ``sys.path`` about a second before at most, so that the content
-    is what this process would compute (the local executor's job processes; nothing else calls it).
-    """
-    global _adopted_code
-    _adopted_code = copy.deepcopy(code)
 
 
 def git_commit() -> str | None:

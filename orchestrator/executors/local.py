@@ -156,12 +156,10 @@ def _job_main(job: _JobStart) -> None:
     os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     from orchestrator.cli import run_job_command
-    from orchestrator.runner import adopt_code_provenance
 
-    adopt_code_provenance(job.code)
     # SystemExit is how a multiprocessing target sets its exit code while still running the
     # process's finalizers (which release e.g. tqdm's semaphores instead of leaking them)
-    sys.exit(run_job_command(job_paths.record, force=job.force))
+    sys.exit(run_job_command(job_paths.record, force=job.force, code=job.code))
 
 
 class _Run:
@@ -177,7 +175,6 @@ class _Run:
     ) -> None:
         self.ex, self.plan, self.force, self.report = executor, plan, force, report
         self.waiting = dict.fromkeys(todo)  # an ordered set: plan order
-        self.done = set(cached)
         self.running: dict[str, tuple[BaseProcess, float]] = {}
         self.exited: list[tuple[str, int, float]] = []  # reaped, state not written yet: (key, rc, seconds)
         self.total, self.ended = len(todo), 0
@@ -187,11 +184,11 @@ class _Run:
         self.unmet: dict[str, int] = {}  # waiting job -> how many of its dependencies have not succeeded
         self.dependents: dict[str, list[str]] = {}  # job -> the waiting jobs that depend on it
         for key in todo:
-            self._index(key)
+            self._index(key, cached)
         self.ready = [key for key in todo if not self.unmet[key]]
 
-    def _index(self, key: str) -> None:
-        deps = [d for d in self.plan.by_key[key].deps if d not in self.done]
+    def _index(self, key: str, cached: set[str]) -> None:
+        deps = [d for d in self.plan.by_key[key].deps if d not in cached]
         self.unmet[key] = len(deps)
         for dep in deps:
             self.dependents.setdefault(dep, []).append(key)
@@ -238,7 +235,6 @@ class _Run:
             self.exited.append((key, rc if rc >= 0 else 128 - rc, time.monotonic() - started))
 
     def _release_dependents(self, key: str) -> None:
-        self.done.add(key)
         for dep in self.dependents.pop(key, ()):
             self.unmet[dep] -= 1
             if not self.unmet[dep] and dep in self.waiting:
