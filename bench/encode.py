@@ -46,13 +46,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from stages.corpus import PSALMS, bible_versions_in_db, find_bible_db, resolve_bible_versions  # noqa: E402
-from stages.encode import (  # noqa: E402
-    effective_max_length,
-    encode_sentences,
-    in_order_batches,
-    length_sorted_batches,
-    position_budget,
-)
+from stages.encode import effective_max_length, encode_batches, encode_sentences  # noqa: E402
 from stages.mlm import build_model, configure_threads  # noqa: E402
 from stages.parallel import Row, length_filter, ratio_filter, read_bible_verses, sample_rows  # noqa: E402
 from stages.tokenizer import TokenizerParams, build_tokenizer, wrap_fast  # noqa: E402
@@ -126,10 +120,7 @@ def padding(stats: Mapping[str, float]) -> float:
 
 def processed_positions(lengths: Sequence[int], batch_size: int, sort_by_length: bool) -> int:
     """Positions ``encode_sentences`` processes for sentences of ``lengths`` tokens (each batch padded to its longest)."""
-    if sort_by_length:
-        batches = length_sorted_batches(lengths, batch_size, position_budget(lengths, batch_size))
-    else:
-        batches = in_order_batches(len(lengths), batch_size)
+    batches = encode_batches(lengths, batch_size, sort_by_length)
     return sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
 

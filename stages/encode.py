@@ -119,6 +119,14 @@ def position_budget(lengths: Sequence[int], batch_size: int) -> int:
     return batch_size * max(1, math.ceil(sum(lengths) / max(1, len(lengths))))
 
 
+def encode_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool = True) -> list[list[int]]:
+    """The batches ``encode_sentences`` runs for sentences of ``lengths`` tokens: length-sorted
+    within the :func:`position_budget`, or (``sort_by_length=False``) in order."""
+    if sort_by_length:
+        return length_sorted_batches(lengths, batch_size, position_budget(lengths, batch_size))
+    return in_order_batches(len(lengths), batch_size)
+
+
 def pooling_description(include_special_tokens: bool) -> str:
     what = "all attended tokens (<s> and </s> included)" if include_special_tokens else (
         "attended tokens except <s>/</s> (cls/sep/bos/eos ids)")
@@ -193,12 +201,7 @@ def encode_sentences(
     model.eval()
     try:
         with torch.inference_mode():
-            lengths = [len(x) for x in ids]
-            if sort_by_length:
-                batches = length_sorted_batches(lengths, batch_size, position_budget(lengths, batch_size))
-            else:
-                batches = in_order_batches(len(ids), batch_size)
-            for batch in batches:
+            for batch in encode_batches([len(x) for x in ids], batch_size, sort_by_length):
                 if should_stop is not None and should_stop():
                     raise StageInterrupted("encode: stop requested (nothing to checkpoint, the stage reruns)")
                 width = max(len(ids[i]) for i in batch)
