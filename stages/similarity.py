@@ -456,10 +456,15 @@ def pairwise_by_layer(
     return result
 
 
-def layer_cka_matrix(xs: Sequence[Any], ys: Sequence[Any]) -> list[list[float]]:
-    """Linear CKA of every layer of ``xs`` (rows) against every layer of ``ys`` (columns)."""
-    sx = [cka_stats(x) for x in xs]
-    sy = [cka_stats(y) for y in ys]
+def layer_cka_matrix(
+    xs: Sequence[Any], ys: Sequence[Any], buffers: list[np.ndarray] | None = None
+) -> list[list[float]]:
+    """Linear CKA of every layer of ``xs`` (rows) against every layer of ``ys`` (columns)
+    (``buffers``: see :func:`cka_matrix`)."""
+    import numpy as np
+
+    stats = [cka_stats(x, reusable_buffer(buffers, i, np.shape(x))) for i, x in enumerate([*xs, *ys])]
+    sx, sy = stats[: len(xs)], stats[len(xs) :]
     return [[cka_pair(a, b, debiased=False)[0] for b in sy] for a in sx]
 
 
@@ -645,10 +650,11 @@ def similarity_stage(params: SimilarityParams, inputs: Inputs, ctx: StageContext
     layer_by_layer: dict[str, list[list[float]]] = {}
     if params.layer_by_layer and "full" in models:
         full = models["full"]
+        buffers: list[np.ndarray] = []  # one language's centred layers, reused by the next
         for lang in (lang for lang in languages if lang in subnets):
             xs = [full.layer(lang, i) for i in range(n_layers)]
             ys = [subnets[lang].layer(lang, j) for j in range(n_layers)]
-            layer_by_layer[lang] = layer_cka_matrix(xs, ys)
+            layer_by_layer[lang] = layer_cka_matrix(xs, ys, buffers)
     result = {
         "languages": languages,
         "reference": params.reference,
