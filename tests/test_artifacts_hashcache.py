@@ -109,6 +109,6 @@ def test_store_first_log_remembers_settled_files_without_a_second_read(tmp_path:
     v = store.log("m", "model", src)
     assert reads == []  # the store hashes while it copies, not through a separate hashing pass
     lines = (store.root / "cache" / "hashes.jsonl").read_text().splitlines()
-    assert len(lines) == 2  # appended once the files were read
+    assert len(lines) == 4  # appended once the files were read, and the stamps of the two blobs placed
     fresh = HashCache(store.root / "cache" / "hashes.jsonl")
     assert all(fresh.known((src / f.path).stat()) == f.sha256 for f in v.files)

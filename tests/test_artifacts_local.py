@@ -27,12 +27,16 @@ from orchestrator.artifacts import (
     ArtifactError,
     ArtifactNotFound,
     ArtifactRef,
+    ArtifactVersion,
+    CorruptArtifact,
+    FileEntry,
     FsckReport,
     LocalStore,
     LockTimeout,
     Producer,
     file_lock,
     local,
+    views,
 )
 from orchestrator.artifacts.local import manifest_digest
 
@@ -279,27 +283,32 @@ def test_materialize_names_a_missing_blob(store: LocalStore, tmp_path: Path) -> 
     v = store.log("x", "t", make_dir(tmp_path / "src", {"a": "1", "d/b": "2"}))
     blob = store._blob(sha(b"2"))
     blob.unlink()
-    with pytest.raises(ArtifactError, match=f"blob {blob} is missing; run fsck"):
+    with pytest.raises(CorruptArtifact, match=r"x:v0 is corrupt: file 'd/b': its stored bytes \(blob\) are missing.*submit --force"):
         store.materialize(v.ref)
 
 
-def test_materialize_losing_the_race_uses_the_winner(store: LocalStore, tmp_path: Path) -> None:
+def test_materialize_losing_the_race_uses_the_winner(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     v = store.log("x", "t", make_dir(tmp_path / "src", {"a": "1", "b": "2"}))
+    real = views.Views._copy_all
+    raced: list[bool] = []
 
-    class Racing(LocalStore):
-        raced = False
+    def racing(self: views.Views, version: ArtifactVersion, jobs: list[tuple[FileEntry, str]]) -> None:
+        if not raced:  # a writer that takes no lock (an older store) finishes first, mid-way through our build
+            raced.append(True)
+            winner = store.root / "materialized" / "x" / "v0"
+            winner.mkdir(parents=True)
+            for f in version.files:
+                shutil.copyfile(store._blob(f.sha256), winner / f.path)
+        real(self, version, jobs)
 
-        def _link_or_copy(self, blob: Path, target: Path) -> None:
-            if not self.raced:  # another process finishes first, mid-way through our build
-                self.raced = True
-                LocalStore(self.root).materialize(v.ref)
-            super()._link_or_copy(blob, target)
-
-    racer = Racing(store.root)
-    path = racer.materialize(v.ref)
-    assert racer.raced
+    monkeypatch.setattr(views.Views, "_copy_all", racing)
+    path = store.materialize(v.ref)
+    assert raced
     assert path == store.root / "materialized" / "x" / "v0"
-    assert (path / "a").read_text() == "1"
+    assert (path / "a").read_text() == "1" and (path / "a").stat().st_mode & 0o222 == 0  # theirs, verified
+    assert store.modified_view_files(v.ref) == []
     assert list((store.root / "tmp").iterdir()) == []
 
 

@@ -4,8 +4,8 @@ An artifact has a name (``demo.prune.language=en``) and a type (``head-mask``). 
 creates a version ``v0, v1, ...`` unless the content is identical to an existing version, in which
 case that version is returned (as W&B does). A version has a manifest of files with sha256 digests,
 free-form metadata, aliases, and the lineage of the job that produced it. A job's outputs are
-recorded under its job key once all of them are committed: that record is what caching and
-resolution by lineage read.
+recorded under its job key once all of them are committed, with the exact input versions the job
+consumed: that record is what caching and resolution by lineage read.
 """
 
 from __future__ import annotations
@@ -27,6 +27,25 @@ class ArtifactError(Exception):
 
 class ArtifactNotFound(ArtifactError):
     """The named artifact, version, alias or job record does not exist."""
+
+
+class DamagedRecord(ArtifactError):
+    """A record of the store (a version's manifest, a job record, an alias file) cannot be read or
+    is invalid; the message names the file, what is wrong with it and how to repair the store."""
+
+    def __init__(self, path: Path | str, problem: str, consequence: str = "") -> None:
+        self.path, self.problem, self.consequence = Path(path), problem, consequence
+        super().__init__(
+            f"damaged record {path}: {problem}; run `python -m orchestrator fsck --repair` to move it to quarantine"
+            + (f" ({consequence})" if consequence else "")
+        )
+
+    def __reduce__(self) -> tuple[type[DamagedRecord], tuple[Path, str, str]]:  # picklable across processes
+        return type(self), (self.path, self.problem, self.consequence)
+
+
+class CorruptArtifact(ArtifactError):
+    """A file of a version is missing from the store or its bytes do not match its manifest."""
 
 
 def check_name(name: str) -> str:
@@ -91,6 +110,15 @@ class ArtifactVersion:
         return sum(f.size for f in self.files)
 
 
+@dataclass(frozen=True)
+class JobCommit:
+    """What a job committed: its outputs and the exact input versions it consumed, per input
+    binding and in order (None for records written before inputs were recorded)."""
+
+    outputs: dict[str, ArtifactRef]
+    inputs: dict[str, tuple[ArtifactRef, ...]] | None
+
+
 class ArtifactStore(ABC):
     """What the runner, the planner's cache check and the CLI need from a store."""
 
@@ -125,12 +153,37 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def materialize(self, ref: ArtifactRef) -> Path:
-        """A read-only directory holding the version's files (created once, then reused)."""
+        """A read-only directory holding the version's files, verified against their digests
+        (created once, then reused; raises CorruptArtifact rather than hand out other bytes)."""
 
     @abstractmethod
-    def record_job(self, job_key: str, outputs: Mapping[str, ArtifactRef]) -> None:
-        """Atomically record that job ``job_key`` produced ``outputs`` (output name -> version)."""
+    def modified_view_files(self, ref: ArtifactRef) -> list[str]:
+        """The relative paths in ``materialize(ref)``'s directory that were written to, added or
+        removed since it was verified (a stage that wrote to its inputs); empty if none."""
+
+    @abstractmethod
+    def record_job(
+        self,
+        job_key: str,
+        outputs: Mapping[str, ArtifactRef],
+        inputs: Mapping[str, Sequence[ArtifactRef]] | None = None,
+    ) -> None:
+        """Atomically record that job ``job_key`` produced ``outputs`` (output name -> version)
+        from ``inputs`` (input binding -> the versions it consumed, in order)."""
+
+    @abstractmethod
+    def job_record(self, job_key: str) -> JobCommit | None:
+        """What ``job_key`` committed, or None if it never completed (DamagedRecord if unreadable)."""
 
     @abstractmethod
     def job_outputs(self, job_key: str) -> dict[str, ArtifactRef] | None:
         """The outputs recorded for ``job_key``, or None if the job never completed."""
+
+    @abstractmethod
+    def job_problem(self, job_key: str) -> str | None:
+        """None if ``job_key``'s record exists, is readable and every output version it names
+        exists with its files in place; else why the job does not count as committed."""
+
+    @abstractmethod
+    def drop_job(self, job_key: str) -> None:
+        """Forget ``job_key``'s record (kept aside, not deleted), so that the job runs again."""

@@ -4,6 +4,8 @@ A file's sha256 is remembered under its identity and change stamps (device, inod
 ctime in ns), as git's index and DVC do. Any write changes mtime/ctime, so a changed file misses.
 To avoid git's "racily clean" problem (file timestamps tick coarsely: a rewrite within the same
 tick keeps the stamps), files modified less than ``SETTLE_S`` before hashing are not remembered.
+The store's own blobs are the exception (``remember_verified``): it wrote them itself, read-only,
+and nobody else writes to them, so their stamps are remembered at once.
 Entries are JSON lines appended to one file (each ``flush`` is one append of whole lines, which
 is atomic, so concurrent writers are safe); a torn or foreign line is ignored.
 """
@@ -68,6 +70,17 @@ class HashCache:
         if settled and _stamp(after) == stamp:
             known = self._load()
             with self._lock:
+                known[stamp] = sha
+                self._unsaved.append(json.dumps([stamp, sha]) + "\n")
+
+    def remember_verified(self, st: os.stat_result, sha: str) -> None:
+        """Remember ``sha`` for a file the store wrote itself or has just verified (a blob), without
+        the settle rule: blobs are written once, read-only, and only by the store, so a rewrite
+        within one timestamp tick (what the rule guards against) does not happen to them."""
+        stamp = _stamp(st)
+        known = self._load()
+        with self._lock:
+            if known.get(stamp) != sha:
                 known[stamp] = sha
                 self._unsaved.append(json.dumps([stamp, sha]) + "\n")
 

@@ -1,6 +1,8 @@
 """Steps 1-3 of ``LocalStore.log`` (see its module docstring): read each source file once, hash
 it, copy it to a temporary blob or take it (``move=True``), and place new blobs in ``objects/``
-behind a durability barrier."""
+behind a durability barrier. Also the blobs' upkeep: each blob's stamp is remembered when it is
+placed or verified, so "is this blob intact?" costs one stat on the common path; a blob found
+corrupt is moved to ``quarantine/`` and replaced from the source being logged (``ensure``)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import TypeVar
 from .. import fsutil
 from .base import ArtifactError
 from .hashcache import HashCache
+from .quarantine import quarantine
 
 CHUNK = 1 << 20  # copy and hash in 1 MiB pieces: fits the CPU cache, measured faster than 4 MiB
 # hashlib and file I/O release the GIL, so files are hashed side by side, one thread per CPU this
@@ -77,7 +80,18 @@ def _hash_fd(fd: int, out: int | None) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _same_content_stamp(a: os.stat_result, b: os.stat_result) -> bool:
+def copy_and_hash(src: int, dst: int | None, size_hint: int) -> tuple[str, int]:
+    """(sha256, size) of what is left to read from ``src``, also written to ``dst`` if given. A
+    file under a chunk (by ``size_hint``, its fstat size) is read whole in one call."""
+    if size_hint >= CHUNK:
+        return _hash_fd(src, dst)
+    data = os.read(src, size_hint + 1)  # one more byte than expected: a larger file then mismatches
+    if dst is not None:
+        _write_all(dst, data)
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def same_content_stamp(a: os.stat_result, b: os.stat_result) -> bool:
     """Same file, not written in between (a write moves mtime and ctime; reading moves neither)."""
     return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (
         b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns,
@@ -101,19 +115,19 @@ def map_all(pool: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Sequence[_T
     return done, error
 
 
-def _batches(sizes: Sequence[int]) -> list[list[int]]:
+def batches(sizes: Sequence[int]) -> list[list[int]]:
     """Indexes into ``sizes`` grouped into pool tasks of about ``BATCH_BYTES`` or ``BATCH_FILES``,
     largest files first, so that a big file never runs alone at the end while the others wait."""
-    batches: list[list[int]] = []
+    groups: list[list[int]] = []
     batch: list[int] = []
     nbytes = 0
     for k in sorted(range(len(sizes)), key=lambda k: -sizes[k]):
         batch.append(k)
         nbytes += sizes[k]
         if nbytes >= BATCH_BYTES or len(batch) >= BATCH_FILES:
-            batches.append(batch)
+            groups.append(batch)
             batch, nbytes = [], 0
-    return batches + [batch] if batch else batches
+    return groups + [batch] if batch else groups
 
 
 def discard(items: Iterable[Ingested]) -> None:
@@ -163,7 +177,7 @@ class BlobWriter:
         self._hashes = hashes
         self._objects, self._tmp_dir = str(root / "objects"), str(root / "tmp")
         self._device = os.stat(self._objects).st_dev
-        self._blob_dirs: set[str] = set()  # objects/xx folders known to exist (blobs are never deleted)
+        self._blob_dirs: set[str] = set()  # objects/xx folders known to exist (never removed, even when blobs are)
 
     def blob_path(self, sha: str) -> str:
         return f"{self._objects}/{sha[:2]}/{sha[2:]}"
@@ -187,8 +201,8 @@ class BlobWriter:
                 raise
             return done
 
-        batches, error = map_all(pool, ingest_batch, _batches([st.st_size for _, _, st in sources]))
-        done = sorted((pair for batch in batches for pair in batch), key=lambda pair: pair[0])
+        results, error = map_all(pool, ingest_batch, batches([st.st_size for _, _, st in sources]))
+        done = sorted((pair for batch in results for pair in batch), key=lambda pair: pair[0])
         if error is not None:
             discard(item for _, item in done)
             raise error
@@ -229,7 +243,7 @@ class BlobWriter:
             after = os.fstat(fd)
         finally:
             os.close(fd)
-        if size != before.st_size or not _same_content_stamp(before, after):
+        if size != before.st_size or not same_content_stamp(before, after):
             raise _changed(src)
         return Ingested(rel, src, sha, size, taken=after)
 
@@ -288,7 +302,7 @@ class BlobWriter:
     def _check_read(self, src: str, st: os.stat_result, after: os.stat_result, size: int, sha: str) -> None:
         """Fail if ``src`` changed between its listing (``st``) and the end of reading it; else
         remember its digest."""
-        if size != st.st_size or not _same_content_stamp(st, after):
+        if size != st.st_size or not same_content_stamp(st, after):
             raise _changed(src)
         self._hashes.remember(st, after, sha)
 
@@ -320,22 +334,36 @@ class BlobWriter:
         for prefix in {i.sha[:2] for i in pending} - self._blob_dirs:
             os.makedirs(f"{self._objects}/{prefix}", exist_ok=True)
             self._blob_dirs.add(prefix)
-        batches = [pending[k : k + BATCH_FILES] for k in range(0, len(pending), BATCH_FILES)]
-        _, error = map_all(pool, lambda batch: [self._place(item) for item in batch], batches)
+        groups = [pending[k : k + BATCH_FILES] for k in range(0, len(pending), BATCH_FILES)]
+        _, error = map_all(pool, self._place_group, groups)
         if error is not None:
             raise error
+
+    def _place_group(self, group: Sequence[Ingested]) -> None:
+        for item in group:
+            self._place(item)
 
     def _place(self, item: Ingested) -> None:
         dest = self.blob_path(item.sha)
         if item.tmp is not None:
             os.rename(item.tmp, dest)  # over a concurrent identical blob at worst: both are durable
             item.tmp = None
+            self._remember_placed(dest, item.sha, None)
         elif item.taken is not None and not os.path.exists(dest):  # (if it exists, the source stays put)
             self._take(item, dest)
+            self._remember_placed(dest, item.sha, item.taken)
+
+    def _remember_placed(self, dest: str, sha: str, taken: os.stat_result | None) -> None:
+        """Remember the stamp of a blob just placed (the rename moved its ctime), so that checking
+        it later costs a stat. A taken file must still be the one hashed: same inode, size and
+        mtime (a write would have moved mtime)."""
+        st = os.stat(dest)
+        if taken is None or (st.st_ino, st.st_size, st.st_mtime_ns) == (taken.st_ino, taken.st_size, taken.st_mtime_ns):
+            self._hashes.remember_verified(st, sha)
 
     def _take(self, item: Ingested, dest: str) -> None:
         """Rename the hashed source file to ``dest`` (it was made durable by barrier 1)."""
-        if item.taken is None or not _same_content_stamp(item.taken, os.stat(item.src)):
+        if item.taken is None or not same_content_stamp(item.taken, os.stat(item.src)):
             raise _changed(item.src)
         try:
             os.rename(item.src, dest)
@@ -343,6 +371,77 @@ class BlobWriter:
         except OSError as e:  # another mount of the same filesystem: copy after all
             if e.errno not in LINK_FALLBACK_ERRNOS:
                 raise
+        tmp = self._copy_for_repair(item)
+        fsutil.fsync_path(tmp)  # barrier 1 is behind us: this copy needs its own
+        os.rename(tmp, dest)
+
+    # Upkeep: intact blobs, and replacing the others ------------------------------------------
+    def hash_blob(self, sha: str) -> tuple[bool, os.stat_result | None]:
+        """(whether blob ``sha`` holds exactly its content, its stat when read: None if missing),
+        reading it whole; an intact blob's stamp is remembered. Changes nothing in the store."""
+        try:
+            fd = os.open(self.blob_path(sha), os.O_RDONLY)
+        except FileNotFoundError:
+            return False, None
+        try:
+            before = os.fstat(fd)
+            got, _ = copy_and_hash(fd, None, before.st_size)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if got == sha and same_content_stamp(before, after):
+            self._hashes.remember_verified(after, sha)
+        return got == sha, before
+
+    def quarantine_blob(self, sha: str, judged: os.stat_result) -> str | None:
+        """Move blob ``sha`` to ``quarantine/`` if it is still the file found corrupt (``judged``:
+        its stat then), so that it counts as missing from now on; a blob put in its place since is
+        left alone. Where it went, or None."""
+        moved = quarantine(self.root, Path(self.blob_path(sha)), expect=(judged.st_dev, judged.st_ino))
+        return None if moved is None else str(moved)
+
+    def intact(self, sha: str) -> bool:
+        """Whether blob ``sha`` exists and holds its content: one stat when its stamp is remembered,
+        else it is read once (and a corrupt one is moved to quarantine)."""
+        try:
+            st = os.stat(self.blob_path(sha))
+        except FileNotFoundError:
+            return False
+        if self._hashes.known(st) == sha:
+            return True
+        ok, judged = self.hash_blob(sha)
+        if not ok and judged is not None:
+            self.quarantine_blob(sha, judged)
+        return ok
+
+    def ensure(self, pool: ThreadPoolExecutor | None, items: Sequence[Ingested]) -> None:
+        """Every blob ``items`` name is present and intact afterwards: a missing or corrupt one (the
+        latter moved to quarantine first) is replaced from its item's temporary blob, taken file or
+        source, whose bytes have that digest by construction (checked again while copied). Same
+        durability as a first log: the replacement's bytes, then its name, reach stable storage."""
+        unique = {item.sha: item for item in reversed(items)}  # the first item of each digest
+        broken = [item for item in unique.values() if not self.intact(item.sha)]
+        if not broken:
+            return
+        if pool is not None:
+            self._replace(pool, broken)
+            return
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as own:
+            self._replace(own, broken)
+
+    def _replace(self, pool: ThreadPoolExecutor, broken: Sequence[Ingested]) -> None:
+        try:
+            for item in broken:
+                if item.tmp is None and item.taken is None:
+                    item.tmp = self._copy_for_repair(item)
+            self.place_all(pool, broken)  # barrier 1, then the renames
+        finally:
+            discard(broken)
+        self.barrier(pool, {os.path.dirname(self.blob_path(item.sha)) for item in broken})  # barrier 2
+
+    def _copy_for_repair(self, item: Ingested) -> str:
+        """A temporary blob copied from ``item.src``, whose bytes must hash to ``item.sha`` (for a
+        repair, or a taken file that cannot be renamed after all)."""
         tmp = self.tmp_path("blob")
         fd = os.open(item.src, os.O_RDONLY)
         try:
@@ -352,5 +451,4 @@ class BlobWriter:
         if sha != item.sha:
             os.unlink(tmp)
             raise _changed(item.src)
-        fsutil.fsync_path(tmp)  # barrier 1 is behind us: this copy needs its own
-        os.rename(tmp, dest)
+        return tmp

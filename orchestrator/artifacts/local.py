@@ -4,10 +4,14 @@ Layout under the store root::
 
     objects/ab/cdef...                  file blobs, named by sha256, read-only, written once
     artifacts/<name>/versions/v<N>/version.json   one committed version (immutable)
+    artifacts/<name>/versions/v<N>.retired        a number fsck --repair retired: never used again
     artifacts/<name>/aliases.json       {"alias": N} for custom aliases (``latest`` is implicit)
     artifacts/<name>/lock               lock file: version allocation and alias updates
-    jobs/<job_key>.json                 the outputs a job committed
-    materialized/<name>/v<N>/...        read-only hardlinked view of a version's files
+    jobs/<job_key>.json                 the outputs a job committed, and the input versions it used
+    materialized/<name>/v<N>/...        read-only verified copies of a version's files (views.py),
+    materialized/<name>/v<N>.verified.json    with the stamps they had when verified
+    cache/hashes.jsonl                  remembered digests of source files and blobs (hashcache.py)
+    quarantine/...                      whatever was found damaged, moved aside (quarantine.py)
     tmp/<host>-<pid>-<unique>.<kind>    staging; anything left here after a crash is garbage
 
 A version becomes visible by a single ``rename`` of a complete staging directory, after every blob
@@ -20,7 +24,8 @@ or a power loss. How ``log`` gets there, reading each source file once:
    go to its address directly). With ``move=True`` a file the store may take (same filesystem,
    one link, not a symlink) is only hashed, in place: it will be renamed, not copied.
 2. Barrier 1: the bytes of every temporary blob and taken file reach stable storage.
-3. Place: rename each into ``objects/`` unless a blob of that digest exists already.
+3. Place: rename each into ``objects/`` unless a blob of that digest exists already, and remember
+   the placed blob's stamp. Then every blob the version names must be intact (see below).
 4. Barrier 2: those names, and the staged ``version.json``, reach stable storage.
 5. Commit, under the artifact's lock: rename the staging directory to ``versions/vN``, fsync
    ``versions/`` (the commit point), then update aliases.
@@ -40,13 +45,41 @@ Why this order is enough (crash = SIGKILL or power loss at any point):
 A barrier is one ``syncfs`` of the store's filesystem where the OS has it (one journal commit and
 one device flush, however many files), else an fsync of each file and directory concerned. Large
 files start their writeback while they are being copied, so barrier 1 mostly finds them on disk.
-Steps 1-3 are ``ingest.BlobWriter``'s; this module keeps the versions, aliases, reads and fsck.
+Steps 1-3 are ``ingest.BlobWriter``'s; this module keeps the versions, aliases, reads and records.
+
+The invariant above holds against crashes, not against bit rot, a stage running as root, or a
+person with ``rm``. So committed bytes are checked, not assumed, and the store repairs itself:
+
+- Consumers read copies, verified. ``materialize`` copies (or reflinks) each blob into the version's
+  view, hashing the bytes it writes; a blob that does not match is moved to ``quarantine/`` and
+  ``CorruptArtifact`` raised, so no job computes from bytes its lineage does not name, and no stage
+  can reach a committed blob through its inputs. A view is verified once, then checked by stamps
+  (views.py).
+- A blob counts as intact when its stamp is the one remembered when the store placed or verified
+  it (one stat: blobs are written by the store alone, read-only), else when its bytes hash to its
+  name (read once, then remembered). Moving a corrupt blob to quarantine checks its inode first,
+  so a blob that another process has just repaired is never the one moved.
+- Whenever ``log`` returns an existing version (same digest), it first makes every blob of that
+  version intact, replacing a missing or corrupt one from the source being logged, which holds
+  exactly those bytes; a new version's blobs shared with stored ones likewise. Rerunning the
+  producer (``submit --force``) thus repairs its outputs in place, under the same version numbers.
+  A replacement follows steps 2-4: its bytes are durable before its name, its name before
+  ``log`` returns (and so before any job record can rely on it).
+- Records are read through ``records``: a damaged one raises ``DamagedRecord`` (one line: the file,
+  what is wrong, what to do), never a traceback. Digest matching and the type check skip damaged
+  versions, so logging a name goes on; a new version takes the number after every existing or
+  retired one, so a number never names two contents. A damaged alias file is quarantined by the
+  next alias update.
+- A job record counts as committed (``job_problem`` is None) only while every output version it
+  names exists with all its blobs present. ``fsck(repair=True)`` quarantines what is damaged and
+  drops the job records that relied on it, transitively (fsck.py).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import errno
-import hashlib
 import json
 import os
 import re
@@ -55,7 +88,6 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,33 +101,41 @@ from .base import (
     ArtifactRef,
     ArtifactStore,
     ArtifactVersion,
+    DamagedRecord,
     FileEntry,
+    JobCommit,
     Producer,
     check_name,
 )
-from .hashcache import HashCache, sha256_file
-from .ingest import IO_THREADS, LINK_FALLBACK_ERRNOS, BlobWriter, Ingested, discard, list_source
+from .fsck import Fsck, FsckReport
+from .hashcache import HashCache
+from .ingest import IO_THREADS, BlobWriter, Ingested, discard, list_source
 from .locking import file_lock
+from .quarantine import quarantine
+from .records import (
+    ALIAS_CONSEQUENCE,
+    JOB_CONSEQUENCE,
+    VERSION_CONSEQUENCE,
+    VersionRecord,
+    manifest_digest,
+    parse_aliases,
+    parse_job,
+    parse_version,
+    read_json,
+)
+from .views import Views
+
+__all__ = ["FsckReport", "LocalStore", "manifest_digest"]
 
 LATEST = "latest"
+NOT_RUN = "not run yet"
 VERSION_DIR_RE = re.compile(r"^v(\d+)$")
+RETIRED_RE = re.compile(r"^v(\d+)\.retired$")
 ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+\-]{0,127}$")
 JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+_RECORDS_KEPT = 64  # parsed version records kept per store (a record of 2,000 files is ~0.5 MB parsed)
 # The head of a version record, in the compact format and in the indented one of older stores.
 _RECORD_DIGEST_RE = re.compile(rb'\{\s*"created_at":\s*"[^"]*",\s*"digest":\s*"([0-9a-f]{64})"')
-
-
-@dataclass
-class FsckReport:
-    """What ``LocalStore.fsck`` found; only ``removed_temp`` was acted on."""
-
-    removed_temp: list[str] = field(default_factory=list)
-    corrupt: list[str] = field(default_factory=list)  # "name:vN: reason"
-    dangling_jobs: list[str] = field(default_factory=list)  # "job_key: reason"
-
-    @property
-    def ok(self) -> bool:
-        return not self.corrupt and not self.dangling_jobs
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -103,12 +143,6 @@ def _write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def manifest_digest(files: Sequence[FileEntry]) -> str:
-    """sha256 over the canonical sorted manifest (path, sha256, size); metadata is not part of it."""
-    rows = sorted([f.path, f.sha256, f.size] for f in files)
-    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
 def _to_json(value: Any, what: str) -> str:
@@ -138,16 +172,25 @@ def _describe(items: Sequence[str], limit: int = 12) -> str:
 
 
 class LocalStore(ArtifactStore):
-    """An artifact store in a directory, safe for concurrent processes (also on NFS)."""
+    """An artifact store in a directory, safe for concurrent processes (also on NFS).
 
-    def __init__(self, root: Path | str, *, lock_timeout_s: float | None = 600.0) -> None:
+    ``create=False`` opens an existing store only: a missing one raises ArtifactNotFound instead of
+    being created (what a check such as fsck wants)."""
+
+    def __init__(self, root: Path | str, *, lock_timeout_s: float | None = 600.0, create: bool = True) -> None:
         self.root = Path(root).resolve()
+        if not create and not all((self.root / sub).is_dir() for sub in ("objects", "artifacts")):
+            raise ArtifactNotFound(
+                f"no artifact store at {self.root}: it does not exist (no objects/ and artifacts/ folders there); check the path"
+            )
         self.lock_timeout_s = lock_timeout_s
         self._hashes = HashCache(self.root / "cache" / "hashes.jsonl")
         for sub in ("objects", "artifacts", "jobs", "materialized", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._blobs = BlobWriter(self.root, self._hashes)
-        self._types: dict[str, str] = {}  # artifact name -> type of its first version
+        self._views = Views(self.root, self._blobs, self._hashes, lock_timeout_s, self._write_atomic, self._check_digest)
+        self._types: dict[str, str] = {}  # artifact name -> type of its first readable version
+        self._records: dict[Path, tuple[tuple[int, ...], VersionRecord]] = {}  # see _read_record
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -158,6 +201,9 @@ class LocalStore(ArtifactStore):
 
     def _art_dir(self, name: str) -> Path:
         return self.root / "artifacts" / check_name(name)
+
+    def _record_path(self, name: str, number: int) -> Path:
+        return self._art_dir(name) / "versions" / f"v{number}" / "version.json"
 
     def _tmp(self, kind: str) -> Path:
         return Path(self._blobs.tmp_path(kind))
@@ -174,9 +220,11 @@ class LocalStore(ArtifactStore):
             return []
         return sorted(int(m[1]) for e in os.listdir(vdir) if (m := VERSION_DIR_RE.match(e)))
 
-    def _aliases(self, name: str) -> dict[str, int]:
-        path = self._art_dir(name) / "aliases.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+    def _next_number(self, name: str, numbers: Sequence[int]) -> int:
+        """One more than every version number of ``name`` that exists or was retired."""
+        vdir = self._art_dir(name) / "versions"
+        retired = [int(m[1]) for e in os.listdir(vdir) if (m := RETIRED_RE.match(e))] if vdir.is_dir() else []
+        return max([*numbers, *retired], default=-1) + 1
 
     # ------------------------------------------------------------------------------ logging
     def log(
@@ -192,7 +240,8 @@ class LocalStore(ArtifactStore):
     ) -> ArtifactVersion:
         """Commit the files under ``source`` as version ``name:vN`` (N = 1 + the newest), or return
         the existing version with the same content digest (then ``metadata`` and ``producer`` are
-        ignored and only ``aliases`` are added). ``latest`` always names the newest version.
+        ignored and only ``aliases`` are added, and any of its blobs found missing or corrupt is
+        restored from ``source``). ``latest`` always names the newest version.
 
         ``move=True`` hands the files over to the store: each one it can take (a regular file on
         the store's filesystem with no other hard link) is renamed into the store instead of
@@ -206,21 +255,33 @@ class LocalStore(ArtifactStore):
         record = {"type": type, "metadata": dict(metadata or {}), "producer": self._producer_to_dict(producer)}
         _to_json(record, f"metadata/provenance of artifact {name!r}")  # fail before touching any file
         sources = list_source(source)
-        number = self._unchanged_version(name, sources)
-        if number is not None:  # an identical re-log, told from the listing alone
-            self._add_aliases(name, number, new_aliases)
-            return self.get(ArtifactRef(name, number))
+        try:
+            unchanged = self._unchanged_version(name, sources)
+            if unchanged is not None:  # an identical re-log, told from the listing alone
+                number, items = unchanged
+                self._blobs.ensure(None, items)  # one stat per blob, unless one needs repair
+                self._add_aliases(name, number, new_aliases)
+            else:
+                number = self._ingest_and_commit(name, record, sources, move, new_aliases)
+        finally:
+            self._hashes.flush()  # the digests read and the blob stamps placed or verified, even if it failed
+        return self._logged(name, number)
+
+    def _ingest_and_commit(
+        self,
+        name: str,
+        record: dict[str, Any],
+        sources: Sequence[tuple[str, str, os.stat_result]],
+        move: bool,
+        aliases: Sequence[str],
+    ) -> int:
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-            try:
-                items = self._blobs.ingest_all(pool, sources, move)
-            finally:
-                self._hashes.flush()  # the digests read, whether or not this log commits
+            items = self._blobs.ingest_all(pool, sources, move)
             try:
                 files = [FileEntry(i.rel, i.sha, i.size) for i in items]
-                number = self._commit_files(pool, name, record, files, items, new_aliases)
+                return self._commit_files(pool, name, record, files, items, aliases)
             finally:
                 discard(items)  # left over if deduplicated or failed
-        return self.get(ArtifactRef(name, number))
 
     def _commit_files(
         self,
@@ -232,13 +293,16 @@ class LocalStore(ArtifactStore):
         aliases: Sequence[str],
     ) -> int:
         """Steps 2-5 for the ingested ``items``, unless a version with their digest exists already
-        (then only ``aliases`` are set on it). ``record`` holds type, metadata and producer."""
+        (then its blobs are made intact and only ``aliases`` are set on it). ``record`` holds type,
+        metadata and producer."""
         digest = manifest_digest(files)
         number, checked = self._find_digest(name, digest)
-        if number is not None:  # identical content: nothing to write
+        if number is not None:  # identical content: nothing to write, unless a blob was lost
+            self._blobs.ensure(pool, items)
             self._add_aliases(name, number, aliases)
             return number
         self._blobs.place_all(pool, items)
+        self._blobs.ensure(pool, items)  # the blobs this version shares with stored ones, too
         record = {
             **record,
             "digest": digest,
@@ -277,14 +341,17 @@ class LocalStore(ArtifactStore):
             "provenance": dict(producer.provenance),
         }
 
-    def _unchanged_version(self, name: str, sources: Sequence[tuple[str, str, os.stat_result]]) -> int | None:
-        """The version of ``name`` with exactly these files, if every file's digest is remembered:
-        then no file is read and no blob looked at (a committed version's blobs are in place)."""
+    def _unchanged_version(
+        self, name: str, sources: Sequence[tuple[str, str, os.stat_result]]
+    ) -> tuple[int, list[Ingested]] | None:
+        """The version of ``name`` with exactly these files, if every file's digest is remembered
+        (then no file is read), with the files as items to check its blobs against."""
         shas = [self._hashes.known(st) for _, _, st in sources]
         if any(sha is None for sha in shas):
             return None
-        files = [FileEntry(rel, sha, st.st_size) for (rel, _, st), sha in zip(sources, shas, strict=True) if sha]
-        return self._find_digest(name, manifest_digest(files))[0]
+        items = [Ingested(rel, src, sha, st.st_size) for (rel, src, st), sha in zip(sources, shas, strict=True) if sha]
+        number = self._find_digest(name, manifest_digest([FileEntry(i.rel, i.sha, i.size) for i in items]))[0]
+        return None if number is None else (number, items)
 
     def _stage_version(self, pool: ThreadPoolExecutor, text: str, files: Sequence[FileEntry]) -> Path:
         """Write the version record in a staging directory, then barrier 2 (step 4): it and every
@@ -298,22 +365,35 @@ class LocalStore(ArtifactStore):
 
     # Step 5: commit --------------------------------------------------------------------------
     def _find_digest(self, name: str, digest: str, checked: frozenset[int] = frozenset()) -> tuple[int | None, frozenset[int]]:
-        """(the version of ``name`` with ``digest``, if any, not looking at the ``checked`` ones;
-        every version number looked at so far). Committed versions never change, so a caller can
-        look without the lock first and, under it, only at versions committed since."""
+        """(the version of ``name`` with ``digest`` and a sound record, if any, not looking at the
+        ``checked`` ones; every version number looked at so far). Committed versions never change,
+        so a caller can look without the lock first and, under it, only at versions committed since.
+        Damaged versions are passed over: their content gets logged as a new version."""
         numbers = [n for n in self._version_numbers(name) if n not in checked]
         for n in reversed(numbers):
-            if self._record_digest(name, n) == digest:
+            if self._record_digest(name, n) == digest and self._sound(name, n, digest):
                 return n, checked | set(numbers)
         return None, checked | set(numbers)
 
-    def _record_digest(self, name: str, number: int) -> str:
+    def _record_digest(self, name: str, number: int) -> str | None:
         """A version's digest from the head of its record, without parsing the whole file list:
-        records are written with sorted keys, so "digest" comes right after "created_at"."""
-        path = self._art_dir(name) / "versions" / f"v{number}" / "version.json"
-        with open(path, "rb") as f:
-            m = _RECORD_DIGEST_RE.match(f.read(256))
-        return m[1].decode() if m else self._read_record(name, number)["digest"]
+        records are written with sorted keys, so "digest" comes right after "created_at". None if
+        the record is damaged."""
+        try:
+            with open(self._record_path(name, number), "rb") as f:
+                m = _RECORD_DIGEST_RE.match(f.read(256))
+            return m[1].decode() if m else self._read_record(name, number).digest
+        except (OSError, DamagedRecord):
+            return None
+
+    def _sound(self, name: str, number: int, digest: str) -> bool:
+        """Whether version ``number``'s whole record is valid and its file list has ``digest``
+        (the head alone could survive a truncation)."""
+        try:
+            record = self._read_record(name, number)
+        except DamagedRecord:
+            return False
+        return record.digest == digest and manifest_digest(record.files) == digest
 
     def _commit(self, name: str, type: str, digest: str, staging: Path, checked: frozenset[int]) -> int:
         """Under the artifact's lock: reuse a version with ``digest`` or rename ``staging`` into
@@ -324,7 +404,7 @@ class LocalStore(ArtifactStore):
         found, _ = self._find_digest(name, digest, checked)
         if found is not None:
             return found
-        number = numbers[-1] + 1 if numbers else 0
+        number = self._next_number(name, numbers)
         vdir = self._art_dir(name) / "versions"
         vdir.mkdir(parents=True, exist_ok=True)
         while True:
@@ -341,12 +421,39 @@ class LocalStore(ArtifactStore):
     def _check_type(self, name: str, type: str, numbers: Sequence[int]) -> None:
         if not numbers:
             return
-        if name not in self._types:  # the first version's, which never changes
-            self._types[name] = self._read_record(name, numbers[0])["type"]
+        if name not in self._types:  # the first readable version's, which never changes
+            first = next((t for t in (self._type_of(name, n) for n in numbers) if t is not None), None)
+            if first is None:  # every version is damaged: nothing to compare with
+                return
+            self._types[name] = first
         if (existing := self._types[name]) != type:
             raise ArtifactError(
                 f"artifact {name!r} has type {existing!r}, cannot log type {type!r}; use another name for the new type"
             )
+
+    def _type_of(self, name: str, number: int) -> str | None:
+        try:
+            return self._read_record(name, number).type
+        except DamagedRecord:
+            return None
+
+    # ------------------------------------------------------------------------------ aliases
+    def _aliases(self, name: str) -> dict[str, int]:
+        path = self._art_dir(name) / "aliases.json"
+        try:
+            value = read_json(path, ALIAS_CONSEQUENCE)
+        except FileNotFoundError:
+            return {}
+        return parse_aliases(path, value)
+
+    def _healed_aliases(self, name: str) -> dict[str, int]:
+        """The aliases of ``name``; a damaged alias file is moved to quarantine and the aliases
+        start afresh (they are pointers, not lineage). The caller holds the artifact's lock."""
+        try:
+            return self._aliases(name)
+        except DamagedRecord as e:
+            quarantine(self.root, e.path)
+            return {}
 
     def _add_aliases(self, name: str, number: int, aliases: Sequence[str]) -> None:
         """Point ``aliases`` at the committed version ``number``, under the lock."""
@@ -356,31 +463,65 @@ class LocalStore(ArtifactStore):
 
     def _set_aliases(self, name: str, number: int, aliases: Sequence[str]) -> None:
         """Point ``aliases`` at ``number`` (moving them from other versions). Caller holds the lock."""
-        current = self._aliases(name)
+        current = self._healed_aliases(name)
         current.update({a: number for a in aliases})
         self._write_atomic(self._art_dir(name) / "aliases.json", json.dumps(current, indent=1))
 
-    # ------------------------------------------------------------------------------ reading
-    def _read_record(self, name: str, number: int) -> dict[str, Any]:
-        path = self._art_dir(name) / "versions" / f"v{number}" / "version.json"
-        return json.loads(path.read_text())
+    def _drop_aliases(self, name: str, dropped: Sequence[str]) -> None:
+        """Remove ``dropped`` from the aliases of ``name`` (fsck: they name missing versions)."""
+        with file_lock(self._art_dir(name) / "lock", self.lock_timeout_s):
+            current = self._healed_aliases(name)
+            for alias in dropped:
+                current.pop(alias, None)
+            self._write_atomic(self._art_dir(name) / "aliases.json", json.dumps(current, indent=1))
 
-    def _to_version(self, name: str, number: int, aliases: Mapping[str, int], latest: int) -> ArtifactVersion:
+    # ------------------------------------------------------------------------------ reading
+    def _read_record(self, name: str, number: int) -> VersionRecord:
+        """Version ``number``'s record, valid (``records.VersionRecord``), or DamagedRecord. Parsed
+        records are kept while their file's stamp is unchanged (a re-log reads one twice; the
+        runner gets each input several times): any rewrite moves the stamp, so nothing stale is
+        served. The caller must not change the record's dicts (``_to_version`` copies them)."""
+        path = self._record_path(name, number)
+        try:
+            st = os.stat(path)
+            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if (kept := self._records.get(path)) is not None and kept[0] == stamp:
+                return kept[1]
+            value = read_json(path, VERSION_CONSEQUENCE)
+        except FileNotFoundError as e:
+            raise DamagedRecord(path, "it is missing from its version folder", VERSION_CONSEQUENCE) from e
+        record = parse_version(path, value)
+        if len(self._records) >= _RECORDS_KEPT:
+            self._records.clear()
+        self._records[path] = (stamp, record)
+        return record
+
+    def _to_version(self, name: str, number: int, aliases: Mapping[str, int], latest: int | None) -> ArtifactVersion:
         rec = self._read_record(name, number)
-        p = rec["producer"]
-        inputs = () if p is None else tuple(ArtifactRef.parse(r) for r in p["inputs"])
-        producer = None if p is None else Producer(**{**p, "inputs": inputs})
         names = sorted(a for a, n in aliases.items() if n == number)
+        producer = rec.producer
+        if producer is not None:  # its own provenance, as a freshly read record would have
+            producer = dataclasses.replace(producer, provenance=copy.deepcopy(dict(producer.provenance)))
         return ArtifactVersion(
             ref=ArtifactRef(name, number),
-            type=rec["type"],
-            digest=rec["digest"],
-            files=tuple(FileEntry(**f) for f in rec["files"]),
-            metadata=rec["metadata"],
+            type=rec.type,
+            digest=rec.digest,
+            files=rec.files,  # a tuple of frozen entries: shared safely
+            metadata=copy.deepcopy(rec.metadata),  # the caller's own, as a freshly read record's
             aliases=tuple(([LATEST] if number == latest else []) + names),
-            created_at=rec["created_at"],
+            created_at=rec.created_at,
             producer=producer,
         )
+
+    def _logged(self, name: str, number: int) -> ArtifactVersion:
+        """What ``log`` returns: version ``number`` with its aliases, healing a damaged alias file
+        (so that logging a name never stays blocked by it)."""
+        try:
+            aliases = self._aliases(name)
+        except DamagedRecord:
+            with file_lock(self._art_dir(name) / "lock", self.lock_timeout_s):
+                aliases = self._healed_aliases(name)
+        return self._to_version(name, number, aliases, self._version_numbers(name)[-1])
 
     def _resolve(self, ref: ArtifactRef | str) -> ArtifactRef:
         if isinstance(ref, ArtifactRef):
@@ -399,8 +540,13 @@ class LocalStore(ArtifactStore):
         if alias == LATEST:
             return ArtifactRef(name, numbers[-1])
         aliases = self._aliases(name)
-        if alias in aliases:
+        if alias in aliases and aliases[alias] in numbers:
             return ArtifactRef(name, aliases[alias])
+        if alias in aliases:
+            raise ArtifactNotFound(
+                f"alias {alias!r} of artifact {name!r} names v{aliases[alias]}, which no longer exists;"
+                f" versions: {_describe(versions)}"
+            )
         raise ArtifactNotFound(
             f"artifact {name!r} has no version or alias {alias!r}; versions: {_describe(versions)};"
             f" aliases: {_describe([LATEST, *sorted(aliases)])}"
@@ -412,6 +558,12 @@ class LocalStore(ArtifactStore):
         latest = self._version_numbers(resolved.name)[-1]
         return self._to_version(resolved.name, resolved.version, self._aliases(resolved.name), latest)
 
+    def _content(self, ref: ArtifactRef | str) -> ArtifactVersion:
+        """A version's content and lineage without its aliases (what reading its files needs: a
+        damaged alias file does not stop anyone from reading ``name:vN``)."""
+        resolved = self._resolve(ref)
+        return self._to_version(resolved.name, resolved.version, {}, None)
+
     def versions(self, name: str) -> list[ArtifactVersion]:
         """Every committed version of ``name``, oldest first (empty if there is none)."""
         numbers = self._version_numbers(name)
@@ -421,45 +573,25 @@ class LocalStore(ArtifactStore):
     def names(self) -> list[str]:
         """Every artifact name with at least one committed version, sorted."""
         entries = os.listdir(self.root / "artifacts")
-        return sorted(n for n in entries if NAME_RE.match(n) and self._version_numbers(n))
+        return sorted(n for n in entries if NAME_RE.match(n) and len(n) <= 128 and self._version_numbers(n))
 
     def materialize(self, ref: ArtifactRef | str) -> Path:
-        """A read-only directory with the version's files at their relative paths, built once
-        under ``materialized/<name>/v<N>`` (hardlinks to the blobs, or copies across devices)."""
-        version = self.get(ref)
-        dest = self.root / "materialized" / version.ref.name / f"v{version.ref.version}"
-        if dest.is_dir():
-            return dest
-        build = self._tmp("materialize")
-        folders: set[Path] = set()
-        for f in version.files:
-            target = build / f.path
-            if target.parent not in folders:  # one mkdir per folder, not per file
-                target.parent.mkdir(parents=True, exist_ok=True)
-                folders.add(target.parent)
-            self._link_or_copy(self._blob(f.sha256), target)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(build, dest)
-        except OSError as e:  # another process materialized it first: use theirs
-            shutil.rmtree(build, ignore_errors=True)
-            if not dest.is_dir():
-                raise ArtifactError(f"cannot materialize {version.ref} at {dest}: {e}") from e
-        return dest
+        """A read-only directory with the version's files at their relative paths, under
+        ``materialized/<name>/v<N>``: copies of the blobs (reflinks where the filesystem has them),
+        verified against their digests when copied and by their stamps afterwards. Raises
+        CorruptArtifact (naming the file and the remedy) rather than hand out other bytes."""
+        return self._views.materialize(self._content(ref))
 
-    @staticmethod
-    def _link_or_copy(blob: Path, target: Path) -> None:
-        try:
-            os.link(blob, target)
-        except FileNotFoundError as e:
-            if blob.exists():
-                raise
-            raise ArtifactError(f"blob {blob} is missing; run fsck() and log the artifact again") from e
-        except OSError as e:
-            if e.errno not in LINK_FALLBACK_ERRNOS:
-                raise
-            shutil.copyfile(blob, target)
-            os.chmod(target, 0o444)
+    def modified_view_files(self, ref: ArtifactRef | str) -> list[str]:
+        """The relative paths in ``materialize(ref)``'s directory that were written to, added or
+        removed since it was verified: call it after a stage ran to catch one that wrote to its
+        inputs. The next ``materialize`` puts them right."""
+        return self._views.modified(self._content(ref))
+
+    def _check_digest(self, version: ArtifactVersion) -> None:
+        if manifest_digest(version.files) != version.digest:
+            path = self._record_path(version.ref.name, version.ref.version)
+            raise DamagedRecord(path, "its digest does not match its file list", VERSION_CONSEQUENCE)
 
     # --------------------------------------------------------------------------- job records
     def _job_path(self, job_key: str) -> Path:
@@ -469,38 +601,75 @@ class LocalStore(ArtifactStore):
             )
         return self.root / "jobs" / f"{job_key}.json"
 
-    def record_job(self, job_key: str, outputs: Mapping[str, ArtifactRef]) -> None:
-        """Atomically record that job ``job_key`` produced ``outputs``; every output must exist."""
+    def record_job(
+        self,
+        job_key: str,
+        outputs: Mapping[str, ArtifactRef],
+        inputs: Mapping[str, Sequence[ArtifactRef]] | None = None,
+    ) -> None:
+        """Atomically record that job ``job_key`` produced ``outputs`` from ``inputs`` (each input
+        binding's versions, in the order consumed); every version named must exist."""
         path = self._job_path(job_key)
-        for ref in outputs.values():
-            self._resolve(ref)  # raises ArtifactNotFound for an uncommitted output
-        record = {"job_key": job_key, "outputs": {k: str(v) for k, v in sorted(outputs.items())}}
+        for ref in [*outputs.values(), *(r for refs in (inputs or {}).values() for r in refs)]:
+            self._resolve(ref)  # raises ArtifactNotFound for an uncommitted version
+        record: dict[str, Any] = {"job_key": job_key, "outputs": {k: str(v) for k, v in sorted(outputs.items())}}
+        if inputs is not None:
+            record["inputs"] = {k: [str(r) for r in refs] for k, refs in sorted(inputs.items())}
+        record["recorded_at"] = datetime.now(UTC).isoformat(timespec="microseconds")
         self._write_atomic(path, json.dumps(record, indent=1))
 
-    def job_outputs(self, job_key: str) -> dict[str, ArtifactRef] | None:
-        """The outputs recorded for ``job_key``, or None if the job never completed."""
+    def job_record(self, job_key: str) -> JobCommit | None:
+        """What ``job_key`` committed, or None if it never completed; DamagedRecord if unreadable."""
         path = self._job_path(job_key)
-        if not path.exists():
+        try:
+            value = read_json(path, JOB_CONSEQUENCE)
+        except FileNotFoundError:
             return None
-        return {k: ArtifactRef.parse(v) for k, v in json.loads(path.read_text())["outputs"].items()}
+        return parse_job(path, value, job_key)
+
+    def job_outputs(self, job_key: str) -> dict[str, ArtifactRef] | None:
+        """The outputs recorded for ``job_key``, or None if the job never completed. (Whether they
+        are all still in place: ``job_problem``.)"""
+        commit = self.job_record(job_key)
+        return None if commit is None else dict(commit.outputs)
+
+    def job_problem(self, job_key: str) -> str | None:
+        """None if ``job_key``'s record exists, is readable and every output version it names
+        exists with all its blobs present; else why the job does not count as committed."""
+        try:
+            commit = self.job_record(job_key)
+        except DamagedRecord as e:
+            return str(e)
+        if commit is None:
+            return NOT_RUN
+        for output, ref in sorted(commit.outputs.items()):
+            problem = self._output_problem(ref)
+            if problem is not None:
+                return f"output {output!r} ({ref}) {problem}"
+        return None
+
+    def _output_problem(self, ref: ArtifactRef) -> str | None:
+        if ref.version not in self._version_numbers(ref.name):
+            return "no longer exists"
+        try:
+            record = self._read_record(ref.name, ref.version)
+        except DamagedRecord as e:
+            return f"cannot be read: {e}"
+        missing = [f.path for f in record.files if not os.path.exists(self._blobs.blob_path(f.sha256))]
+        if missing:
+            return f"lacks the stored bytes of {_describe(missing)} (corrupt or deleted; rerunning its producer restores them)"
+        return None
+
+    def drop_job(self, job_key: str) -> None:
+        """Forget ``job_key``'s record (moved to quarantine, not deleted), so that it runs again."""
+        quarantine(self.root, self._job_path(job_key))
 
     # ---------------------------------------------------------------------------------- fsck
-    def fsck(self, *, temp_max_age_s: float = 3600.0) -> FsckReport:
+    def fsck(self, repair: bool = False, *, temp_max_age_s: float = 3600.0) -> FsckReport:
         """Remove leftover staging entries (of dead processes on this host, or older than
-        ``temp_max_age_s``), and report corrupt versions and dangling job records."""
-        report = FsckReport()
-        self._clean_tmp(report, temp_max_age_s)
-        verified: dict[str, bool] = {}
-        for name in self.names():
-            for n in self._version_numbers(name):
-                problem = self._check_version(name, n, verified)
-                if problem:
-                    report.corrupt.append(f"{name}:v{n}: {problem}")
-        for path in sorted((self.root / "jobs").glob("*.json")):
-            problem = self._check_job(path)
-            if problem:
-                report.dangling_jobs.append(f"{path.stem}: {problem}")
-        return report
+        ``temp_max_age_s``), and report corrupt versions, damaged records and job records that
+        are not (or no longer) backed by intact versions. ``repair``: put them right (fsck.py)."""
+        return Fsck(self, repair).run(temp_max_age_s)
 
     def _clean_tmp(self, report: FsckReport, max_age_s: float) -> None:
         host, now = socket.gethostname(), time.time()
@@ -517,26 +686,3 @@ class LocalStore(ArtifactStore):
             except OSError:  # its owner just committed or removed it, or NFS keeps it busy
                 continue
             report.removed_temp.append(entry.name)
-
-    def _check_version(self, name: str, number: int, verified: dict[str, bool]) -> str | None:
-        try:
-            version = self.get(ArtifactRef(name, number))
-        except (OSError, ValueError, KeyError, ArtifactError) as e:
-            return f"unreadable version record ({e})"
-        if manifest_digest(version.files) != version.digest:
-            return "digest does not match the manifest"
-        for f in version.files:
-            blob = self._blob(f.sha256)
-            if f.sha256 not in verified:
-                verified[f.sha256] = blob.is_file() and sha256_file(blob) == f.sha256
-            if not verified[f.sha256]:
-                return f"blob of {f.path} is missing or corrupt ({blob})"
-        return None
-
-    def _check_job(self, path: Path) -> str | None:
-        try:
-            outputs = self.job_outputs(path.stem) or {}
-        except (OSError, ValueError, KeyError, ArtifactError) as e:
-            return f"unreadable job record ({e})"
-        missing = [str(r) for r in outputs.values() if r.version not in self._version_numbers(r.name)]
-        return f"outputs missing: {', '.join(missing)}" if missing else None
