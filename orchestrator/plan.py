@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -23,9 +24,18 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.errors import SpecError
-from orchestrator.spec import MATRIX_SEED, Study, canonical_json, input_output, input_stage
+from orchestrator.spec import (
+    DEFAULT_MAX_JOBS,
+    MATRIX_SEED,
+    Study,
+    canonical_json,
+    count_text,
+    input_output,
+    input_stage,
+    too_many_jobs,
+)
 from orchestrator.stage import Registry, StageDef
-from orchestrator.sweep import SweepAxis
+from orchestrator.sweep import SweepAxis, drawn_points
 
 Point = Mapping[str, Any]
 
@@ -95,18 +105,55 @@ class Plan:
         return [job for job in self.jobs if job.stage_id == stage_id]
 
 
-def build_plan(study: Study, registry: Registry) -> Plan:
+def build_plan(study: Study, registry: Registry, max_jobs: int | None = DEFAULT_MAX_JOBS) -> Plan:
     """Expand ``study`` (already checked against ``registry``) into a Plan; raise SpecError on
-    cycles or inputs that do not match exactly one upstream job where one is needed."""
+    cycles, on inputs that do not match exactly one upstream job where one is needed, and on plans
+    of more than ``max_jobs`` jobs (None: no cap), counted before anything is expanded."""
     jobs_by_stage: dict[str, list[Job]] = {}
     order = stage_order(study, registry)
+    points = drawn_points(study.sweep or {})
+    if max_jobs is not None and points > max_jobs:  # before the points are drawn
+        what = f"run_cap {count_text(points)} draws as many jobs per swept stage"
+        raise SpecError([study.issue(("sweep", "run_cap"), too_many_jobs(what, max_jobs))])
     axes = sweep_axes_by_stage(study, registry, order)
+    if max_jobs is not None:
+        check_job_count(study, axes, max_jobs)
     for sid in order:
         stage_def = registry.get(study.stage_name(sid))
         if stage_def is None:
             raise SpecError([study.issue(("stages", sid), f"no stage named {study.stage_name(sid)!r}")])
         jobs_by_stage[sid] = _expand_stage(study, sid, stage_def, jobs_by_stage, registry, axes[sid])
     return Plan(study, [job for jobs in jobs_by_stage.values() for job in jobs])
+
+
+def stage_job_counts(study: Study, axes: Mapping[str, list[SweepAxis]]) -> dict[str, int]:
+    """How many jobs each stage expands to at most (the product of its matrix and sweep axes'
+    lengths; identical sweep points may collapse into fewer), without expanding anything."""
+    counts = {}
+    for sid, stage_axes in axes.items():
+        matrix = {**study.stages[sid].matrix, **{a.name: a.values for a in stage_axes}}
+        counts[sid] = math.prod(len(values) for values in matrix.values())
+    return counts
+
+
+def check_job_count(study: Study, axes: Mapping[str, list[SweepAxis]], max_jobs: int) -> None:
+    """Refuse a plan of more than ``max_jobs`` jobs, naming the stage with the most."""
+    counts = stage_job_counts(study, axes)
+    total = sum(counts.values())
+    if total <= max_jobs:
+        return
+    sid = max(counts, key=lambda s: counts[s])
+    what = f"the plan would have {count_text(total)} jobs ({sid}: {count_text(counts[sid])})"
+    raise SpecError([study.issue(_largest_factor(study, sid, axes[sid]), too_many_jobs(what, max_jobs))])
+
+
+def _largest_factor(study: Study, sid: str, axes: list[SweepAxis]) -> tuple[str, ...]:
+    """Where most of stage ``sid``'s jobs come from: its matrix or the sweep."""
+    matrix = math.prod(len(values) for values in study.stages[sid].matrix.values())
+    swept = math.prod(len(a.values) for a in axes)
+    if axes and swept >= matrix:
+        return ("sweep", "parameters")
+    return ("stages", sid, "matrix") if study.stages[sid].matrix else ("stages",)
 
 
 def sweep_axes_by_stage(study: Study, registry: Registry, order: list[str]) -> dict[str, list[SweepAxis]]:

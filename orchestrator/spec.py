@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
+import stat
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,9 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from orchestrator.errors import SpecError, SpecIssue
 from orchestrator.source import Loc, SpecSource, apply_overrides, load_source, resolve_refs
 from orchestrator.stage import Registry, StageDef, load_registry
-from orchestrator.sweep import SERVER_METHODS, SweepAxis, build_axes, schema_errors, split_name
+from orchestrator.sweep import SERVER_METHODS, SweepAxis, build_axes, drawn_points, schema_errors, split_name
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"  # pydantic's (Rust) regex: $ is the very end; re: use fullmatch
+DEFAULT_MAX_JOBS = 100_000  # a plan of more jobs is refused unless asked for (--max-jobs N)
 MATRIX_SEED = "seed"  # a matrix axis named "seed" sets the job seed, not a stage parameter
 
 
@@ -130,7 +135,7 @@ class Study(Strict):
     @classmethod
     def _stage_ids(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
         for sid in stages:
-            if not re.match(NAME_PATTERN, sid):
+            if not re.fullmatch(NAME_PATTERN, sid):
                 raise ValueError(f"stage id {sid!r} must be letters, digits, '_' or '-'")
         return stages
 
@@ -158,9 +163,16 @@ def canonical_json(value: Any) -> str:
 REF_CONTEXT_FIELDS = ("name", "languages", "seed", "model", "data")
 
 
-def load_study(path: Path, overrides: Iterable[str] = (), registry: Registry | None = None) -> tuple[Study, Registry]:
+def load_study(
+    path: Path,
+    overrides: Iterable[str] = (),
+    registry: Registry | None = None,
+    *,
+    max_jobs: int | None = DEFAULT_MAX_JOBS,
+) -> tuple[Study, Registry]:
     """Load, override, resolve ``${...}`` references and validate a study spec, then check every
-    stage against the registry (by default the one of the spec's ``stage_package``).
+    stage against the registry (by default the one of the spec's ``stage_package``) and the storage
+    root. ``max_jobs``: a random sweep drawing more points is refused before drawing them (None: no cap).
 
     Raises ``SpecError`` listing every problem found; nothing has run when it does.
     """
@@ -176,7 +188,7 @@ def load_study(path: Path, overrides: Iterable[str] = (), registry: Registry | N
             registry = load_registry(study.stage_package)
         except ImportError as e:
             raise SpecError([source.issue(("stage_package",), str(e))]) from None
-    check_stages(study, registry, source)
+    check_stages(study, registry, source, max_jobs=max_jobs)
     return study, registry
 
 
@@ -226,12 +238,13 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
-def check_stages(study: Study, registry: Registry, source: SpecSource) -> None:
-    """Check every stage entry against the registry; raise SpecError listing all problems."""
-    issues: list[SpecIssue] = []
+def check_stages(study: Study, registry: Registry, source: SpecSource, *, max_jobs: int | None = DEFAULT_MAX_JOBS) -> None:
+    """Check every stage entry against the registry, the sweep and the storage root; raise
+    SpecError listing all problems."""
+    issues = check_storage_root(study, source)
     for sid, spec in study.stages.items():
         issues += _check_stage(study, sid, spec, registry, source)
-    issues += check_sweep(study, registry, source)
+    issues += check_sweep(study, registry, source, max_jobs=max_jobs)
     for key in study.executor.resources:
         if key != "default" and key not in study.stages:
             choices = ", ".join(["default", *study.stages])
@@ -240,14 +253,55 @@ def check_stages(study: Study, registry: Registry, source: SpecSource) -> None:
         raise SpecError(issues)
 
 
-def check_sweep(study: Study, registry: Registry, source: SpecSource) -> list[SpecIssue]:
-    """The sweep section: W&B's schema, then our runner's rules (stage.param names, methods, values)."""
+def check_storage_root(study: Study, source: SpecSource) -> list[SpecIssue]:
+    """storage.root must be a directory, or a path that can become one (created when a job runs,
+    not here): its nearest existing ancestor must be a directory."""
+    problem = storage_root_problem(study.storage.root)
+    return [source.issue(("storage", "root"), problem)] if problem else []
+
+
+def storage_root_problem(root: Path) -> str | None:
+    """Why ``root`` cannot be (or become) the storage directory, or None; looks, creates nothing."""
+    text = str(root)
+    if "\0" in text:
+        return "contains a NUL byte; give the path of a directory (created if missing)"
+    path = Path(os.path.abspath(text))
+    for probe in (path, *path.parents):
+        try:
+            mode = os.stat(probe).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there (yet), or under something that is not a directory: look further up
+        except OSError as e:
+            return f"{text} cannot be used: {e.strerror or e}; give the path of a directory you can write"
+        if stat.S_ISDIR(mode):
+            return None
+        if probe == path:
+            return f"{text} is a file, not a directory; give the path of a directory (created if missing)"
+        return f"{probe} is not a directory, so {text} cannot be created; give the path of a directory"
+    return None
+
+
+def count_text(n: int) -> str:
+    """``1,000,000``; ``about 10^40`` for numbers too long to print (or to convert: ints over 4,300 digits)."""
+    return f"{n:,}" if n < 10**15 else f"about 10^{int(n.bit_length() * math.log10(2))}"
+
+
+def too_many_jobs(what: str, max_jobs: int) -> str:
+    """The message for a plan over the job cap: ``what`` says how many jobs and where they come from."""
+    return f"{what}, more than the {max_jobs:,} a plan may have; shrink the matrix or sweep, or pass --max-jobs N to allow more"
+
+
+def check_sweep(
+    study: Study, registry: Registry, source: SpecSource, *, max_jobs: int | None = DEFAULT_MAX_JOBS
+) -> list[SpecIssue]:
+    """The sweep section: W&B's schema, then our runner's rules (stage.param names, methods, values);
+    a random sweep drawing more than ``max_jobs`` points is refused before they are drawn."""
     names = {a for spec in study.stages.values() for a in spec.collect}
     if study.sweep is None:
         return (
             [source.issue(("stages",), f"collect names sweep axes {sorted(names)} but the study has no sweep")] if names else []
         )
-    issues = _check_sweep_config(study.sweep, source)
+    issues = _check_sweep_config(study.sweep, source, max_jobs)
     for name in study.sweep["parameters"] if not issues else ():
         issues += _check_sweep_param(study, registry, source, name)
     if issues:
@@ -267,8 +321,8 @@ def check_sweep(study: Study, registry: Registry, source: SpecSource) -> list[Sp
     return issues
 
 
-def _check_sweep_config(config: dict[str, Any], source: SpecSource) -> list[SpecIssue]:
-    """W&B's sweep-config schema, then the methods the built-in runner can run."""
+def _check_sweep_config(config: dict[str, Any], source: SpecSource, max_jobs: int | None) -> list[SpecIssue]:
+    """W&B's sweep-config schema, then the methods the built-in runner can run, then the job cap."""
     issues = [source.issue(("sweep", *path), msg) for path, msg in schema_errors(config)]
     if issues:
         return issues
@@ -278,6 +332,10 @@ def _check_sweep_config(config: dict[str, Any], source: SpecSource) -> list[Spec
         return [source.issue(("sweep", "method"), f"{reason}; the built-in runner does grid and random")]
     if method == "random" and "run_cap" not in config:
         return [source.issue(("sweep",), "method random needs run_cap: how many points to draw")]
+    points = drawn_points(config)
+    if max_jobs is not None and points > max_jobs:
+        what = f"run_cap {count_text(points)} draws as many jobs per swept stage"
+        return [source.issue(("sweep", "run_cap"), too_many_jobs(what, max_jobs))]
     return []
 
 
@@ -297,7 +355,7 @@ def _check_sweep_param(study: Study, registry: Registry, source: SpecSource, nam
 
 def _check_sweep_values(study: Study, registry: Registry, source: SpecSource, axes: list[SweepAxis]) -> list[SpecIssue]:
     """Every swept value must validate as the stage parameter it sets."""
-    issues: list[SpecIssue] = []
+    issues: dict[SpecIssue, None] = {}  # a dict: ordered, and checking for a repeat stays cheap
     for axis in axes:
         for value in axis.values:
             for sid, _ in axis.targets:
@@ -315,9 +373,8 @@ def _check_sweep_values(study: Study, registry: Registry, source: SpecSource, ax
                     for err in e.errors():
                         where = ("sweep", "parameters", f"{sid}.{err['loc'][0]}") if err["loc"] else ("sweep",)
                         issue = source.issue(where, f"{err['msg']} (got {err.get('input')!r})")
-                        if issue not in issues:
-                            issues.append(issue)
-    return issues
+                        issues[issue] = None
+    return one_per_field(list(issues))
 
 
 def _check_stage(study: Study, sid: str, spec: StageSpec, registry: Registry, source: SpecSource) -> list[SpecIssue]:
@@ -380,7 +437,7 @@ def _check_params(
     axes = {axis: values for axis, values in matrix.items() if axis != MATRIX_SEED}
     first = {**params, **{axis: values[0] for axis, values in axes.items()}}
     samples = [first] + [{**first, axis: v} for axis, values in axes.items() for v in values[1:]]
-    issues: list[SpecIssue] = []
+    issues: dict[SpecIssue, None] = {}  # a dict: ordered, and checking for a repeat stays cheap
     for sample in samples:
         try:
             params_model.model_validate(sample)
@@ -388,9 +445,21 @@ def _check_params(
             for err in e.errors():
                 in_matrix = bool(err["loc"]) and err["loc"][0] in matrix
                 issue = _issue(params_model, err, source, (*loc, "matrix" if in_matrix else "params"))
-                if issue not in issues:
-                    issues.append(issue)
-    return issues
+                issues[issue] = None
+    return one_per_field(list(issues))
+
+
+def one_per_field(issues: list[SpecIssue]) -> list[SpecIssue]:
+    """The first issue of each field, saying how many more there are: a matrix or sweep of 10,000
+    bad values gives one error, not 10,000."""
+    by_field: dict[tuple[str, str], list[SpecIssue]] = {}
+    for issue in issues:
+        by_field.setdefault((issue.source, issue.field), []).append(issue)
+    out = []
+    for same in by_field.values():
+        more = f"; {len(same) - 1:,} more values of this field are invalid too" if len(same) > 1 else ""
+        out.append(replace(same[0], message=same[0].message + more))
+    return out
 
 
 def input_stage(study: Study, spec: StageSpec, name: str) -> str | None:

@@ -88,6 +88,15 @@ def split_name(name: str) -> tuple[str, str]:
     return stage_id, param
 
 
+def drawn_points(config: Mapping[str, Any]) -> int:
+    """How many points ``build_axes`` draws for a random sweep (0 for any other method), without
+    drawing them: check it against a cap first, a run_cap of 1e9 would take minutes and gigabytes."""
+    cap = config.get("run_cap") if config.get("method") == "random" else None
+    if isinstance(cap, bool) or not isinstance(cap, int | float) or not math.isfinite(cap):
+        return 0
+    return max(int(cap), 0)
+
+
 def build_axes(config: Mapping[str, Any], seed: int) -> list[SweepAxis]:
     """The sweep axes of a schema-valid config (method grid or random)."""
     params = {name: dict(spec) for name, spec in config["parameters"].items()}
