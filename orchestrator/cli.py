@@ -56,6 +56,10 @@ def _guarded(command: Callable[[], int]) -> int:
     except BrokenPipeError:  # output piped into head & co.: not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps interpreter shutdown from failing again
         return 0
+    except OSError as e:  # the machine's, not the program's: a full disk, a vanished mount, permissions
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; fix that and run the command again", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(metavar="COMMAND")
 
     def spec_command(name: str, help_: str, func: object) -> argparse.ArgumentParser:
+        from orchestrator.plan import DEFAULT_MAX_JOBS
+
+        def max_jobs(text: str) -> int | None:
+            try:
+                n = int(text)
+            except ValueError:
+                n = -1
+            if n < 0:
+                raise argparse.ArgumentTypeError(f"expected a number of jobs (0: no limit), got {text!r}")
+            return n or None
+
         cmd = sub.add_parser(name, help=help_, description=help_)
         cmd.add_argument("spec", type=Path, help="study spec (YAML)")
         cmd.add_argument(
@@ -75,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--executor", choices=["local", "slurm"], help="override executor.backend")
         cmd.add_argument("--store", type=Path, metavar="DIR", help="override storage.root (artifacts, records, logs)")
+        cmd.add_argument(
+            "--max-jobs",
+            type=max_jobs,
+            default=DEFAULT_MAX_JOBS,
+            metavar="N",
+            help=f"refuse a plan of more than N jobs, before expanding it (default {DEFAULT_MAX_JOBS:,}; 0: no limit)",
+        )
         cmd.set_defaults(func=func)
         return cmd
 
@@ -113,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     fsck = sub.add_parser("fsck", help="check the artifact store; remove what dead writers left behind")
     fsck.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+    fsck.add_argument(
+        "--repair", action="store_true", help="quarantine what is damaged and drop the job records built on it (they rerun)"
+    )
     fsck.set_defaults(func=_fsck)
     sync = sub.add_parser(
         "sync",
@@ -142,8 +167,8 @@ def _load(args: argparse.Namespace) -> tuple[Study, Plan]:
         overrides.append(f"executor.backend={args.executor}")
     if args.store:
         overrides.append(f"storage.root={args.store}")
-    study, registry = load_study(args.spec, overrides)
-    return study, build_plan(study, registry)
+    study, registry = load_study(args.spec, overrides, max_jobs=args.max_jobs)
+    return study, build_plan(study, registry, max_jobs=args.max_jobs)
 
 
 def _paths(study: Study) -> StudyPaths:
@@ -160,16 +185,21 @@ def _plan(args: argparse.Namespace) -> int:
     from orchestrator import views
 
     study, plan = _load(args)
-    print(views.plan_table(plan, _cached(plan, _paths(study)), verbose=args.verbose))
+    reasons = _reasons(plan, _paths(study))
+    cached = {j.key for j in plan.jobs if j.key not in reasons}
+    print(views.plan_table(plan, cached, verbose=args.verbose, reasons=reasons))
     return 0
 
 
-def _cached(plan: Plan, paths: StudyPaths) -> set[str]:
-    """Keys of the plan's jobs whose outputs are already committed in the study's store."""
-    from orchestrator.executors.base import cached_keys
+def _reasons(plan: Plan, paths: StudyPaths) -> dict[str, str]:
+    """Why each of the plan's jobs that is not cached in the study's store must run."""
+    from orchestrator.executors.base import run_reasons
+    from orchestrator.lineage import NOT_RUN
     from orchestrator.runner import open_store
 
-    return cached_keys(plan, open_store(paths.root), force=False) if paths.store.exists() else set()
+    if not paths.store.exists():
+        return {job.key: NOT_RUN for job in plan.jobs}
+    return run_reasons(plan, open_store(paths.root), force=False)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -186,7 +216,8 @@ def _submit(args: argparse.Namespace) -> int:
             require_slurm()  # before anything is written
         executor = SlurmExecutor(paths, open_store(paths.root), template=study.executor.template, dry_run=args.dry_run)
     elif args.dry_run:  # the local executor has no scripts to write: show what would run
-        print(views.plan_table(plan, _cached(plan, paths)))
+        reasons = _reasons(plan, paths)
+        print(views.plan_table(plan, {j.key for j in plan.jobs if j.key not in reasons}, reasons=reasons))
         return 0
     else:
         executor = LocalExecutor(paths, open_store(paths.root), max_parallel=study.executor.max_parallel)
@@ -259,16 +290,40 @@ def _plots(args: argparse.Namespace) -> int:
 
 
 def _fsck(args: argparse.Namespace) -> int:
-    from orchestrator.artifacts import LocalStore
+    from orchestrator.artifacts import ArtifactNotFound, LocalStore
+    from orchestrator.runner import clean_stale_attempts
 
-    report = LocalStore(args.store.resolve() / "artifacts").fsck()
-    print(f"removed {len(report.removed_temp)} leftovers of interrupted writes")
-    for name in report.corrupt:
-        print(f"CORRUPT {name}")
-    for key in report.dangling_jobs:
-        print(f"DANGLING job record {key}")
-    print("store ok" if report.ok else "store has problems (see above)")
-    return 0 if report.ok else 1
+    root = args.store.resolve() / "artifacts"
+    try:
+        store = LocalStore(root, create=False)  # a check must not create the store it checks
+    except ArtifactNotFound:
+        print(f"error: no artifact store at {root}: it does not exist; pass the storage root with --store DIR", file=sys.stderr)
+        return 1
+    report = store.fsck(repair=args.repair)
+    stale = clean_stale_attempts(args.store.resolve())
+    print(
+        f"removed {len(report.removed_temp)} leftovers of interrupted writes, {len(stale)} staging folders of dead job attempts"
+    )
+    for attempt in stale:
+        print(f"STALE staging folder staging/{attempt} (removed)")
+    for label, lines in (
+        ("CORRUPT", report.corrupt),
+        ("DAMAGED", report.damaged),
+        ("DANGLING job record", report.dangling_jobs),
+        ("STALE job record", report.stale_jobs),
+        ("QUARANTINED", report.quarantined),
+        ("DROPPED job record", report.dropped_jobs),
+        ("NOT REPAIRED", report.unrepaired),
+    ):
+        for line in lines:
+            print(f"{label} {line}")
+    if report.ok:
+        print("store ok")
+    elif report.healthy:
+        print("store repaired: submit again to rerun the dropped jobs (that also restores quarantined files)")
+    else:
+        print("store has problems (see above)" + ("" if args.repair else "; `fsck --repair` puts them right"))
+    return 0 if report.healthy else 1
 
 
 def _cancel(args: argparse.Namespace) -> int:

@@ -53,5 +53,20 @@ class StudyPaths:
         return JobPaths(self.dir / "jobs" / key)
 
     def staging(self, key: str) -> Path:
-        """Scratch space for a running job's outputs, on the store's filesystem."""
+        """The job's staging folder, on the store's filesystem: one subfolder per attempt holds
+        that attempt's outputs until they are committed (see ``attempt``)."""
         return self.root / "staging" / key
+
+    def attempt(self, key: str, token: str) -> Path:
+        """Scratch space for one attempt's outputs: no two runs of a key ever share one."""
+        return self.staging(key) / token
+
+    def run_lock(self, key: str) -> Path:
+        """The lock file held by whoever runs job ``key``, from the start of a run to its commit;
+        under the storage root, so every study, executor and node sharing the store sees it."""
+        return run_lock_path(self.root, key)
+
+
+def run_lock_path(root: Path, key: str) -> Path:
+    """See ``StudyPaths.run_lock``: the same file for every study under ``root``."""
+    return root / "locks" / f"{key}.lock"

@@ -1,58 +1,56 @@
 """The one entry point every executor calls: ``python -m orchestrator run-job JOB.json``.
 
-It opens a tracking run, resolves every input by lineage (the exact version the upstream job
-recorded), calls the stage, commits each output as an artifact version with its lineage and
-provenance, and records the job's outputs under its key. Exit codes: 0 done (or already done),
-1 failed, 3 interrupted after a checkpoint (the executor may requeue it).
+A run of a job, wherever it runs (a local process, a SLURM task, a W&B agent), goes through
+these steps, and the order is what makes lineage trustworthy:
+
+1. Take the job key's run lock (``StudyPaths.run_lock``: ``lockf``, so it works across
+   processes, studies sharing a store, executors and NFS clients, and the kernel frees it when its
+   holder dies). A second run of the same key waits here, saying who holds it.
+2. Under the lock, check the committed result again (``lineage.LineageCheck``): if outputs are
+   present and were built from the input versions the upstream jobs record now, the loser of a
+   race reuses the winner's result and runs nothing.
+3. Resolve every input to the exact version its upstream job recorded, materialised read-only
+   and verified against its digests (``store.materialize``: copies, never the blobs themselves).
+4. Run the stage in a child process (``stageproc``) writing into a staging folder of this attempt
+   alone; a folder left by an attempt that died is removed here, since the lock proves it dead.
+5. Once the stage process and everything it started have exited, check that it did not write to
+   its inputs, then hash and commit each output, and record the job: its outputs and the input
+   versions it consumed. That record is the commit point for caching.
+
+Exit codes: 0 done (or already done), 1 failed, 3 interrupted after a checkpoint (the executor may
+requeue it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
-import signal
+import socket
 import subprocess
 import sys
 import threading
-import traceback
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Iterator, Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from orchestrator.artifacts import ArtifactRef, ArtifactStore, LocalStore, Producer
+from orchestrator.artifacts import ArtifactError, ArtifactRef, ArtifactStore, LocalStore, Producer
+from orchestrator.artifacts.locking import LockTimeout, file_lock
 from orchestrator.errors import OrchestratorError
-from orchestrator.paths import StudyPaths
+from orchestrator.lineage import NOT_RUN, LineageCheck
+from orchestrator.paths import StudyPaths, run_lock_path
 from orchestrator.records import JobRecord, read_job_record, write_job_record, write_state
-from orchestrator.stage import ResolvedInput, StageDef, StageInterrupted, load_registry
+from orchestrator.stage import ResolvedInput, StageDef, load_registry
+from orchestrator.stageproc import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Context, JobStopped, committing, run_stage_process
+from orchestrator.stageproc import install_stop_handlers as _install_stop_handlers
 from orchestrator.tracking import TrackingRun, open_run
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 3
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INTERRUPTED", "Context", "JobStopped", "run_job", "_install_stop_handlers"]
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "tokenizers", "numpy", "pydantic", "wandb")
-
-
-@dataclass
-class Context:
-    """The StageContext handed to a stage (see orchestrator.stage)."""
-
-    seed: int
-    job_label: str
-    checkpoint_dir: Path
-    staging: Path
-    run: TrackingRun
-    stop_requested: threading.Event = field(default_factory=threading.Event)
-
-    def output_dir(self, name: str) -> Path:
-        path = self.staging / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.run.log(metrics, step)
 
 
 def open_store(root: Path) -> ArtifactStore:
@@ -80,7 +78,7 @@ def run_listed_job(list_path: Path, index: int, force: bool = False) -> int:
     write_state(paths, record.key, "running", executor="slurm", external_id=external)
     try:
         rc = run_job(record_path, force)
-    except OrchestratorError as e:
+    except (OrchestratorError, ArtifactError) as e:
         print(f"error: {e}", flush=True)
         rc = EXIT_FAILED
     state = {EXIT_OK: "succeeded", EXIT_INTERRUPTED: "interrupted"}.get(rc, "failed")
@@ -97,49 +95,135 @@ def slurm_job_id() -> str | None:
 def run_job(record_path: Path, force: bool = False, code: Mapping[str, Any] | None = None) -> int:
     """Run the job described by ``record_path``; return the process exit code.
 
-    A job whose outputs are already committed is not run again unless ``force`` is set, so that a
-    requeued or duplicated job is harmless. ``code``: this checkout's ``code_provenance()`` when the
-    caller has it already (the local executor computes it once for many jobs); else computed here.
+    A job whose result is current (outputs committed from the input versions its upstream jobs
+    record now) is not run again unless ``force`` is set, so a requeued or duplicated job is
+    harmless. ``code``: this checkout's ``code_provenance()`` when the caller has it already (the
+    local executor computes it once for many jobs); else computed here.
     """
     record = read_job_record(record_path)
     paths = StudyPaths(record.root, record.study)
     store = open_store(record.root)
-    if not force and store.job_outputs(record.key) is not None:
-        print(f"{record.label}: outputs already committed; nothing to do")
-        return EXIT_OK
+    with run_lock(paths.run_lock(record.key), record.label):
+        if not force:
+            problem = LineageCheck(store).problem(record.key, record.inputs)
+            if problem is None:
+                print(f"{record.label}: outputs already committed; nothing to do", flush=True)
+                return EXIT_OK
+            if problem != NOT_RUN:
+                print(f"{record.label}: runs again: {problem}", flush=True)
+        with attempt_dir(paths, record.key) as staging:
+            return _attempt(record, paths, store, staging, code)
+
+
+def _attempt(record: JobRecord, paths: StudyPaths, store: ArtifactStore, staging: Path, code: Mapping[str, Any] | None) -> int:
+    """One attempt, under the job's run lock, writing into ``staging`` (this attempt's alone)."""
     stage_def = _stage_def(record)
     inputs = resolve_inputs(store, record)
-    run = open_run(record, paths)
-    for item in _flatten(inputs):
-        run.use_input(store.get(ArtifactRef(item.name, item.version)), item.path)
-    staging = paths.staging(record.key)
-    shutil.rmtree(staging, ignore_errors=True)
-    ctx = Context(record.seed, record.label, paths.job(record.key).checkpoint, staging, run)
-    ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    _install_stop_handlers(ctx.stop_requested, graceful=stage_def.checkpoints)
+    checkpoint = paths.job(record.key).checkpoint
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    print(f"{record.label}: running stage {record.stage} (key {record.key[:12]}, seed {record.seed})", flush=True)
+
+    def context(run: TrackingRun, stop: threading.Event) -> Context:
+        return Context(record.seed, record.label, checkpoint, staging, run, stop)
+
+    def tracking() -> TrackingRun:
+        run = open_run(record, paths)
+        for item in _flatten(inputs):
+            run.use_input(store.get(ArtifactRef(item.name, item.version)), item.path)
+        return run
+
+    params = stage_def.params.model_validate(record.params)
+    result, run = run_stage_process(stage_def, params, inputs, context, tracking)
+    if result.exit_code != EXIT_OK or result.metadata is None:
+        run.finish(ok=False)
+        if result.exit_code == EXIT_FAILED:
+            print(f"{record.label}: FAILED ({result.message or 'traceback above'})", flush=True)
+        return EXIT_FAILED if result.exit_code != EXIT_INTERRUPTED else EXIT_INTERRUPTED
     try:
-        print(f"{record.label}: running stage {record.stage} (key {record.key[:12]}, seed {record.seed})", flush=True)
-        metadata = stage_def.fn(stage_def.params.model_validate(record.params), inputs, ctx) or {}
-        refs = commit_outputs(store, record, stage_def, staging, metadata, inputs, code)
-        for ref in refs.values():
-            run.log_output(store.get(ref), store.materialize(ref))
-    except StageInterrupted as e:
+        with committing(record.label):
+            _check_inputs_untouched(store, record, inputs)
+            refs = commit_outputs(store, record, stage_def, staging, result.metadata, inputs, code)
+            for ref in refs.values() if run.mirrors_files else ():
+                run.log_output(store.get(ref), store.materialize(ref))
+    except Exception as e:  # noqa: BLE001 - a failed commit is a failed job, with its reason in the log
         run.finish(ok=False)
-        print(f"{record.label}: interrupted after a checkpoint ({e}); resubmit to resume", flush=True)
-        return EXIT_INTERRUPTED
-    except JobStopped as e:
-        run.finish(ok=False)
-        print(f"{record.label}: stopped by {e}; nothing was committed", flush=True)
-        return EXIT_INTERRUPTED
-    except BaseException:
-        run.finish(ok=False)
-        traceback.print_exc()
-        print(f"{record.label}: FAILED (traceback above)", flush=True)
+        print(f"{record.label}: FAILED while committing its outputs: {e}", flush=True)
         return EXIT_FAILED
     run.finish(ok=True)
-    shutil.rmtree(staging, ignore_errors=True)
     print(f"{record.label}: committed " + ", ".join(str(r) for r in refs.values()), flush=True)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def run_lock(path: Path, label: str) -> Iterator[None]:
+    """Hold the run lock of one job key; if another run holds it, say who and wait for it."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(path, timeout_s=0.0))
+        except LockTimeout:
+            holder = _lock_holder(path)
+            print(f"{label}: another run of this job ({holder}) holds {path}; waiting for it to finish", flush=True)
+            stack.enter_context(file_lock(path, timeout_s=None))
+            print(f"{label}: the other run has finished", flush=True)
+        yield
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() or "unknown holder"
+    except OSError:
+        return "unknown holder"
+
+
+@contextlib.contextmanager
+def attempt_dir(paths: StudyPaths, key: str) -> Iterator[Path]:
+    """A fresh staging folder for this attempt (caller holds the run lock), removed afterwards
+    whatever happens. Folders of earlier attempts of this key are removed first: the lock proves
+    that nobody is writing to them any more."""
+    folder = paths.staging(key)
+    if folder.is_dir():
+        for old in folder.iterdir():
+            shutil.rmtree(old, ignore_errors=True)
+    attempt = paths.attempt(key, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    attempt.mkdir(parents=True)
+    try:
+        yield attempt
+    finally:
+        shutil.rmtree(attempt, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # if empty
+
+
+def clean_stale_attempts(root: Path) -> list[str]:
+    """Remove the staging folders of attempts that died (``fsck``): under each job key's run
+    lock, taken without waiting, so a key that is running right now is left alone. Returns
+    ``<key>/<attempt>`` of each folder removed."""
+    removed: list[str] = []
+    staging = root / "staging"
+    for folder in sorted(staging.iterdir()) if staging.is_dir() else []:
+        if not folder.is_dir():
+            continue
+        try:
+            with file_lock(run_lock_path(root, folder.name), timeout_s=0.0):
+                for attempt in sorted(folder.iterdir()):
+                    shutil.rmtree(attempt, ignore_errors=True)
+                    removed.append(f"{folder.name}/{attempt.name}")
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        except LockTimeout:
+            continue  # running now
+    return removed
+
+
+def _check_inputs_untouched(store: ArtifactStore, record: JobRecord, inputs: Mapping[str, Any]) -> None:
+    """A stage that wrote to its inputs computed from bytes its lineage does not name: fail it."""
+    for item in _flatten(inputs):
+        changed = store.modified_view_files(ArtifactRef(item.name, item.version))
+        if changed:
+            raise OrchestratorError(
+                f"stage {record.stage!r} wrote to its input {item.ref} ({', '.join(changed[:5])}); inputs are read-only, "
+                "write to ctx.output_dir() instead. Nothing was committed"
+            )
 
 
 def _stage_def(record: JobRecord) -> StageDef:
@@ -218,7 +302,8 @@ def commit_outputs(
             move=True,  # staging is the store's own filesystem and discarded after: rename, not copy
         )
         refs[out.name] = version.ref
-    store.record_job(record.key, refs)
+    consumed = {name: [ArtifactRef(i.name, i.version) for i in (v if isinstance(v, list) else [v])] for name, v in inputs.items()}
+    store.record_job(record.key, refs, inputs=consumed)
     return refs
 
 
@@ -285,23 +370,3 @@ def _version(package: str) -> str | None:
         if colon and name.strip().lower() == "version":
             return value.strip()
     return dist.version
-
-
-class JobStopped(BaseException):
-    """Raised in the stage's thread by a stop signal: unwinds the stage without committing anything."""
-
-
-def _install_stop_handlers(event: threading.Event, graceful: bool) -> None:
-    """SIGTERM/SIGUSR2 stop the job. A stage that checkpoints is asked to (``event``) and gets one
-    signal's grace; any other stage, or a second signal, is stopped at once."""
-
-    def handler(signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        if event.is_set() or not graceful:
-            raise JobStopped(name)
-        event.set()
-        print(f"received {signal.Signals(signum).name}: asking the stage to checkpoint and stop", file=sys.stderr, flush=True)
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, handler)

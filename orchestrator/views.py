@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from orchestrator.artifacts import ArtifactNotFound, ArtifactRef, ArtifactStore
 from orchestrator.errors import OrchestratorError
 from orchestrator.executors.base import SubmitReport
+from orchestrator.lineage import went_stale
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
 from orchestrator.records import JobState, read_plan, read_state
@@ -23,12 +24,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def plan_table(plan: Plan, cached: set[str], verbose: bool = False) -> str:
+def plan_table(plan: Plan, cached: set[str], verbose: bool = False, reasons: Mapping[str, str] | None = None) -> str:
+    """The job DAG: each job's key, whether it is cached or runs (and, given ``reasons``, why it
+    runs again: "stale: input ... is v2, was built from v1"), and what it depends on."""
     labels = {job.key: job.label for job in plan.jobs}
     rows = []
     for job in plan.jobs:
         deps = ", ".join(labels[d] for d in job.deps) or "-"
-        rows.append([job.label, job.key[:12], "cached" if job.key in cached else "run", deps])
+        reason = (reasons or {}).get(job.key, "")
+        state = "cached" if job.key in cached else (f"run ({reason})" if went_stale(reason) else "run")
+        rows.append([job.label, job.key[:12], state, deps])
         if verbose:
             rows.append(["", "", "params", _short(job.params)])
     head = f"study {plan.study.name}: {len(plan.jobs)} jobs, {len(cached)} cached, {len(plan.jobs) - len(cached)} to run"
@@ -48,7 +53,12 @@ def report_summary(plan: Plan, report: SubmitReport, paths: StudyPaths) -> str:
     parts += [f"{len(report.cancelled)} cancelled"] if report.cancelled else []
     lines = [f"study {plan.study.name}: " + ", ".join(parts)]
     for key, log in report.failed.items():
-        lines += [f"FAILED {plan.by_key[key].label}: log {log}", *_tail(log)]
+        job, state = plan.by_key[key], read_state(paths, key)
+        if state is not None and state.state == "timeout":
+            advice = f"; give it longer with executor.resources.{job.stage_id}.time_min"
+            lines += [f"TIMEOUT {job.label}: log {log}{advice}", *_tail(log)]
+        else:
+            lines += [f"FAILED {job.label}: log {log}", *_tail(log)]
     if report.ok and not report.submitted:
         lines.append(f"artifacts: python -m orchestrator artifacts {plan.study.name} --store {paths.root}")
     return "\n".join(lines)

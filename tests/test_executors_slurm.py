@@ -334,3 +334,30 @@ def test_real_cluster_runs_a_sweep_with_shared_upstream(odd_dir: Path) -> None:
     assert set(final.values()) == {"succeeded"} and len(final) == 12
     assert value(store, "toy", "total[factor=3]")["value"] == 27
     assert value(store, "toy", "summary")["value"] == 18 + 27 and value(store, "toy", "summary")["parts"] == 6
+
+
+@cluster
+def test_slurm_and_local_submits_of_one_study_run_each_job_once(odd_dir: Path) -> None:
+    """The run lock holds across executors: the same study queued on SLURM and run locally at
+    the same time runs each job's stage once in all, and no version is torn."""
+    from test_lineage import SPEC, runs, torn_versions
+
+    spec = odd_dir / "lin.yaml"
+    spec.write_text(SPEC.format(name="lin", sleep=0.5))
+    store, runlog = odd_dir / "store", odd_dir / "runs.log"
+    env = {"TOYSTAGES_RUNLOG": str(runlog)}
+    queued = submit(spec, store, env=env)
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    ids = ",".join(json.loads(next((store / "studies" / "lin" / "slurm").glob("*/submission.json")).read_text())["ids"].values())
+    local = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "submit", str(spec), "--executor", "local", "--store", str(store)],
+        cwd=odd_dir, capture_output=True, text=True, env={**os.environ, **env}, timeout=120,
+    )  # fmt: skip
+    assert local.returncode == 0, local.stdout + local.stderr
+    deadline = time.monotonic() + 120
+    while subprocess.run(["squeue", "-h", "-j", ids], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "the SLURM jobs did not finish"
+        time.sleep(1)
+    counted = runs(runlog)
+    assert len(counted) == 6 and set(counted.values()) == {1}, counted
+    assert torn_versions(store) == []

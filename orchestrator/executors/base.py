@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.artifacts import ArtifactStore
+from orchestrator.lineage import LineageCheck, went_stale
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
 from orchestrator.records import JobRecord, record_dict, write_job_record, write_plan, write_state
@@ -29,17 +31,31 @@ class SubmitReport:
         return not (self.failed or self.skipped or self.cancelled or self.interrupted)
 
 
+def run_reasons(plan: Plan, store: ArtifactStore, force: bool) -> dict[str, str]:
+    """Job key -> why it must run, for every job of the plan whose committed result is not current
+    (see ``orchestrator.lineage``); every job with ``force``."""
+    return LineageCheck(store).plan_problems(plan.jobs, force)
+
+
 def cached_keys(plan: Plan, store: ArtifactStore, force: bool) -> set[str]:
-    """Jobs whose key already has committed outputs (none with ``force``)."""
-    if force:
-        return set()
-    return {job.key for job in plan.jobs if store.job_outputs(job.key) is not None}
+    """Jobs whose committed result is current: outputs in place, built from the input versions
+    their upstream jobs record now (none with ``force``)."""
+    reasons = run_reasons(plan, store, force)
+    return {job.key for job in plan.jobs if job.key not in reasons}
+
+
+def rerun_notes(plan: Plan, reasons: dict[str, str], limit: int = 10) -> list[str]:
+    """One line per job that ran before but must run again, and why (first ``limit``)."""
+    lines = [f"{plan.by_key[k].label}: {r}" for k, r in reasons.items() if went_stale(r)]
+    more = [f"... and {len(lines) - limit} more"] if len(lines) > limit else []
+    return [f"  rerun {line}" for line in lines[:limit]] + more
 
 
 class Executor(ABC):
     """Runs (or queues) the jobs of a plan that are not cached."""
 
     name: str
+    echo: Callable[[str], None] = print
 
     def __init__(self, paths: StudyPaths, store: ArtifactStore) -> None:
         self.paths = paths
@@ -53,7 +69,10 @@ class Executor(ABC):
         is removed, so that status reads the new submission instead.
         """
         self.write_plan(plan, spec_path)
-        cached = cached_keys(plan, self.store, force)
+        reasons = run_reasons(plan, self.store, force)
+        for line in rerun_notes(plan, reasons):
+            self.echo(line)
+        cached = {job.key for job in plan.jobs if job.key not in reasons}
         spec_hash = plan.study.spec_hash()
         todo = []
         for job in plan.jobs:

@@ -12,6 +12,10 @@ from orchestrator.artifacts import ArtifactVersion
 class TrackingRun(ABC):
     """One job's run in the tracking backend."""
 
+    # whether ``log_output`` reads the files: the runner materialises an output (a verified copy
+    # of every file) only for a backend that mirrors them
+    mirrors_files: bool = False
+
     @abstractmethod
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Record scalar metrics, optionally at a step."""

@@ -161,6 +161,8 @@ class WandbRun(TrackingRun):
     """One job's W&B run. Metrics also go to the job's ``metrics.jsonl`` (as with local tracking),
     so nothing depends on W&B being reachable."""
 
+    mirrors_files = True
+
     def __init__(
         self, record: JobRecord, paths: StudyPaths, *, wandb: ModuleType | None = None, echo: Callable[[str], None] | None = None
     ) -> None:

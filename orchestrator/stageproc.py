@@ -1,0 +1,290 @@
+"""Run a stage function in a child process of the runner, so that its outputs are hashed and
+committed only once nothing of the stage can still write to them.
+
+A stage that returns while a thread (a data loader, an async checkpoint writer) or a child process
+of its own still writes to its outputs would otherwise change files that the store has already
+hashed, or taken over as blobs. Here the stage runs in a forked child, in a process group of its
+own; when the child has exited, whatever is left in that group is killed, and only then does the
+runner (the parent) hash and commit. The child talks to the parent through one pipe of JSON
+lines: metrics as the stage logs them (the parent owns the tracking run, so the child never
+touches W&B), then the stage's returned metadata.
+
+Stop signals (TERM, USR2 for SLURM's time limit, HUP, INT) sent to the runner are passed on to the
+stage's process group, where the stage's own handlers decide between a checkpoint and an immediate
+stop. If the runner itself dies (even by SIGKILL), the kernel kills the stage (PR_SET_PDEATHSIG).
+
+The fork happens before the runner opens its tracking run, so no W&B threads are forked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.procutil import set_parent_death_signal
+from orchestrator.stage import StageDef, StageInterrupted
+from orchestrator.tracking import TrackingRun
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 3
+FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
+
+
+@dataclass
+class Context:
+    """The StageContext handed to a stage (see orchestrator.stage)."""
+
+    seed: int
+    job_label: str
+    checkpoint_dir: Path
+    staging: Path
+    run: TrackingRun
+    stop_requested: threading.Event
+
+    def output_dir(self, name: str) -> Path:
+        path = self.staging / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.run.log(metrics, step)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """How the stage process ended: its exit code and, on success, the metadata it returned."""
+
+    exit_code: int
+    metadata: dict[str, Any] | None
+    message: str = ""
+
+
+class _PipeRun(TrackingRun):
+    """The child's end of the tracking run: each ``log`` is one JSON line to the parent."""
+
+    def __init__(self, fd: int) -> None:
+        self._file = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.send({"metrics": {k: float(v) for k, v in metrics.items()}, "step": step})
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(message) + "\n")
+
+    def finish(self, ok: bool) -> None:
+        self._file.close()
+
+
+class JobStopped(BaseException):
+    """Raised in the stage's thread by a stop signal: unwinds the stage without committing anything."""
+
+
+def install_stop_handlers(event: threading.Event, graceful: bool) -> None:
+    """SIGTERM/SIGUSR2/SIGHUP stop the stage. A stage that checkpoints is asked to (``event``) and
+    gets one signal's grace; any other stage, or a second signal, is stopped at once."""
+
+    def handler(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if event.is_set() or not graceful:
+            raise JobStopped(name)
+        event.set()
+        print(f"received {name}: asking the stage to checkpoint and stop", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
+
+
+def run_stage_process(
+    stage_def: StageDef,
+    params: Any,
+    inputs: Mapping[str, Any],
+    make_context: Callable[[TrackingRun, threading.Event], Context],
+    open_run: Callable[[], TrackingRun],
+) -> tuple[StageResult, TrackingRun]:
+    """Fork, run ``stage_def`` in the child, forward its metrics to the run ``open_run`` opens in
+    this process, and return how it ended (with that run, still open) once the child and every
+    process it left in its group are gone."""
+    read_fd, write_fd = os.pipe()
+    parent = os.getpid()
+    with _forwarding() as forward:
+        # stop signals wait (blocked) across the fork, until each side has its handlers in place
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        pid = os.fork()
+        if pid == 0:  # the stage process: never returns
+            os.close(read_fd)
+            _child(stage_def, params, inputs, make_context, write_fd, parent, blocked)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(write_fd)
+        with contextlib.suppress(OSError):  # (the child does the same: whoever is first wins)
+            os.setpgid(pid, pid)
+        forward(pid)
+        try:
+            run = open_run()
+            metadata = _relay(read_fd, run)
+        except BaseException:
+            _kill_group(pid)
+            os.waitpid(pid, 0)
+            raise
+        _, status = os.waitpid(pid, 0)
+        _kill_group(pid)  # late writers the stage left behind
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        return StageResult(EXIT_FAILED, None, f"the stage process was killed by {signal.Signals(-code).name}"), run
+    return StageResult(code, metadata if code == EXIT_OK else None), run
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def committing(label: str) -> Iterator[None]:
+    """While the runner commits, stop signals are noted but do not interrupt it: a commit takes
+    seconds and leaves the store consistent either way, while an aborted one would throw away
+    the finished work (a SLURM requeue would run the whole stage again). Whoever must stop the
+    job at once still has SIGKILL."""
+
+    def note(signum: int, frame: object) -> None:
+        print(f"{label}: received {signal.Signals(signum).name} while committing; finishing the commit first", flush=True)
+
+    with _handling(FORWARDED, note):
+        yield
+
+
+@contextlib.contextmanager
+def _handling(signals: Sequence[signal.Signals], handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for ``signals`` within the block, the previous handlers after it (signal
+    handlers can only be set from the main thread: elsewhere, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _relay(fd: int, run: TrackingRun) -> dict[str, Any] | None:
+    """Pass the child's metrics on to ``run`` until the pipe closes; return the stage's metadata
+    (None if it sent none: it failed or was stopped)."""
+    metadata: dict[str, Any] | None = None
+    with os.fdopen(fd, "r", encoding="utf-8") as pipe:
+        for line in pipe:
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue  # a torn line from a child killed mid-write
+            if "metrics" in item:
+                _log(run, item["metrics"], item.get("step"))
+            elif "result" in item:
+                metadata = item["result"]
+    return metadata
+
+
+def _log(run: TrackingRun, metrics: Mapping[str, float], step: int | None) -> None:
+    """Metrics are worth less than the job: one that cannot be logged (a full disk) is reported
+    in the job log, and the stage goes on."""
+    try:
+        run.log(metrics, step)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: could not log metrics {sorted(metrics)} at step {step}: {e}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _forwarding() -> Iterator[Callable[[int], None]]:
+    """While the stage process lives, stop signals to this process go to its process group. One
+    that arrives before the fork is held and passed on as soon as the child exists."""
+    state: dict[str, Any] = {"pid": None, "pending": []}
+
+    def handler(signum: int, frame: object) -> None:
+        sig = signal.SIGTERM if signum == signal.SIGINT else signum  # Ctrl-C on a terminal: stop gracefully
+        if state["pid"] is None:
+            state["pending"].append(sig)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(state["pid"], sig)
+
+    def forward(pid: int) -> None:
+        state["pid"] = pid
+        for sig in state["pending"]:
+            handler(sig, None)
+
+    with _handling(FORWARDED, handler):
+        yield forward
+
+
+def _child(
+    stage_def: StageDef,
+    params: Any,
+    inputs: Mapping[str, Any],
+    make_context: Callable[[TrackingRun, threading.Event], Context],
+    fd: int,
+    parent: int,
+    mask: set[int | signal.Signals],
+) -> None:
+    """The stage process: its own group, dies with the runner, runs the stage, reports, exits.
+    Stop signals are blocked on entry; ``mask`` is the signal mask to restore once its own
+    handlers are in place (a signal that came in meanwhile is delivered then)."""
+    code = EXIT_FAILED
+    try:
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+        _die_with_parent(parent)
+        for sig in FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        pipe = _PipeRun(fd)
+        stop = threading.Event()
+        install_stop_handlers(stop, graceful=stage_def.checkpoints)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        code = _call_stage(stage_def, params, inputs, make_context(pipe, stop), pipe)
+        pipe.finish(ok=code == EXIT_OK)
+    except BaseException:  # noqa: BLE001 - whatever happens, this process must not return into the runner
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _call_stage(stage_def: StageDef, params: Any, inputs: Mapping[str, Any], ctx: Context, pipe: _PipeRun) -> int:
+    label = ctx.job_label
+    try:
+        metadata = stage_def.fn(params, inputs, ctx) or {}
+    except StageInterrupted as e:
+        print(f"{label}: interrupted after a checkpoint ({e}); resubmit to resume", flush=True)
+        return EXIT_INTERRUPTED
+    except JobStopped as e:
+        print(f"{label}: stopped by {e}; nothing was committed", flush=True)
+        return EXIT_INTERRUPTED
+    try:
+        pipe.send({"result": {name: dict(value) for name, value in metadata.items()}})
+    except (TypeError, ValueError, AttributeError) as e:
+        print(
+            f"{label}: the stage returned metadata that is not a JSON mapping per output ({e}); "
+            "return {output name: {key: str, int, float, bool, None, list or dict}}",
+            flush=True,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when the runner dies (Linux); where it already has,
+    exit now instead of running an orphaned stage."""
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(EXIT_FAILED)
