@@ -17,7 +17,8 @@ from orchestrator.paths import StudyPaths
 from orchestrator.plan import Job, Plan
 from orchestrator.spec import TrackingSpec
 
-State = Literal["pending", "queued", "running", "succeeded", "failed", "cancelled", "skipped", "cached", "interrupted"]
+# "timeout": the local executor stopped the job when it ran past its resources.time_min (a failure)
+State = Literal["pending", "queued", "running", "succeeded", "failed", "cancelled", "skipped", "cached", "interrupted", "timeout"]
 
 
 class UpstreamRecord(BaseModel):

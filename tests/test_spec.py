@@ -47,7 +47,7 @@ def test_valid_toy_spec_loads_with_references_resolved(toy_spec: Path) -> None:
         (
             "      value: 3",
             "      valeu: 3",
-            "study.yaml:8: stages.emit.params.valeu: unknown field; valid fields: language, sleep_s, value",
+            "study.yaml:8: stages.emit.params.valeu: unknown field; valid fields: hold_while, ignore_sigterm, language, sleep_s, value",
         ),
         (
             "      number: emit",

@@ -2,12 +2,15 @@
 
 ``emit`` writes a value, ``scale`` multiplies one upstream value, ``total`` sums many,
 ``flaky`` fails on demand. Each writes ``value.json`` so tests can follow data through lineage.
+``emit`` can also be held (``hold_while``: it waits while that file exists, so a test decides
+when it ends) and made deaf to SIGTERM (``ignore_sigterm``: a hung stage that only SIGKILL stops).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +22,8 @@ class EmitParams(StageParams):
     value: float = 1.0
     language: str = "en"
     sleep_s: float = 0.0
+    hold_while: str = ""  # a path: wait while it exists
+    ignore_sigterm: bool = False
 
 
 class ScaleParams(StageParams):
@@ -45,6 +50,10 @@ def _write(ctx: Any, name: str, value: float, **extra: Any) -> Mapping[str, Mapp
 @stage("emit", params=EmitParams, outputs={"number": "number"})
 def emit(params: EmitParams, inputs: Any, ctx: Any) -> Mapping[str, Mapping[str, Any]]:
     """Write params.value."""
+    if params.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while params.hold_while and os.path.exists(params.hold_while):
+        time.sleep(0.05)
     time.sleep(params.sleep_s)
     return _write(ctx, "number", params.value, language=params.language, seed=ctx.seed, threads=os.environ.get("OMP_NUM_THREADS"))
 
