@@ -7,12 +7,13 @@ consumer reads bytes other than its lineage names. Every count must be 0.
    files come from more than one run (torn), stage runs beyond one per job (duplicates), submits
    that did not exit 0.
 2. Corruption trials: ``--rounds`` times, on a finished study (whose producer writes the same
-   bytes every run), damage one input blob of a ``follow`` job (flip a byte, truncate, or delete it: in turn), rerun that job with ``--force``
-   and see what it read (the ``follow`` stage notes the sha256 of the bytes it read). Counted:
+   bytes every run), damage one input blob of a ``follow`` job (flip a byte, truncate, or delete
+   it: in turn), rerun that job with ``--force`` and see what it read (the ``follow`` stage notes
+   the sha256 of the bytes it read). Counted:
    consumers that read bytes other than the manifest's; then ``submit --force`` must repair the
    blob (fsck clean again) and the consumer, run again, read the right bytes.
 
-The toy stages live in tests/toystages (put on PYTHONPATH here). ``--quick``: 2 rounds each.
+The toy stages live in tests/lineagestages (tests/ is put on PYTHONPATH here). ``--quick``: 2 rounds each.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ torn version (files of two runs) or a duplicate run is visible.
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import time
