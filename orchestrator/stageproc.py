@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -254,6 +255,11 @@ def _child(
     except BaseException:  # noqa: BLE001 - whatever happens, this process must not return into the runner
         traceback.print_exc()
     finally:
+        with contextlib.suppress(Exception):
+            # what multiprocessing runs when its own children exit: finalizers that release the
+            # semaphores a stage's libraries made (tqdm's lock) instead of leaking them; the
+            # runner's atexit handlers, inherited by the fork, must not run here (hence _exit)
+            multiprocessing.util._exit_function()  # type: ignore[attr-defined]
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()

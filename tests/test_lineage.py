@@ -263,3 +263,11 @@ def test_a_consumer_never_reads_a_damaged_input_and_force_repairs_it(tmp_path: P
     seen = json.loads((store.materialize(store.job_outputs(follow.key)["seen"]) / "src.json").read_text())
     assert seen["sha256"] == sha  # the consumer read exactly the manifest's bytes
     assert "store ok" in finish(cli("fsck", "--store", str(root)))
+
+
+def test_the_stage_process_releases_what_its_libraries_hold(tmp_path: Path) -> None:
+    """The stage process ends with multiprocessing's finalizers (not a bare _exit): a stage whose
+    progress bar made a semaphore does not leave the submitter warning about leaked ones."""
+    spec = write_spec(tmp_path, text=UPSTREAM_ONLY.replace("sleep_s: {sleep}", "sleep_s: 0, progress: true"))
+    out = finish(cli("submit", str(spec), "--store", str(tmp_path / "root")))
+    assert "leaked semaphore" not in out, out

@@ -24,6 +24,7 @@ class TokensParams(StageParams):
     deterministic: bool = False  # the same bytes every run (no token, a fixed value), so a rerun can repair
     write_input: bool = False
     late_write_s: float = 0.0  # > 0: a thread rewrites an output this long after the stage returned
+    progress: bool = False  # show a tqdm bar (tqdm makes a multiprocessing lock: a semaphore)
 
 
 def note_run(label: str, token: str) -> None:
@@ -49,6 +50,11 @@ def tokens(params: TokensParams, inputs: Any, ctx: Any) -> None:
     """Two outputs, every file holding this run's token."""
     token = "fixed" if params.deterministic else uuid.uuid4().hex
     note_run(ctx.job_label, uuid.uuid4().hex)
+    if params.progress:
+        from tqdm import tqdm
+
+        for _ in tqdm(range(3), desc=ctx.job_label):
+            pass
     value = 1.0 if params.deterministic else uuid.uuid4().int % 1000
     _write_tokens(ctx.output_dir("a"), token, value, params.sleep_s / 2)
     _write_tokens(ctx.output_dir("b"), token, value, params.sleep_s / 2)
