@@ -241,7 +241,9 @@ def test_a_consumer_never_reads_a_damaged_input_and_force_repairs_it(tmp_path: P
     """A blob of an input goes bad after it was committed: the consumer fails in one line instead
     of reading it, and rerunning the (deterministic) producer with --force puts the blob back."""
     root = tmp_path / "root"
-    spec = write_spec(tmp_path, text=SPEC.replace("params: {{sleep_s: {sleep}}}", "params: {{sleep_s: {sleep}, deterministic: true}}"))
+    spec = write_spec(
+        tmp_path, text=SPEC.replace("params: {{sleep_s: {sleep}}}", "params: {{sleep_s: {sleep}, deterministic: true}}")
+    )
     finish(cli("submit", str(spec), "--store", str(root)))
     store = open_store(root)
     study, registry = load_study(spec, [f"storage.root={root}"])
@@ -256,7 +258,9 @@ def test_a_consumer_never_reads_a_damaged_input_and_force_repairs_it(tmp_path: P
         blob.chmod(0o644)
         blob.write_bytes(blob.read_bytes().replace(b"1.0", b"7.0"))
     record = StudyPaths(root, study.name).job(follow.key).record
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "run-job", str(record), "--force"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run-job", str(record), "--force"], capture_output=True, text=True
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and "submit --force" in proc.stdout + proc.stderr
     finish(cli("submit", str(spec), "--store", str(root), "--force"))
