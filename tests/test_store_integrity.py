@@ -445,8 +445,15 @@ def test_damaged_aliases_are_one_clear_error_and_the_next_log_repairs_them(store
 
 @pytest.mark.parametrize(
     "text",
-    ['{"outputs": {"out": "a:v0"', "", "[]", '{"job_key": "job1"}', '{"outputs": {"out": 3}}', '{"outputs": {"out": "a:latest"}}',
-     '{"outputs": {"out": "a:v0"}, "inputs": {"m": "a:v0"}}'],
+    [
+        '{"outputs": {"out": "a:v0"',
+        "",
+        "[]",
+        '{"job_key": "job1"}',
+        '{"outputs": {"out": 3}}',
+        '{"outputs": {"out": "a:latest"}}',
+        '{"outputs": {"out": "a:v0"}, "inputs": {"m": "a:v0"}}',
+    ],
     ids=["truncated", "empty", "list", "no-outputs", "not-a-ref", "alias-not-version", "inputs-not-a-list"],
 )
 def test_a_damaged_job_record_is_one_clear_error(store: LocalStore, tmp_path: Path, text: str) -> None:
@@ -617,3 +624,18 @@ def test_cli_fsck_repair_says_what_it_did(tmp_path: Path, capsys: pytest.Capture
     assert "DROPPED job record ja" not in out and "store repaired" in out
     store.log("b", "t", tmp_path / "src" / "b")
     assert cli.main(["fsck", "--store", str(root)]) == 0 and "store ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["name\n", "a:v1\n"], ids=["artifact-name", "reference"])
+def test_names_and_references_with_a_trailing_newline_are_refused(store: LocalStore, tmp_path: Path, bad: str) -> None:
+    """``$`` matches before a final newline: every name pattern is anchored with ``\\Z``."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    with pytest.raises(ArtifactError):
+        if ":" in bad:
+            ArtifactRef.parse(bad)
+        else:
+            store.log(bad, "t", src)
+    with pytest.raises(ArtifactError):
+        store.record_job("k" * 64 + "\n", {})

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+\-]*$")
-REF_RE = re.compile(r"^(?P<name>[^:]+):(?P<alias>[^:]+)$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+\-]*\Z")
+REF_RE = re.compile(r"^(?P<name>[^:]+):(?P<alias>[^:]+)\Z")
 
 
 class ArtifactError(Exception):

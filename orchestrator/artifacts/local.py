@@ -129,10 +129,10 @@ __all__ = ["FsckReport", "LocalStore", "manifest_digest"]
 
 LATEST = "latest"
 NOT_RUN = "not run yet"
-VERSION_DIR_RE = re.compile(r"^v(\d+)$")
-RETIRED_RE = re.compile(r"^v(\d+)\.retired$")
-ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+\-]{0,127}$")
-JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+VERSION_DIR_RE = re.compile(r"^v(\d+)\Z")
+RETIRED_RE = re.compile(r"^v(\d+)\.retired\Z")
+ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+\-]{0,127}\Z")
+JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}\Z")
 _RECORDS_KEPT = 64  # parsed version records kept per store (a record of 2,000 files is ~0.5 MB parsed)
 # The head of a version record, in the compact format and in the indented one of older stores.
 _RECORD_DIGEST_RE = re.compile(rb'\{\s*"created_at":\s*"[^"]*",\s*"digest":\s*"([0-9a-f]{64})"')

@@ -17,7 +17,7 @@ from typing import Any
 
 from .base import NAME_RE, ArtifactRef, DamagedRecord, FileEntry, JobCommit, Producer
 
-SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA_RE = re.compile(r"^[0-9a-f]{64}\Z")
 # A safe relative path: components of anything but "/" and NUL, none of them "." or ".." (the
 # common case, checked in one match; ``unsafe_path`` says what is wrong with the others)
 _SAFE_PATH_RE = re.compile(r"(?:(?!\.\.?/)[^/\x00]+/)*(?!\.\.?$)[^/\x00]+")

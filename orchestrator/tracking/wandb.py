@@ -47,7 +47,7 @@ MARKER = "wandb-run.json"  # in the job's directory: what sync needs to know abo
 KEY_VAR = "WANDB_API_KEY"
 INIT_TIMEOUT_S = 90.0  # wandb.init gives up after this (env ORCHESTRATOR_WANDB_INIT_TIMEOUT overrides)
 FINISH_TIMEOUT_S = 300.0  # run.finish stops waiting for uploads (env ORCHESTRATOR_WANDB_FINISH_TIMEOUT)
-WANDB_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+WANDB_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}\Z")
 ALIAS_FORBIDDEN = set("/:")
 
 
