@@ -37,7 +37,7 @@ def run_job_command(record: Path, *, force: bool = False, code: Mapping[str, Any
     costs ~3 ms, a tenth of a trivial job). ``code``: see ``runner.run_job``."""
     from orchestrator.runner import run_job
 
-    return _guarded(lambda: run_job(record, force=force, code=code))
+    return _guarded(lambda: run_job(record, force=force, code=code, final=True))
 
 
 def _guarded(command: Callable[[], int]) -> int:
@@ -354,4 +354,4 @@ def _run_job(args: argparse.Namespace) -> int:
         return run_listed_job(args.list, args.index, force=args.force)
     if args.record is None:
         raise OrchestratorError("run-job needs a job record (JOB.json) or --list FILE --index N")
-    return run_job(args.record, force=args.force)
+    return run_job(args.record, force=args.force, final=True)

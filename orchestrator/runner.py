@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +46,17 @@ from orchestrator.lineage import NOT_RUN, LineageCheck
 from orchestrator.paths import StudyPaths, run_lock_path
 from orchestrator.records import JobRecord, read_job_record, write_job_record, write_state
 from orchestrator.stage import ResolvedInput, StageDef, load_registry
-from orchestrator.stageproc import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Context, JobStopped, committing, run_stage_process
+from orchestrator.stageproc import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    FORWARDED,
+    Context,
+    JobStopped,
+    RunSignals,
+    on_stop_signals,
+    run_stage_process,
+)
 from orchestrator.stageproc import install_stop_handlers as _install_stop_handlers
 from orchestrator.tracking import TrackingRun, open_run
 
@@ -76,8 +87,8 @@ def run_listed_job(list_path: Path, index: int, force: bool = False) -> int:
         os.dup2(f.fileno(), 2)
     external = slurm_job_id()
     write_state(paths, record.key, "running", executor="slurm", external_id=external)
-    try:
-        rc = run_job(record_path, force)
+    try:  # final: scancel signals every process of the job, and the batch shell passes the signal on
+        rc = run_job(record_path, force, final=True)  # again; late ones must not keep the outcome unrecorded
     except (OrchestratorError, ArtifactError) as e:
         print(f"error: {e}", flush=True)
         rc = EXIT_FAILED
@@ -92,30 +103,44 @@ def slurm_job_id() -> str | None:
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
-def run_job(record_path: Path, force: bool = False, code: Mapping[str, Any] | None = None) -> int:
+def run_job(record_path: Path, force: bool = False, code: Mapping[str, Any] | None = None, *, final: bool = False) -> int:
     """Run the job described by ``record_path``; return the process exit code.
 
     A job whose result is current (outputs committed from the input versions its upstream jobs
     record now) is not run again unless ``force`` is set, so a requeued or duplicated job is
     harmless. ``code``: this checkout's ``code_provenance()`` when the caller has it already (the
-    local executor computes it once for many jobs); else computed here.
+    local executor computes it once for many jobs); else computed here. Stop signals are answered
+    phase by phase (``stageproc.RunSignals``). ``final``: the calling process ends with the job
+    (``run-job``); once the outcome is decided, stop signals are held until it exits, so that a
+    late one cannot turn a decided outcome into death by signal with nothing reported.
     """
     record = read_job_record(record_path)
     paths = StudyPaths(record.root, record.study)
     store = open_store(record.root)
-    with run_lock(paths.run_lock(record.key), record.label):
-        if not force:
-            problem = LineageCheck(store).problem(record.key, record.inputs)
-            if problem is None:
-                print(f"{record.label}: outputs already committed; nothing to do", flush=True)
-                return EXIT_OK
-            if problem != NOT_RUN:
-                print(f"{record.label}: runs again: {problem}", flush=True)
-        with attempt_dir(paths, record.key) as staging:
-            return _attempt(record, paths, store, staging, code)
+    stops = RunSignals(record.label)
+    with on_stop_signals(stops.handle):
+        try:
+            with run_lock(paths.run_lock(record.key), record.label):
+                if not force:
+                    problem = LineageCheck(store).problem(record.key, record.inputs)
+                    if problem is None:
+                        print(f"{record.label}: outputs already committed; nothing to do", flush=True)
+                        return EXIT_OK
+                    if problem != NOT_RUN:
+                        print(f"{record.label}: runs again: {problem}", flush=True)
+                with attempt_dir(paths, record.key) as staging:
+                    return _attempt(record, paths, store, staging, code, stops)
+        except JobStopped as e:
+            print(f"{record.label}: stopped by {e}; nothing was committed", flush=True)
+            return EXIT_INTERRUPTED
+        finally:
+            if final:
+                signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
 
 
-def _attempt(record: JobRecord, paths: StudyPaths, store: ArtifactStore, staging: Path, code: Mapping[str, Any] | None) -> int:
+def _attempt(
+    record: JobRecord, paths: StudyPaths, store: ArtifactStore, staging: Path, code: Mapping[str, Any] | None, stops: RunSignals
+) -> int:
     """One attempt, under the job's run lock, writing into ``staging`` (this attempt's alone)."""
     stage_def = _stage_def(record)
     inputs = resolve_inputs(store, record)
@@ -133,18 +158,17 @@ def _attempt(record: JobRecord, paths: StudyPaths, store: ArtifactStore, staging
         return run
 
     params = stage_def.params.model_validate(record.params)
-    result, run = run_stage_process(stage_def, params, inputs, context, tracking)
+    result, run = run_stage_process(stage_def, params, inputs, context, tracking, stops)
     if result.exit_code != EXIT_OK or result.metadata is None:
         run.finish(ok=False)
         if result.exit_code == EXIT_FAILED:
             print(f"{record.label}: FAILED ({result.message or 'traceback above'})", flush=True)
         return EXIT_FAILED if result.exit_code != EXIT_INTERRUPTED else EXIT_INTERRUPTED
     try:
-        with committing(record.label):
-            _check_inputs_untouched(store, record, inputs)
-            refs = commit_outputs(store, record, stage_def, staging, result.metadata, inputs, code)
-            for ref in refs.values() if run.mirrors_files else ():
-                run.log_output(store.get(ref), store.materialize(ref))
+        _check_inputs_untouched(store, record, inputs)
+        refs = commit_outputs(store, record, stage_def, staging, result.metadata, inputs, code)
+        for ref in refs.values() if run.mirrors_files else ():
+            run.log_output(store.get(ref), store.materialize(ref))
     except Exception as e:  # noqa: BLE001 - a failed commit is a failed job, with its reason in the log
         run.finish(ok=False)
         print(f"{record.label}: FAILED while committing its outputs: {e}", flush=True)

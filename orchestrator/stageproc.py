@@ -9,9 +9,11 @@ runner (the parent) hash and commit. The child talks to the parent through one p
 lines: metrics as the stage logs them (the parent owns the tracking run, so the child never
 touches W&B), then the stage's returned metadata.
 
-Stop signals (TERM, USR2 for SLURM's time limit, HUP, INT) sent to the runner are passed on to the
-stage's process group, where the stage's own handlers decide between a checkpoint and an immediate
-stop. If the runner itself dies (even by SIGKILL), the kernel kills the stage (PR_SET_PDEATHSIG).
+Stop signals (TERM, USR2 for SLURM's time limit, HUP, INT) sent to the runner are answered by one
+handler for the whole run (``RunSignals``): before the stage they unwind the runner, while it runs
+they go to the stage's process group (whose own handlers decide between a checkpoint and an
+immediate stop), after it they are only noted while the runner commits and reports. If the runner
+itself dies (even by SIGKILL), the kernel kills the stage (PR_SET_PDEATHSIG).
 
 The fork happens before the runner opens its tracking run, so no W&B threads are forked.
 """
@@ -26,7 +28,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from orchestrator.stage import StageDef, StageInterrupted
 from orchestrator.tracking import TrackingRun
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 3
-FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT)
+FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT)  # the runner's stop signals
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
 
 
@@ -111,32 +113,36 @@ def run_stage_process(
     inputs: Mapping[str, Any],
     make_context: Callable[[TrackingRun, threading.Event], Context],
     open_run: Callable[[], TrackingRun],
+    stops: RunSignals,
 ) -> tuple[StageResult, TrackingRun]:
     """Fork, run ``stage_def`` in the child, forward its metrics to the run ``open_run`` opens in
     this process, and return how it ended (with that run, still open) once the child and every
-    process it left in its group are gone."""
+    process it left in its group are gone. ``stops`` (installed by the caller) passes stop signals
+    on to the stage while it runs, and only notes them afterwards."""
     read_fd, write_fd = os.pipe()
     parent = os.getpid()
-    with _forwarding() as forward:
-        # stop signals wait (blocked) across the fork, until each side has its handlers in place
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-        pid = os.fork()
-        if pid == 0:  # the stage process: never returns
-            os.close(read_fd)
-            _child(stage_def, params, inputs, make_context, write_fd, parent, blocked)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(write_fd)
-        with contextlib.suppress(OSError):  # (the child does the same: whoever is first wins)
-            os.setpgid(pid, pid)
-        forward(pid)
-        try:
-            run = open_run()
-            metadata = _relay(read_fd, run)
-        except BaseException:
-            _kill_group(pid)
-            os.waitpid(pid, 0)
-            raise
+    # stop signals wait (blocked) across the fork, until each side has its handlers in place
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    pid = os.fork()
+    if pid == 0:  # the stage process: never returns
+        os.close(read_fd)
+        _child(stage_def, params, inputs, make_context, write_fd, parent, blocked)
+    with contextlib.suppress(OSError):  # (the child does the same: whoever is first wins)
+        os.setpgid(pid, pid)
+    stops.stage = pid
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    os.close(write_fd)
+    try:
+        run = open_run()
+        metadata = _relay(read_fd, run)
         _, status = os.waitpid(pid, 0)
+    except BaseException:
+        _kill_group(pid)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
+    finally:
+        stops.stage, stops.finishing = None, True
         _kill_group(pid)  # late writers the stage left behind
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
@@ -149,28 +155,47 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+class RunSignals:
+    """How the runner answers its stop signals (TERM, USR2, HUP, INT), phase by phase, with one
+    handler installed for the whole run (``on_stop_signals(stops.handle)``), so that there is no
+    moment between phases where the default action (death, with nothing recorded) applies:
+
+    - before the stage starts (waiting for the run lock, resolving inputs): ``JobStopped`` is
+      raised, which the runner turns into exit 3 with nothing done;
+    - while the stage process runs: passed on to its process group (INT as TERM), where the
+      stage's own handlers choose between a checkpoint and an immediate stop;
+    - once it has ended (``finishing``): only noted. A commit takes seconds and leaves the store
+      consistent either way, while an aborted one would throw away finished work (a SLURM requeue
+      would run the whole stage again), and the outcome must still be reported. SIGKILL remains
+      for whoever must stop the job at once.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.stage: int | None = None  # the stage process, while it runs
+        self.finishing = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.stage is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.stage, signal.SIGTERM if signum == signal.SIGINT else signum)
+        elif self.finishing:
+            print(f"{self.label}: received {name}; finishing the commit and its record first", flush=True)
+        else:
+            raise JobStopped(name)
+
+
 @contextlib.contextmanager
-def committing(label: str) -> Iterator[None]:
-    """While the runner commits, stop signals are noted but do not interrupt it: a commit takes
-    seconds and leaves the store consistent either way, while an aborted one would throw away
-    the finished work (a SLURM requeue would run the whole stage again). Whoever must stop the
-    job at once still has SIGKILL."""
-
-    def note(signum: int, frame: object) -> None:
-        print(f"{label}: received {signal.Signals(signum).name} while committing; finishing the commit first", flush=True)
-
-    with _handling(FORWARDED, note):
-        yield
-
-
-@contextlib.contextmanager
-def _handling(signals: Sequence[signal.Signals], handler: Callable[[int, Any], None]) -> Iterator[None]:
-    """``handler`` for ``signals`` within the block, the previous handlers after it (signal
-    handlers can only be set from the main thread: elsewhere, nothing changes)."""
+def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for the runner's stop signals within the block, the previous handlers after
+    it (handlers can only be set from the main thread: elsewhere, nothing changes). Nested
+    blocks hand the signals from one phase of a run to the next, with no moment in between where
+    the default action (death, with nothing recorded) applies."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    previous = {sig: signal.signal(sig, handler) for sig in FORWARDED}
     try:
         yield
     finally:
@@ -202,29 +227,6 @@ def _log(run: TrackingRun, metrics: Mapping[str, float], step: int | None) -> No
         run.log(metrics, step)
     except Exception as e:  # noqa: BLE001
         print(f"warning: could not log metrics {sorted(metrics)} at step {step}: {e}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _forwarding() -> Iterator[Callable[[int], None]]:
-    """While the stage process lives, stop signals to this process go to its process group. One
-    that arrives before the fork is held and passed on as soon as the child exists."""
-    state: dict[str, Any] = {"pid": None, "pending": []}
-
-    def handler(signum: int, frame: object) -> None:
-        sig = signal.SIGTERM if signum == signal.SIGINT else signum  # Ctrl-C on a terminal: stop gracefully
-        if state["pid"] is None:
-            state["pending"].append(sig)
-        else:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(state["pid"], sig)
-
-    def forward(pid: int) -> None:
-        state["pid"] = pid
-        for sig in state["pending"]:
-            handler(sig, None)
-
-    with _handling(FORWARDED, handler):
-        yield forward
 
 
 def _child(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -275,3 +276,27 @@ def test_the_stage_process_releases_what_its_libraries_hold(tmp_path: Path) -> N
     spec = write_spec(tmp_path, text=UPSTREAM_ONLY.replace("sleep_s: {sleep}", "sleep_s: 0, progress: true"))
     out = finish(cli("submit", str(spec), "--store", str(tmp_path / "root")))
     assert "leaked semaphore" not in out, out
+
+
+def test_a_barrage_of_stop_signals_never_kills_the_runner_before_it_reports(tmp_path: Path) -> None:
+    """scancel signals every process of a job and the batch shell passes the signal on again: the
+    runner gets several TERMs, some after its stage process has ended. It must still exit 3 (the
+    stage checkpointed), never die of the signal with nothing recorded."""
+    root = tmp_path / "root"
+    spec = tmp_path / "count.yaml"
+    spec.write_text(
+        "name: count\nlanguages: [en]\nstage_package: toystages\nstages:\n  count: {params: {steps: 200, sleep_s: 0.05}}\n"
+    )
+    study, registry = load_study(spec, [f"storage.root={root}"])
+    plan = build_plan(study, registry)
+    record = write_job_record(StudyPaths(root, study.name), JobRecord.from_job(plan.jobs[0], plan, root))
+    proc = cli("run-job", str(record))
+    assert proc.stdout is not None and "running stage count" in proc.stdout.readline()
+    time.sleep(0.3)
+    deadline = time.monotonic() + 3
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 3, f"exit {proc.returncode}\n{out}"
+    assert (StudyPaths(root, study.name).job(plan.jobs[0].key).checkpoint / "state.json").exists()
