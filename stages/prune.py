@@ -4,10 +4,11 @@ The algorithm is kept in pure functions so that it can be tested without a model
 
 - :func:`normalize_importance`: each layer's row divided by its L2 norm (+1e-20), then min-max over
   the heads to [0, 1] (both switchable, as ``run_bertology``'s two ``dont_normalize_*`` flags).
-  Only **kept** heads enter the norms and the min/max when a mask is given (masked heads come out 0):
-  a removed head's gate gradient (how much restoring it would change the loss) must not rescale the
-  scores of the heads still alive in its layer. ``run_bertology`` normalised over all heads; with
-  the all-ones mask of the first step both agree.
+  ``normalize_over`` picks the heads: ``"all"`` (the default, as the method is specified and as
+  ``run_bertology`` does: a masked head's gate gradient still enters its layer's norm and the
+  min/max) or ``"kept"`` (masked heads are left out and come out 0, so that a removed head cannot
+  rescale the scores of the heads still alive in its layer). With the all-ones mask of the first
+  step both agree; the mask artifact records which was used.
 - :func:`next_mask`: mask the ``k`` lowest-importance **unmasked** heads globally (ties broken by
   flat index, as a stable sort).
 - :func:`heads_per_step`: ``k = max(1, int(L * H * masking_amount))`` (14 of 144 at 0.1).
@@ -36,7 +37,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -55,33 +56,43 @@ def heads_per_step(n_layers: int, n_heads: int, masking_amount: float) -> int:
     return max(1, int(n_layers * n_heads * masking_amount))
 
 
+NormalizeOver = Literal["all", "kept"]
+
+
 def normalize_importance(
     imp: np.ndarray,
     by_layer: bool = True,
     global_minmax: bool = True,
     mask: np.ndarray | None = None,
+    over: NormalizeOver = "all",
 ) -> np.ndarray:
     """Normalise a [L, H] importance matrix.
 
     ``by_layer``: divide each layer's row by its L2 norm + 1e-20. ``global_minmax``: then rescale to
-    [0, 1] by the min and max over all heads (a constant matrix becomes all zeros). With ``mask``
-    (1 = kept), masked heads are set to 0 before the layer norms, excluded from the min/max and
-    returned as 0.
+    [0, 1] by the min and max over the heads. ``over`` says which heads: ``"all"`` (as specified,
+    and as run_bertology does: a masked head's gate still has a gradient, so its importance enters
+    its layer's norm and the min/max) or ``"kept"`` (with ``mask``, 1 = kept: masked heads are set
+    to 0 before the layer norms, left out of the min/max and returned as 0). The choice changes
+    which heads are masked next from the second pruning step on, since a masked head's importance
+    changes its layer's norm. A constant matrix becomes all zeros.
     """
+    if over not in ("all", "kept"):
+        raise ValueError(f"normalize over 'all' or 'kept' heads, not {over!r}")
     out = np.array(imp, dtype=np.float64, copy=True)
     if out.ndim != 2:
         raise ValueError(f"importance must be [layers, heads], got shape {out.shape}")
     kept = np.ones(out.shape, dtype=bool) if mask is None else np.asarray(mask) > 0.5
     if kept.shape != out.shape:
         raise ValueError(f"mask shape {kept.shape} does not match importance shape {out.shape}")
-    out[~kept] = 0.0
+    counted = kept if over == "kept" else np.ones(out.shape, dtype=bool)
+    out[~counted] = 0.0
     if by_layer:
         norms = np.sqrt((out**2).sum(axis=-1, keepdims=True))
         out = out / (norms + 1e-20)
-    if global_minmax and kept.any():
-        lo, hi = out[kept].min(), out[kept].max()
+    if global_minmax and counted.any():
+        lo, hi = out[counted].min(), out[counted].max()
         out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
-        out[~kept] = 0.0
+        out[~counted] = 0.0
     return out
 
 
@@ -154,6 +165,7 @@ def iterative_prune(
     *,
     normalize_layers: bool = True,
     normalize_global: bool = True,
+    normalize_over: NormalizeOver = "all",
     initial_mask: np.ndarray | None = None,
     on_step: Callable[[PruneStep], None] | None = None,
 ) -> PruneResult:
@@ -193,7 +205,7 @@ def iterative_prune(
         raw = np.asarray(importance_fn(mask.copy()), dtype=np.float64)
         if raw.shape != shape:
             raise ValueError(f"importance_fn returned shape {raw.shape}, expected {shape}")
-        imp = normalize_importance(raw, normalize_layers, normalize_global, mask=mask)
+        imp = normalize_importance(raw, normalize_layers, normalize_global, mask=mask, over=normalize_over)
         raws.append(raw)
         imps.append(imp)
         candidate = next_mask(mask, imp, k)
@@ -444,7 +456,12 @@ class PruneParams(EvalParams):
         0.1, gt=0.0, lt=1.0, description="Heads masked per step: max(1, int(L*H*masking_amount)) (0.1 -> 14 of 144)."
     )
     normalize_layers: bool = Field(True, description="Divide each layer's importance by its L2 norm.")
-    normalize_global: bool = Field(True, description="Min-max the importance over all heads to [0, 1].")
+    normalize_global: bool = Field(True, description="Min-max the importance to [0, 1].")
+    normalize_over: NormalizeOver = Field(
+        "all",
+        description="Heads in the layer norms and the min-max: 'all' (as specified and in run_bertology) or 'kept' "
+        "(leave already-masked heads out)",
+    )
     min_heads: int = Field(1, ge=1, description="Never keep fewer heads than this.")
 
 
@@ -453,7 +470,7 @@ class PruneParams(EvalParams):
     params=PruneParams,
     inputs={"model": Input(type="model"), "dataset": Input(type="dataset")},
     outputs={"mask": "head-mask"},
-    version="1",
+    version="2",  # 2: normalize_over, default "all" (version 1 normalised over the kept heads only)
 )
 def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Iteratively prune attention heads for one language until perplexity exceeds P0 * threshold."""
@@ -513,6 +530,7 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
                 params.min_heads,
                 normalize_layers=params.normalize_layers,
                 normalize_global=params.normalize_global,
+                normalize_over=params.normalize_over,
                 on_step=on_step,
             )
         finally:
@@ -525,6 +543,9 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
         "perplexity_final": result.perplexity_final,
         "threshold": params.threshold,
         "threshold_perplexity": result.threshold_perplexity,
+        "normalize_layers": params.normalize_layers,
+        "normalize_global": params.normalize_global,
+        "normalize_over": params.normalize_over,
         "heads_per_step": k,
         "steps_accepted": sum(1 for s in result.trajectory[1:] if s.accepted),
         "stop_reason": result.stop_reason,

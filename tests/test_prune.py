@@ -48,12 +48,30 @@ def test_normalize_importance_switches():
 def test_normalize_importance_ignores_masked_heads():
     imp = np.array([[3.0, 4.0, 100.0], [1.0, 1.0, 1.0]])
     mask = np.array([[1, 1, 0], [1, 1, 1]], dtype=np.float32)
-    out = normalize_importance(imp, True, False, mask=mask)
+    out = normalize_importance(imp, True, False, mask=mask, over="kept")
     np.testing.assert_allclose(out[0], [0.6, 0.8, 0.0])  # the masked 100 does not enter the norm
     np.testing.assert_allclose(out[1], np.full(3, 1 / math.sqrt(3)))
-    out = normalize_importance(imp, True, True, mask=mask)
+    out = normalize_importance(imp, True, True, mask=mask, over="kept")
     lo, hi = 1 / math.sqrt(3), 0.8
     np.testing.assert_allclose(out, [[(0.6 - lo) / (hi - lo), 1.0, 0.0], [0.0, 0.0, 0.0]], atol=1e-12)
+
+
+def test_normalize_importance_over_all_heads_is_the_default_and_run_bertologys():
+    """run_bertology: every head's importance (a masked head's gate still has a gradient) enters
+    the layer norms and the min-max. Here the masked 100 shrinks its layer's other scores, so
+    over all heads the next head masked is in layer 0; over the kept heads it is in layer 1."""
+    imp = np.array([[3.0, 4.0, 100.0], [1.0, 1.0, 2.0]])
+    mask = np.array([[1, 1, 0], [1, 1, 1]], dtype=np.float32)
+    by_layer = imp / np.sqrt((imp**2).sum(axis=1, keepdims=True))
+    expected = (by_layer - by_layer.min()) / (by_layer.max() - by_layer.min())
+    np.testing.assert_allclose(normalize_importance(imp, True, True, mask=mask), expected)
+    np.testing.assert_allclose(normalize_importance(imp, True, True, mask=mask, over="all"), expected)
+    first_all = next_mask(mask, normalize_importance(imp, mask=mask), 1)
+    first_kept = next_mask(mask, normalize_importance(imp, mask=mask, over="kept"), 1)
+    assert first_all[0].sum() == 1 and first_all[1].sum() == 3
+    assert first_kept[0].sum() == 2 and first_kept[1].sum() == 2
+    with pytest.raises(ValueError, match="'all' or 'kept'"):
+        normalize_importance(imp, over="some")  # type: ignore[arg-type]
 
 
 def test_next_mask_never_masks_an_already_masked_head():
@@ -279,7 +297,8 @@ def _replay(importances, n_steps):
     mask = np.ones(importances.shape[1:], np.float32).reshape(-1)
     for step in range(n_steps):
         flat = importances[step].reshape(-1)
-        assert np.all(flat[mask == 0] == 0)  # masked heads do not enter the normalisation
+        if step > 0:  # normalised over all heads (the default): a masked head keeps a score of its own
+            assert np.any(flat[mask == 0] != 0)
         kept = np.flatnonzero(mask)
         mask[kept[np.argmin(flat[kept])]] = 0
     return mask.reshape(importances.shape[1:])
@@ -299,6 +318,7 @@ def test_prune_stage_end_to_end(tiny, tmp_path):
     assert info["language"] == "en" and info["mask"] == mask.tolist()
     assert info["hidden_size"] == 32 and info["num_parameters"] > 0
     assert meta["eval_seed"] == 7  # the parameter, not the job seed (5)
+    assert meta["normalize_over"] == "all" and info["normalize_over"] == "all"  # recorded with the mask
     np.testing.assert_array_equal(_replay(imp, 7), mask)
     assert [step for m, step in ctx.metrics if "heads_kept" in m] == list(range(8))
     ppl = [t["perplexity"] for t in traj]
