@@ -1,4 +1,4 @@
-"""Language-level controls (SCIENCE.md section 7): token overlap and syntactic distance.
+"""Language-level controls (docs/methods.md section 11): token overlap and syntactic distance.
 
 Stage ``token_overlap`` (inputs ``tokenizer``, ``parallel``): for every parallel sentence, the share
 of language l's distinct subword ids that also occur in the reference language's version of the

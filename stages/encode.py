@@ -1,4 +1,4 @@
-"""Stage ``encode``: every hidden state of a model for every sentence of a parallel corpus (SCIENCE.md 5).
+"""Stage ``encode``: every hidden state of a model for every sentence of a parallel corpus (docs/methods.md 9).
 
 Variants (``variant``), each encoding **every** language's sentences:
 

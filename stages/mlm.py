@@ -6,7 +6,7 @@ functions, so that a stage module may import this one at module level.
 Data: a ``dataset`` artifact (stage ``tokenize``) holds ``<lang>/{train,test}.npy`` (int32
 ``[n_chunks, block_size]`` token ids, no labels) and ``meta.json``.
 
-Evaluation masking is **deterministic** (SCIENCE.md section 2): :func:`eval_batches` masks chunk
+Evaluation masking is **deterministic** (docs/methods.md, section 4): :func:`eval_batches` masks chunk
 ``i`` of language ``lang`` with its own generator seeded by ``(seed, lang, i)`` (numpy's PCG64 via a
 ``SeedSequence``: stable across numpy and torch versions). The masked positions of a chunk are
 therefore the same every time, for every model and every pruning step, whatever the batch size or
@@ -38,7 +38,7 @@ from pydantic import Field
 from orchestrator.stage import StageParams
 
 META_FILE = "meta.json"
-DEFAULT_EVAL_SEED = 1234  # the study's seed (SCIENCE.md); every stage evaluating perplexity uses it
+DEFAULT_EVAL_SEED = 1234  # the study's seed (docs/methods.md, Introduction); every stage evaluating perplexity uses it
 
 
 class EvalParams(StageParams):

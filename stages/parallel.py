@@ -1,4 +1,4 @@
-"""Stage ``parallel``: the same sentences in every language, for encoding (SCIENCE.md section 5).
+"""Stage ``parallel``: the same sentences in every language, for encoding (docs/methods.md section 8).
 
 Sources:
 

@@ -1,4 +1,4 @@
-"""Stage ``similarity``: how alike two languages' representations are, layer by layer (SCIENCE.md 6).
+"""Stage ``similarity``: how alike two languages' representations are, layer by layer (docs/methods.md 10).
 
 Inputs: ``encodings`` artifacts (stage ``encode``), one per model variant and one per subnetwork
 language. They are grouped by the ``variant`` (and ``language``) of their ``meta.json``, not by the

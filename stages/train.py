@@ -1,6 +1,6 @@
 """Stage ``train``: masked-LM fine-tuning (or pre-training of a tiny model) on every language at once.
 
-The recipe of the original study (SCIENCE.md section 2), as HF ``Trainer`` ran it:
+The recipe of the original study (docs/methods.md section 4), as HF ``Trainer`` ran it:
 
 - training set: the shuffled concatenation of every language's train chunks; the order of epoch
   ``e`` is a permutation seeded by ``(seed, e)`` and step ``s`` takes its ``s``-th slice, so the

@@ -155,7 +155,7 @@ def test_shuffled_rows_control():
 
 
 def test_biased_cka_of_independent_random_features():
-    # SCIENCE.md: biased CKA of independent random 768-d features ~0.44 at n=1000 (~0.88 at n=100); debiased ~0
+    # docs/methods.md section 10: biased CKA of independent random 768-d features ~0.44 at n=1000 (~0.88 at n=100); debiased ~0
     a, b = rng(5).normal(size=(1000, 768)), rng(6).normal(size=(1000, 768))
     assert 0.40 < linear_cka(a, b) < 0.48
     assert abs(debiased_cka(a, b)) < 0.01
