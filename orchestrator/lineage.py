@@ -92,7 +92,7 @@ class LineageCheck:
         commit = self.record(key)
         if commit is None:
             return NOT_RUN
-        missing = self.store.job_problem(key)
+        missing = self.store.outputs_problem(commit.outputs)  # the record is read once, above
         if missing is not None:
             return missing
         now = self.current_inputs(bindings)

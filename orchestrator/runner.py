@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.artifacts import ArtifactError, ArtifactRef, ArtifactStore, LocalStore, Producer
-from orchestrator.artifacts.locking import LockTimeout, file_lock
+from orchestrator.artifacts.locking import LockTimeout, file_lock, holder
 from orchestrator.errors import OrchestratorError
 from orchestrator.lineage import NOT_RUN, LineageCheck
 from orchestrator.paths import StudyPaths, run_lock_path
@@ -185,18 +185,10 @@ def run_lock(path: Path, label: str) -> Iterator[None]:
         try:
             stack.enter_context(file_lock(path, timeout_s=0.0))
         except LockTimeout:
-            holder = _lock_holder(path)
-            print(f"{label}: another run of this job ({holder}) holds {path}; waiting for it to finish", flush=True)
+            print(f"{label}: another run of this job ({holder(path)}) holds {path}; waiting for it to finish", flush=True)
             stack.enter_context(file_lock(path, timeout_s=None))
             print(f"{label}: the other run has finished", flush=True)
         yield
-
-
-def _lock_holder(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8").strip() or "unknown holder"
-    except OSError:
-        return "unknown holder"
 
 
 @contextlib.contextmanager
@@ -205,9 +197,7 @@ def attempt_dir(paths: StudyPaths, key: str) -> Iterator[Path]:
     whatever happens. Folders of earlier attempts of this key are removed first: the lock proves
     that nobody is writing to them any more."""
     folder = paths.staging(key)
-    if folder.is_dir():
-        for old in folder.iterdir():
-            shutil.rmtree(old, ignore_errors=True)
+    _remove_attempts(folder)
     attempt = paths.attempt(key, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     attempt.mkdir(parents=True)
     try:
@@ -216,6 +206,15 @@ def attempt_dir(paths: StudyPaths, key: str) -> Iterator[Path]:
         shutil.rmtree(attempt, ignore_errors=True)
         with contextlib.suppress(OSError):
             folder.rmdir()  # if empty
+
+
+def _remove_attempts(folder: Path) -> list[str]:
+    """Remove every attempt's folder under a key's staging ``folder`` (the caller holds the key's
+    run lock, which proves them dead); return their names."""
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    for name in names:
+        shutil.rmtree(folder / name, ignore_errors=True)
+    return names
 
 
 def clean_stale_attempts(root: Path) -> list[str]:
@@ -229,9 +228,7 @@ def clean_stale_attempts(root: Path) -> list[str]:
             continue
         try:
             with file_lock(run_lock_path(root, folder.name), timeout_s=0.0):
-                for attempt in sorted(folder.iterdir()):
-                    shutil.rmtree(attempt, ignore_errors=True)
-                    removed.append(f"{folder.name}/{attempt.name}")
+                removed += [f"{folder.name}/{name}" for name in _remove_attempts(folder)]
                 with contextlib.suppress(OSError):
                     folder.rmdir()
         except LockTimeout:

@@ -185,5 +185,10 @@ class ArtifactStore(ABC):
         exists with its files in place; else why the job does not count as committed."""
 
     @abstractmethod
+    def outputs_problem(self, outputs: Mapping[str, ArtifactRef]) -> str | None:
+        """``job_problem`` for a record already read: None if every version in ``outputs`` (output
+        name -> version) exists with its files in place, else what is wrong."""
+
+    @abstractmethod
     def drop_job(self, job_key: str) -> None:
         """Forget ``job_key``'s record (kept aside, not deleted), so that the job runs again."""

@@ -93,6 +93,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import fsutil
+from ..procutil import alive
 from .base import (
     NAME_RE,
     REF_RE,
@@ -152,16 +153,6 @@ def _to_json(value: Any, what: str) -> str:
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{what} is not JSON-serialisable ({e}); use str, int, float, bool, None, lists and dicts") from e
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _describe(items: Sequence[str], limit: int = 12) -> str:
@@ -642,7 +633,11 @@ class LocalStore(ArtifactStore):
             return str(e)
         if commit is None:
             return NOT_RUN
-        for output, ref in sorted(commit.outputs.items()):
+        return self.outputs_problem(commit.outputs)
+
+    def outputs_problem(self, outputs: Mapping[str, ArtifactRef]) -> str | None:
+        """See ``ArtifactStore.outputs_problem``."""
+        for output, ref in sorted(outputs.items()):
             problem = self._output_problem(ref)
             if problem is not None:
                 return f"output {output!r} ({ref}) {problem}"
@@ -675,7 +670,7 @@ class LocalStore(ArtifactStore):
         host, now = socket.gethostname(), time.time()
         for entry in sorted((self.root / "tmp").iterdir()):
             owner_host, _, pid = entry.name.rpartition("-")[0].rpartition("-")
-            dead = owner_host == host and pid.isdigit() and not _pid_alive(int(pid))
+            dead = owner_host == host and pid.isdigit() and not alive(int(pid))
             try:
                 if not dead and now - entry.lstat().st_mtime <= max_age_s:
                     continue

@@ -32,13 +32,17 @@ def _thread_lock(path: Path) -> threading.Lock:
         return _thread_locks.setdefault(str(path), threading.Lock())
 
 
-def _timeout_error(path: Path, timeout_s: float | None) -> LockTimeout:
+def holder(path: Path) -> str:
+    """Who holds (or last held) the lock on ``path``, as its holder noted in the file."""
     try:
-        holder = path.read_text().strip() or "unknown"
+        return path.read_text().strip() or "unknown"
     except OSError:
-        holder = "unknown"
+        return "unknown"
+
+
+def _timeout_error(path: Path, timeout_s: float | None) -> LockTimeout:
     return LockTimeout(
-        f"timed out after {timeout_s}s waiting for lock file {path} (last holder: {holder}); "
+        f"timed out after {timeout_s}s waiting for lock file {path} (last holder: {holder(path)}); "
         "another process is still working on it - wait and retry, or stop that process"
     )
 
