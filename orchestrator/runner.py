@@ -86,6 +86,9 @@ def run_listed_job(list_path: Path, index: int, force: bool = False) -> int:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
     external = slurm_job_id()
+    # From "running" on, a stop must end in a recorded outcome, never in death by signal with
+    # "running" left on record: stops wait (blocked) until run_job's handler is in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     write_state(paths, record.key, "running", executor="slurm", external_id=external)
     try:  # final: scancel signals every process of the job, and the batch shell passes the signal on
         rc = run_job(record_path, force, final=True)  # again; late ones must not keep the outcome unrecorded
@@ -120,6 +123,7 @@ def run_job(record_path: Path, force: bool = False, code: Mapping[str, Any] | No
     stops = RunSignals(record.label)
     with on_stop_signals(stops.handle):
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # a stop the caller held arrives now
             with run_lock(paths.run_lock(record.key), record.label):
                 if not force:
                     problem = LineageCheck(store).problem(record.key, record.inputs)

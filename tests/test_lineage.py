@@ -292,3 +292,37 @@ def test_a_barrage_of_stop_signals_never_kills_the_runner_before_it_reports(tmp_
     out = proc.communicate(timeout=30)[0]
     assert proc.returncode == 3, f"exit {proc.returncode}\n{out}"
     assert (StudyPaths(root, study.name).job(plan.jobs[0].key).checkpoint / "state.json").exists()
+
+
+# A SLURM task's runner with a TERM arriving at the worst moment: right after it recorded "running".
+TERM_AFTER_RUNNING = """\
+import os, signal, sys
+from orchestrator import runner
+from orchestrator.cli import main
+written = runner.write_state
+def write_state(paths, key, state, **fields):
+    written(paths, key, state, **fields)
+    if state == "running":
+        os.kill(os.getpid(), signal.SIGTERM)
+runner.write_state = write_state
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_task_stopped_just_after_it_recorded_running_records_how_it_ended(tmp_path: Path) -> None:
+    """From the moment a SLURM task records "running", its stop signals are the runner's: a TERM
+    then (scancel of a task that has just started) ends it as interrupted, never as death by
+    signal that leaves "running" on record for a job that no longer exists."""
+    root = tmp_path / "root"
+    spec = tmp_path / "count.yaml"
+    spec.write_text("name: count\nlanguages: [en]\nstage_package: toystages\nstages:\n  count: {params: {steps: 5}}\n")
+    study, registry = load_study(spec, [f"storage.root={root}"])
+    plan = build_plan(study, registry)
+    paths = StudyPaths(root, study.name)
+    record = write_job_record(paths, JobRecord.from_job(plan.jobs[0], plan, root))
+    (tmp_path / "tasks.json").write_text(json.dumps([str(record)]))
+    args = ["run-job", "--list", str(tmp_path / "tasks.json"), "--index", "0"]
+    proc = subprocess.run([sys.executable, "-c", TERM_AFTER_RUNNING, *args], capture_output=True, text=True, timeout=120)
+    state = json.loads((paths.job(plan.jobs[0].key).dir / "state.json").read_text())
+    assert (proc.returncode, state["state"]) == (3, "interrupted"), proc.stdout + proc.stderr
+    assert open_store(root).job_outputs(plan.jobs[0].key) is None  # stopped before the stage ran
