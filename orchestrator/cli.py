@@ -129,7 +129,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("study", help="study name")
         cmd.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
         cmd.set_defaults(func=func)
-    sub.choices["artifacts"].add_argument("--lineage", metavar="NAME[:vN]", help="show the lineage tree of one artifact")
+    shown = sub.choices["artifacts"].add_mutually_exclusive_group()
+    shown.add_argument("--lineage", metavar="NAME[:vN]", help="show the lineage tree of one artifact")
+    shown.add_argument("--show", metavar="NAME[:vN]", help="show one version: its provenance (job, params, code) and inputs")
     sub.choices["plots"].add_argument(
         "--out", type=Path, metavar="DIR", help="where to put them (default: the study's figures/ folder)"
     )
@@ -269,6 +271,8 @@ def _artifacts(args: argparse.Namespace) -> int:
     store = open_store(paths.root)
     if args.lineage:
         print(views.lineage_tree(store, args.lineage))
+    elif args.show:
+        print(views.version_details(store, args.show))
     else:
         print(views.artifact_table(paths, store))
     return 0

@@ -39,3 +39,9 @@ class SpecError(OrchestratorError):
 
 class ExecutorUnavailable(OrchestratorError):
     """The executor backend named in the spec cannot run here (e.g. no SLURM commands)."""
+
+
+class BadArgument(OrchestratorError):
+    """A command-line argument names something that does not exist (an artifact, a version)."""
+
+    exit_code = 2

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from orchestrator.artifacts import ArtifactStore
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import BadArgument, OrchestratorError
 from orchestrator.paths import StudyPaths
 from orchestrator.records import read_plan
 
@@ -18,7 +18,7 @@ def export_type(paths: StudyPaths, store: ArtifactStore, artifact_type: str, out
     Returns the folders written, in plan order.
     """
     if not paths.plan.exists():
-        raise OrchestratorError(f"no study {paths.study!r} under {paths.root}; submit it first, or pass --store")
+        raise BadArgument(f"no study {paths.study!r} under {paths.root}; submit it first, or pass --store")
     written = []
     for job in read_plan(paths)["jobs"]:
         for ref in (store.job_outputs(job["key"]) or {}).values():

@@ -26,16 +26,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +41,7 @@ from orchestrator.artifacts.locking import LockTimeout, file_lock, holder
 from orchestrator.errors import OrchestratorError
 from orchestrator.lineage import NOT_RUN, LineageCheck
 from orchestrator.paths import StudyPaths, run_lock_path
+from orchestrator.provenance import code_provenance, stage_provenance, version_provenance
 from orchestrator.records import JobRecord, read_job_record, write_job_record, write_state
 from orchestrator.stage import ResolvedInput, StageDef, load_registry
 from orchestrator.stageproc import (
@@ -61,7 +59,6 @@ from orchestrator.stageproc import install_stop_handlers as _install_stop_handle
 from orchestrator.tracking import TrackingRun, open_run
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INTERRUPTED", "Context", "JobStopped", "run_job", "_install_stop_handlers"]
-PACKAGES = ("torch", "transformers", "datasets", "accelerate", "tokenizers", "numpy", "pydantic", "wandb")
 
 
 def open_store(root: Path) -> ArtifactStore:
@@ -150,10 +147,12 @@ def _attempt(
     inputs = resolve_inputs(store, record)
     checkpoint = paths.job(record.key).checkpoint
     checkpoint.mkdir(parents=True, exist_ok=True)
+    code = code_provenance() if code is None else code
+    lineage = stage_provenance(record, paths, store, (ArtifactRef(i.name, i.version) for i in _flatten(inputs)), code)
     print(f"{record.label}: running stage {record.stage} (key {record.key[:12]}, seed {record.seed})", flush=True)
 
     def context(run: TrackingRun, stop: threading.Event) -> Context:
-        return Context(record.seed, record.label, checkpoint, staging, run, stop)
+        return Context(record.seed, record.label, checkpoint, staging, run, stop, lineage)
 
     def tracking() -> TrackingRun:
         run = open_run(record, paths)
@@ -310,7 +309,7 @@ def commit_outputs(
         stage=record.stage,
         job_label=record.label,
         inputs=tuple(ArtifactRef(i.name, i.version) for i in _flatten(inputs)),
-        provenance=provenance(record, code),
+        provenance=version_provenance(record, code),
     )
     refs: dict[str, ArtifactRef] = {}
     for out in record.outputs:
@@ -337,61 +336,3 @@ def _flatten(inputs: Mapping[str, ResolvedInput | list[ResolvedInput]]) -> list[
     for value in inputs.values():
         out += value if isinstance(value, list) else [value]
     return out
-
-
-def provenance(record: JobRecord, code: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What a reader needs to reproduce an artifact: spec, job, code and package versions, seed
-    (``code``: ``code_provenance()``, computed here unless given)."""
-    code = code_provenance() if code is None else code
-    return {"spec_hash": record.spec_hash, "job_key": record.key, "seed": record.seed, **code}
-
-
-def code_provenance() -> dict[str, Any]:
-    """The part of provenance that is the same for every job run by one interpreter on one
-    checkout: git commit (+dirty), Python, host and package versions.
-
-    It costs ~10 ms (two git subprocesses, 8 package metadata files), a third of a trivial job,
-    so the local executor computes it in the submitting process and hands it to its job
-    processes (``run_job(..., code=...)``); a SLURM task, on its own node, computes its own.
-    """
-    return {
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "packages": {p: v for p in PACKAGES if (v := _version(p))},
-    }
-
-
-def git_commit() -> str | None:
-    """The commit of the checkout holding the stage code, with ``+dirty`` for uncommitted changes."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _version(package: str) -> str | None:
-    """The installed version of ``package`` (None if it is not installed).
-
-    Reads the ``Version:`` header itself: ``importlib.metadata.version`` runs the email parser
-    over the whole metadata file, long description included (8 ms for our 8 packages, not 3).
-    """
-    try:
-        dist = importlib_metadata.distribution(package)
-    except importlib_metadata.PackageNotFoundError:
-        return None
-    text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
-    for line in text.splitlines():
-        if not line:  # the headers end at the first empty line
-            break
-        name, colon, value = line.partition(":")
-        if colon and name.strip().lower() == "version":
-            return value.strip()
-    return dist.version

@@ -68,6 +68,22 @@ class ResolvedInput:
 Inputs = Mapping[str, "ResolvedInput | list[ResolvedInput]"]
 
 
+PROVENANCE = """\
+``StageContext.provenance``: what produced a job and every artifact version upstream of it::
+
+    {"study": "demo", "spec_path": "/abs/specs/demo.yaml" | None, "spec_hash": "...",
+     "code": {"git_commit": "<sha>[+dirty]" | None, "python": "3.12.1", "packages": {"torch": "..."}},
+     "job": {"label": "...", "stage": "...", "stage_version": "...", "params": {...}, "seed": 0},
+     "upstream": [   # every ancestor version of the job's inputs, once each, producers first
+        {"ref": "demo.train.model:v0", "type": "model", "job_label": "train", "stage": "train",
+         "stage_version": "3" | None, "params": {...} | None, "seed": 1234 | None,
+         "spec_hash": "..." | None, "git_commit": "..." | None, "created_at": "...",
+         "inputs": ["demo.tokenize.dataset:v0", ...]}]}
+
+Fields are None where an older version did not record them.
+"""
+
+
 class StageContext(Protocol):
     """What the engine hands a running stage."""
 
@@ -75,6 +91,8 @@ class StageContext(Protocol):
     job_label: str
     checkpoint_dir: Path  # persists across retries and requeues of the same job key
     stop_requested: threading.Event  # set on SIGTERM/SIGUSR2: checkpoint and raise StageInterrupted
+    # What produced this job and everything upstream of it, as plain JSON data (see PROVENANCE)
+    provenance: Mapping[str, Any]
 
     def output_dir(self, name: str) -> Path:
         """An empty directory to write output ``name`` into (created on first call)."""

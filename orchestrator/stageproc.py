@@ -29,7 +29,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class Context:
     staging: Path
     run: TrackingRun
     stop_requested: threading.Event
+    provenance: Mapping[str, Any] = field(default_factory=dict)
 
     def output_dir(self, name: str) -> Path:
         path = self.staging / name

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import BadArgument, OrchestratorError
 from orchestrator.fsutil import atomic_write_json
 from orchestrator.paths import StudyPaths
 from orchestrator.records import read_plan, read_state
@@ -83,7 +83,7 @@ def wandb_command() -> list[str]:
 
 def _plan_jobs(paths: StudyPaths) -> list[dict[str, Any]]:
     if not paths.plan.exists():
-        raise OrchestratorError(
+        raise BadArgument(
             f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store"
         )
     return list(read_plan(paths)["jobs"])

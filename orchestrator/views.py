@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from orchestrator.artifacts import ArtifactNotFound, ArtifactRef, ArtifactStore
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import BadArgument
 from orchestrator.executors.base import SubmitReport
 from orchestrator.lineage import went_stale
 from orchestrator.paths import StudyPaths
@@ -75,7 +76,7 @@ def _tail(path: object) -> list[str]:
 def job_states(paths: StudyPaths) -> list[tuple[dict[str, object], JobState | None]]:
     """Every job of the study's submitted plan with its recorded state."""
     if not paths.plan.exists():
-        raise OrchestratorError(
+        raise BadArgument(
             f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store"
         )
     from orchestrator.executors.slurm import queued_jobs
@@ -117,7 +118,7 @@ SLURM_ENDED = {"CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "
 
 def artifact_table(paths: StudyPaths, store: ArtifactStore) -> str:
     if not paths.plan.exists():
-        raise OrchestratorError(f"no study {paths.study!r} under {paths.root}; submit it first, or pass --store")
+        raise BadArgument(f"no study {paths.study!r} under {paths.root}; submit it first, or pass --store")
     rows = []
     for job in read_plan(paths)["jobs"]:
         outputs = store.job_outputs(job["key"]) or {}
@@ -142,9 +143,47 @@ def lineage_tree(store: ArtifactStore, ref_text: str) -> str:
     try:
         version = store.get(ref_text if ":" in ref_text else f"{ref_text}:latest")
     except ArtifactNotFound as e:
-        raise OrchestratorError(str(e)) from None
+        raise BadArgument(str(e)) from None
     lines: list[str] = []
     _lineage(store, version.ref, "", lines, set())
+    return "\n".join(lines)
+
+
+def version_details(store: ArtifactStore, ref_text: str) -> str:
+    """One version: what it is, the job, spec and code that produced it, and its inputs."""
+    try:
+        version = store.get(ref_text if ":" in ref_text else f"{ref_text}:latest")
+    except ArtifactNotFound as e:
+        raise BadArgument(str(e)) from None
+    lines = [
+        f"{version.ref} [{version.type}]: {len(version.files)} files, {_size(version.size)}, created {version.created_at}",
+        f"  digest    {version.digest}",
+        f"  aliases   {', '.join(version.aliases) or '-'}",
+    ]
+    if version.metadata:
+        lines.append(f"  metadata  {json.dumps(dict(version.metadata), sort_keys=True)}")
+    producer = version.producer
+    if producer is None:
+        return "\n".join([*lines, "  produced outside any study (no producing job recorded)"])
+    prov = producer.provenance
+    lines += [
+        f"produced by {producer.job_label} (stage {producer.stage}, version {prov.get('stage_version', '?')}; "
+        f"study {producer.study}, job {producer.job_key})",
+        f"  params    {json.dumps(prov['params'], sort_keys=True) if 'params' in prov else '(not recorded)'}",
+        f"  seed      {prov.get('seed', '?')}",
+        f"  spec hash {prov.get('spec_hash', '?')}",
+        f"  git commit {prov.get('git_commit') or '(not a git checkout)'}",
+        f"  python    {prov.get('python', '?')} on {prov.get('host', '?')}",
+        "  packages  " + (", ".join(f"{k} {v}" for k, v in sorted(dict(prov.get("packages") or {}).items())) or "-"),
+        "inputs:" if producer.inputs else "inputs: none",
+    ]
+    for ref in producer.inputs:
+        try:
+            parent = store.get(ref)
+            by = f" <- {parent.producer.job_label}" if parent.producer else ""
+            lines.append(f"  {ref} [{parent.type}]{by}")
+        except ArtifactNotFound:
+            lines.append(f"  {ref} (no longer in the store)")
     return "\n".join(lines)
 
 

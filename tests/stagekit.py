@@ -30,6 +30,7 @@ class FakeContext:
     job_label: str = "test-job"
     stop_requested: threading.Event = field(default_factory=threading.Event)
     metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def checkpoint_dir(self) -> Path:

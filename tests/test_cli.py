@@ -63,9 +63,9 @@ def test_failed_submit_exits_1_and_prints_the_log(toy_spec: Path, tmp_path: Path
 
 def test_unknown_study_and_artifact_are_clear_errors(tmp_path: Path) -> None:
     status = cli("status", "nope", cwd=tmp_path)
-    assert status.returncode == 1 and "no study 'nope'" in status.stderr and "Traceback" not in status.stderr
+    assert status.returncode == 2 and "no study 'nope'" in status.stderr and "Traceback" not in status.stderr
     arts = cli("artifacts", "nope", "--lineage", "x.y", cwd=tmp_path)
-    assert arts.returncode == 1 and "Traceback" not in arts.stderr
+    assert arts.returncode == 2 and "Traceback" not in arts.stderr
 
 
 def test_slurm_without_slurm_fails_clearly_and_submits_nothing(toy_spec: Path, tmp_path: Path) -> None:

@@ -242,4 +242,4 @@ def test_cli_sync_exits_1_when_an_upload_fails_and_says_what(
 
 def test_unknown_study_is_a_clear_error(tmp_path: Path) -> None:
     out = cli("sync", "nope", "--store", str(tmp_path), cwd=tmp_path)
-    assert out.returncode == 1 and "no study 'nope'" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "no study 'nope'" in out.stderr and "Traceback" not in out.stderr

@@ -55,8 +55,9 @@ from orchestrator.executors.base import Executor, SubmitReport
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
 from orchestrator.procutil import alive, parent_of, set_parent_death_signal
+from orchestrator.provenance import code_provenance
 from orchestrator.records import JobState, State, now, read_state, write_state
-from orchestrator.runner import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobStopped, code_provenance
+from orchestrator.runner import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobStopped
 
 POLL_S = 0.5  # upper bound on a wait: job exits, signals and time limits wake the loop at once
 STOP_POLL_S = 0.1  # while stopping: how often to look again at a job whose fork server has gone

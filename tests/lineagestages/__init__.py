@@ -78,6 +78,7 @@ def follow(params: TokensParams, inputs: Any, ctx: Any) -> None:
     src = inputs["src"].path / "part0.json"
     raw = src.read_bytes()
     (ctx.output_dir("seen") / "src.json").write_text(json.dumps({"token": token, "sha256": hashlib.sha256(raw).hexdigest()}))
+    (ctx.output_dir("seen") / "provenance.json").write_text(json.dumps({"token": token, "provenance": ctx.provenance}))
     try:
         value = json.loads(raw)["value"]
     except (ValueError, KeyError):  # damaged bytes: go on, so that what was read gets committed and counted
