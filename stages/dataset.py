@@ -13,28 +13,47 @@ Document boundaries (``doc_boundary``):
 - ``eos``: no per-document template, one ``</s>`` (sep/eos) after each document.
 - ``none``: plain concatenation.
 
-Over-long corpora are capped with a seeded random subset of chunks (kept in corpus order).
+**Selection and reporting halves.** The test documents of each language are split, before
+chunking, into a *selection* half and a *reporting* half (:func:`split_test_documents`): the test
+document at position ``i`` of the corpus' test split (corpus order) goes to the selection half when
+``i`` is even, to the reporting half when ``i`` is odd. Every decision that looks at held-out text
+(the best training checkpoint, head importance, the pruning threshold) uses only the selection
+half; every number reported as a result (perplexity before/after fine-tuning, ``cross_eval``) uses
+only the reporting half, so the reported numbers are not biased by the choices made on them.
+Alternating positions, rather than a hash, gives halves whose sizes differ by at most one document
+and puts every run of consecutive documents (a book of the Bible, an article's neighbours) in both
+halves, so neither half is one genre. The rule needs no seed; for the Bible, where the translations
+hold out the same chapters in the same order, the halves are the same chapters in every language.
+Each half is chunked on its own, so no chunk straddles the two.
+
+Over-long corpora are capped with a seeded random subset of chunks (kept in corpus order); the test
+cap ``max_test_chunks_per_language`` is shared evenly: each half keeps at most ``ceil(cap / 2)``.
 
 Output ``dataset`` (type ``dataset``)::
 
     <lang>/train.npy   int32 [n_chunks, block_size] input ids (labels = input_ids: the consumer's job)
-    <lang>/test.npy
-    meta.json          block_size, vocab_size, special token ids, doc_boundary, counts per language
+    <lang>/select.npy  the selection half of the test documents (model selection, pruning)
+    <lang>/report.npy  the reporting half of the test documents (reported perplexities)
+    meta.json          block_size, vocab_size, special token ids, doc_boundary, splits, test_split
+                       (the rule), counts per language and split (train, select, report)
+
+There is no ``test.npy`` any more (version 1 wrote one): a reader that needs held-out text must say
+which half it means.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageInterrupted, StageParams, stage
 from stages._io import (
     META_FILE,
-    SPLITS,
     corpus_languages,
     corpus_split_path,
     effective_seed,
@@ -44,7 +63,19 @@ from stages._io import (
     write_json,
 )
 
+T = TypeVar("T")
+
 BATCH_DOCS = 256
+TEST_HALVES: tuple[str, str] = ("select", "report")
+CHUNK_SPLITS: tuple[str, str, str] = ("train", *TEST_HALVES)
+TEST_SPLIT_RULE = (
+    "test documents in corpus order: even positions (0, 2, 4, ...) -> select (model selection, head "
+    "importance, pruning threshold), odd positions (1, 3, 5, ...) -> report (reported perplexities); "
+    "each half chunked on its own"
+)
+# The seed word of each split's chunk cap: train keeps version 1's word (its chunks are unchanged);
+# the halves take words the old test split (1) never used.
+_CAP_WORD = {"train": 0, "select": 2, "report": 3}
 
 
 class TokenizeParams(StageParams):
@@ -55,7 +86,10 @@ class TokenizeParams(StageParams):
         100_000, ge=1, description="Cap on train chunks per language (seeded subset); None: all."
     )
     max_test_chunks_per_language: int | None = Field(
-        3_000, ge=1, description="Cap on test chunks per language (seeded subset); None: all."
+        3_000,
+        ge=1,
+        description="Cap on test chunks per language (seeded subset), shared by the two halves: each "
+        "of select/report keeps at most ceil(cap / 2); None: all.",
     )
     doc_boundary: Literal["special", "eos", "none"] = Field(
         "special",
@@ -65,11 +99,30 @@ class TokenizeParams(StageParams):
     seed: int | None = Field(None, description="Seed of the chunk subset; None: the job's seed.")
 
 
-def _doc_batches(path: Path) -> Iterator[list[str]]:
-    """The documents of a corpus split in batches of texts."""
+def split_test_documents(docs: Sequence[T]) -> dict[str, list[T]]:
+    """The selection and reporting halves of a language's test documents (given in corpus order).
+
+    Position ``i`` goes to ``"select"`` when even and to ``"report"`` when odd: deterministic,
+    disjoint, complete, the sizes differ by at most one, and consecutive documents (one book, one
+    source) are spread over both halves. Needs at least two documents.
+    """
+    if len(docs) < 2:
+        raise ValueError(f"need at least 2 test documents to split them into a selection and a reporting half, got {len(docs)}")
+    return {"select": list(docs[0::2]), "report": list(docs[1::2])}
+
+
+def split_cap(cap: int | None, split: str) -> int | None:
+    """The chunk cap of one split: train's own cap; each test half gets ``ceil(test cap / 2)``."""
+    if cap is None or split == "train":
+        return cap
+    return math.ceil(cap / 2)
+
+
+def _batched(texts: Iterable[str]) -> Iterator[list[str]]:
+    """``texts`` in batches of at most ``BATCH_DOCS``."""
     batch: list[str] = []
-    for rec in read_jsonl(path):
-        batch.append(str(rec["text"]))
+    for text in texts:
+        batch.append(text)
         if len(batch) >= BATCH_DOCS:
             yield batch
             batch = []
@@ -77,8 +130,14 @@ def _doc_batches(path: Path) -> Iterator[list[str]]:
         yield batch
 
 
-def token_stream(tokenizer: Any, path: Path, doc_boundary: str, desc: str) -> tuple[Any, int]:
-    """All documents of a split tokenized and concatenated (int32), and the number of documents."""
+def _doc_texts(path: Path) -> Iterator[str]:
+    """The texts of a corpus split file, streamed."""
+    for rec in read_jsonl(path):
+        yield str(rec["text"])
+
+
+def token_stream(tokenizer: Any, texts: Iterable[str], doc_boundary: str, desc: str) -> tuple[Any, int]:
+    """All ``texts`` (documents) tokenized and concatenated (int32), and the number of documents."""
     import numpy as np
 
     special = doc_boundary == "special"
@@ -87,7 +146,7 @@ def token_stream(tokenizer: Any, path: Path, doc_boundary: str, desc: str) -> tu
         raise ValueError("doc_boundary=eos: the tokenizer has no sep/eos token; use 'special' or 'none'")
     parts: list[Any] = []
     n_docs = 0
-    for batch in progress(_doc_batches(path), desc=desc, unit="batch"):
+    for batch in progress(_batched(texts), desc=desc, unit="batch"):
         enc = tokenizer(batch, add_special_tokens=special, return_attention_mask=False, verbose=False)
         for ids in enc["input_ids"]:
             parts.append(np.asarray(ids, dtype=np.int32))
@@ -110,36 +169,52 @@ def cap_chunks(chunks: Any, cap: int | None, seed: int, lang: str, split: str) -
 
     if cap is None or len(chunks) <= cap:
         return chunks
-    key = [seed, zlib.crc32(lang.encode()), SPLITS.index(split)]
+    key = [seed, zlib.crc32(lang.encode()), _CAP_WORD[split]]
     keep = np.sort(np.random.default_rng(key).choice(len(chunks), size=cap, replace=False))
     return chunks[keep]
 
 
 def _zero_chunk_error(lang: str, split: str, n_tokens: int, block_size: int) -> ValueError:
     """The error for a language split too short to give a single chunk."""
+    source = "train" if split == "train" else f"test (the {split} half of the test documents)"
     return ValueError(
         f"tokenize: {lang}/{split} has {n_tokens} tokens, fewer than block_size={block_size}, so it "
-        f"yields no chunk; lower block_size, or give the corpus more {split} text (corpus params "
+        f"yields no chunk; lower block_size, or give the corpus more {source} text (corpus params "
         "max_docs_per_language, test_fraction/test_docs)"
     )
+
+
+def language_split_texts(corpus_dir: Path, lang: str) -> Iterator[tuple[str, Iterable[str]]]:
+    """``(chunk split, document texts)`` of one language: the train documents (streamed), then the
+    selection and reporting halves of the test documents (:func:`split_test_documents`)."""
+    yield "train", _doc_texts(corpus_split_path(corpus_dir, lang, "train"))
+    test = list(_doc_texts(corpus_split_path(corpus_dir, lang, "test")))
+    if len(test) < 2:
+        raise ValueError(
+            f"tokenize: {lang} has {len(test)} test document(s); the test documents are split alternately into a "
+            "selection and a reporting half, so at least 2 are needed; give the corpus stage more test "
+            "documents (test_docs, test_fraction)"
+        )
+    halves = split_test_documents(test)
+    for half in TEST_HALVES:
+        yield half, halves[half]
 
 
 def tokenize_language(
     tokenizer: Any, corpus_dir: Path, lang: str, params: TokenizeParams, seed: int, out: Path
 ) -> dict[str, dict[str, float]]:
-    """Chunk both splits of one language into ``out/<lang>/{train,test}.npy``; return counts."""
+    """Chunk one language into ``out/<lang>/{train,select,report}.npy``; return counts per split."""
     import numpy as np
 
-    caps = {"train": params.max_chunks_per_language, "test": params.max_test_chunks_per_language}
     counts: dict[str, dict[str, float]] = {}
     (out / lang).mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        path = corpus_split_path(corpus_dir, lang, split)
-        stream, n_docs = token_stream(tokenizer, path, params.doc_boundary, f"tokenize[{lang}/{split}]")
+    for split, texts in language_split_texts(corpus_dir, lang):
+        stream, n_docs = token_stream(tokenizer, texts, params.doc_boundary, f"tokenize[{lang}/{split}]")
         chunks = chunk(stream, params.block_size)
         if len(chunks) == 0:
             raise _zero_chunk_error(lang, split, len(stream), params.block_size)
-        kept = cap_chunks(chunks, caps[split], seed, lang, split)
+        cap = params.max_chunks_per_language if split == "train" else params.max_test_chunks_per_language
+        kept = cap_chunks(chunks, split_cap(cap, split), seed, lang, split)
         np.save(out / lang / f"{split}.npy", np.ascontiguousarray(kept, dtype=np.int32))
         unk = tokenizer.unk_token_id
         counts[split] = {
@@ -170,7 +245,9 @@ def dataset_meta(tokenizer: Any, params: TokenizeParams, languages: list[str], c
         "doc_boundary": params.doc_boundary,
         "dtype": "int32",
         "languages": languages,
-        "splits": list(SPLITS),
+        "splits": list(CHUNK_SPLITS),
+        "test_split": TEST_SPLIT_RULE,
+        "test_chunk_cap_per_half": split_cap(params.max_test_chunks_per_language, "select"),
         "counts": counts,
     }
 
@@ -180,7 +257,7 @@ def dataset_meta(tokenizer: Any, params: TokenizeParams, languages: list[str], c
     params=TokenizeParams,
     inputs={"corpus": Input(type="corpus"), "tokenizer": Input(type="tokenizer")},
     outputs={"dataset": "dataset"},
-    version="1",
+    version="2",  # 2: the test documents split into select.npy / report.npy halves (no test.npy)
 )
 def tokenize_stage(params: TokenizeParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Tokenize the corpus and cut it into fixed-length chunks per language and split."""

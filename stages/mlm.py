@@ -3,8 +3,10 @@
 Cheap to import: numpy and the standard library at module level, torch/transformers inside the
 functions, so that a stage module may import this one at module level.
 
-Data: a ``dataset`` artifact (stage ``tokenize``) holds ``<lang>/{train,test}.npy`` (int32
-``[n_chunks, block_size]`` token ids, no labels) and ``meta.json``.
+Data: a ``dataset`` artifact (stage ``tokenize``) holds ``<lang>/{train,select,report}.npy`` (int32
+``[n_chunks, block_size]`` token ids, no labels) and ``meta.json``. ``select`` and ``report`` are the
+two halves of the language's test documents (``stages.dataset``): decisions (best checkpoint, head
+importance, pruning threshold) are taken on ``select``, reported numbers are measured on ``report``.
 
 Evaluation masking is **deterministic** (docs/methods.md, section 4): :func:`eval_batches` masks chunk
 ``i`` of language ``lang`` with its own generator seeded by ``(seed, lang, i)`` (numpy's PCG64 via a
@@ -16,6 +18,12 @@ selected with probability ``mlm_probability``; a selected token becomes ``<mask>
 
 Training masking uses transformers' ``DataCollatorForLanguageModeling`` (fresh random masks each
 step; see ``stages.train``).
+
+Spread: :func:`evaluate_chunks` keeps each chunk's summed loss and masked-token count, so that
+:func:`bootstrap_perplexity_interval` can put a percentile-bootstrap interval on a perplexity
+without another forward pass: resample the chunks with replacement, recompute
+``exp(sum(loss) / sum(tokens))``. The resamples are seeded by ``(eval_seed, language)`` only, so two
+models evaluated on one language are resampled identically (paired intervals).
 
 :func:`mlm_loss` runs the vocabulary projection only on the masked positions (about 15% of the
 tokens): for XLM-R base the 250k-word projection is the dominant cost of a forward pass, and the
@@ -29,8 +37,9 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -39,19 +48,35 @@ from orchestrator.stage import StageParams
 
 META_FILE = "meta.json"
 DEFAULT_EVAL_SEED = 1234  # the study's seed (docs/methods.md, Introduction); every stage evaluating perplexity uses it
+DATASET_SPLITS: tuple[str, str, str] = ("train", "select", "report")
+EvalSplit = Literal["select", "report"]
+DEFAULT_BOOTSTRAP_RESAMPLES = 1000
+DEFAULT_INTERVAL_LEVEL = 0.95
+BOOTSTRAP_WORD = 0x626F6F74  # "boot": a seed word no chunk index reaches, so bootstrap and masks never share a stream
 
 
 class EvalParams(StageParams):
     """The deterministic-evaluation settings shared by the stages that measure perplexity on the
-    test sets (prune, cross_eval): one definition, so their numbers stay comparable."""
+    test halves (prune, cross_eval): one definition, so their numbers stay comparable."""
 
+    split: EvalSplit = Field(
+        "select",
+        description="Which half of the test documents to evaluate on: 'select' (decisions: pruning) or 'report' "
+        "(reported numbers: cross_eval).",
+    )
     eval_batch_size: int = Field(8, ge=1, description="Chunks per evaluation batch.")
-    max_eval_chunks: int | None = Field(None, ge=1, description="Use the first N test chunks per language; None: all.")
+    max_eval_chunks: int | None = Field(None, ge=1, description="Use the first N chunks of the half per language; None: all.")
     mlm_probability: float = Field(0.15, gt=0.0, le=1.0, description="Share of tokens masked for evaluation.")
     eval_seed: int = Field(
         DEFAULT_EVAL_SEED,
         description="Seed of the deterministic evaluation masks: keep the train stage's (1234) so that "
         "perplexities of every stage are measured on the same masked positions.",
+    )
+    bootstrap_resamples: int = Field(
+        DEFAULT_BOOTSTRAP_RESAMPLES, ge=10, description="Bootstrap resamples of the eval chunks for perplexity intervals."
+    )
+    interval_level: float = Field(
+        DEFAULT_INTERVAL_LEVEL, gt=0.0, lt=1.0, description="Coverage of the percentile bootstrap intervals."
     )
 
 
@@ -83,8 +108,20 @@ def dataset_languages(dataset_dir: Path) -> list[str]:
 
 
 def load_split(dataset_dir: Path, lang: str, split: str, *, mmap: bool = False) -> np.ndarray:
-    """The ``[n_chunks, block_size]`` token ids of one language and split (``mmap``: memory-mapped)."""
+    """The ``[n_chunks, block_size]`` token ids of one language and split (``mmap``: memory-mapped).
+
+    ``split`` is ``train``, ``select`` or ``report``. A dataset of the tokenize stage's version 1
+    (one ``test.npy``, no halves) is refused with what to do.
+    """
+    if split not in DATASET_SPLITS:
+        raise ValueError(f"dataset split must be 'train', 'select' or 'report', not {split!r}")
     path = Path(dataset_dir) / lang / f"{split}.npy"
+    if not path.is_file() and split != "train" and (path.parent / "test.npy").is_file():
+        raise ValueError(
+            f"dataset {dataset_dir} has no {lang}/{split}.npy, only the {lang}/test.npy of an older tokenize "
+            "stage that did not split the test documents into selection and reporting halves; re-run the "
+            "tokenize stage (version 2 or later) and the stages after it"
+        )
     if not path.is_file():
         raise ValueError(f"dataset {dataset_dir} has no {lang}/{split}.npy")
     arr = np.load(path, mmap_mode="r" if mmap else None)
@@ -209,7 +246,7 @@ def mask_chunks(
     for i in range(ids.shape[0]):
         rng = np.random.default_rng(np.random.SeedSequence([*base, start + i]))
         u = rng.random((3, width))
-        words = rng.integers(0, vocab_size, size=width)
+        words = np.asarray(rng.integers(0, vocab_size, size=width))
         masked = (u[0] < mlm_probability) & ~special[i]
         replaced = masked & (u[1] < mask_replace_prob)
         randomised = masked & ~replaced & (u[2] < keep_random)
@@ -268,10 +305,11 @@ def language_eval_batches(
     *,
     max_chunks: int | None = None,
     mlm_probability: float = 0.15,
-    split: str = "test",
+    split: EvalSplit = "select",
 ) -> list[dict[str, Any]]:
-    """:func:`eval_batches` of the first ``max_chunks`` test chunks of ``lang`` (the tokenize stage
-    already drew a seeded subset, so the first ones are a random sample)."""
+    """:func:`eval_batches` of the first ``max_chunks`` chunks of one test half of ``lang`` (the
+    tokenize stage already drew a seeded subset, so the first ones are a random sample). ``split``:
+    ``"select"`` (default; decisions) or ``"report"`` (reported numbers)."""
     chunks = load_split(dataset_dir, lang, split)
     if max_chunks is not None:
         chunks = chunks[:max_chunks]
@@ -331,6 +369,96 @@ def mlm_loss(model: Any, batch: Mapping[str, Any], reduction: str = "mean") -> t
     return loss.to(torch.float32), n
 
 
+def chunk_loss_sums(model: Any, batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``batch``: the summed cross-entropy over its masked positions (float64) and their
+    count (int64). Same forward pass as :func:`mlm_loss`; call it under ``torch.no_grad()``."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    selected = labels != IGNORE_INDEX
+    counts = selected.sum(dim=1)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
+    if int(counts.sum()) > 0:
+        parts = _lm_parts(model)
+        if parts is None:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[selected]
+        else:
+            base, head = parts
+            hidden = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))[0]
+            logits = head(hidden[selected])
+        token_loss = F.cross_entropy(logits.float(), labels[selected].to(logits.device), reduction="none")
+        rows = selected.nonzero()[:, 0].to(sums.device)
+        sums.index_add_(0, rows, token_loss.to(device=sums.device, dtype=torch.float64))
+    return sums.cpu().numpy(), counts.cpu().numpy().astype(np.int64)
+
+
+def _perplexity(loss: float) -> float:
+    """exp(loss), infinite beyond float range."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+@dataclass(frozen=True)
+class ChunkLosses:
+    """What :func:`evaluate_chunks` measures: each evaluated chunk's summed masked-token loss and
+    masked-token count, in chunk order."""
+
+    loss_sum: np.ndarray  # float64 [n_chunks]
+    tokens: np.ndarray  # int64 [n_chunks]
+
+    def summary(self) -> dict[str, float]:
+        """``{"loss": token-weighted mean, "perplexity": exp(loss), "tokens"}``."""
+        total = int(self.tokens.sum())
+        if total == 0:
+            raise ValueError("evaluate: the batches contain no masked tokens")
+        mean = float(self.loss_sum.sum()) / total
+        return {"loss": mean, "perplexity": _perplexity(mean), "tokens": float(total)}
+
+    def perplexity_interval(
+        self, seed: Sequence[int] | int, resamples: int = DEFAULT_BOOTSTRAP_RESAMPLES, level: float = DEFAULT_INTERVAL_LEVEL
+    ) -> tuple[float, float]:
+        """:func:`bootstrap_perplexity_interval` of these chunks."""
+        return bootstrap_perplexity_interval(self.loss_sum, self.tokens, seed=seed, resamples=resamples, level=level)
+
+
+def bootstrap_seed(seed: int, language: str | None = None) -> list[int]:
+    """The seed words of a language's bootstrap resamples: ``[seed, crc32(language), "boot"]``."""
+    return [*eval_seed(seed, language), BOOTSTRAP_WORD]
+
+
+def bootstrap_perplexity_interval(
+    loss_sum: np.ndarray,
+    tokens: np.ndarray,
+    *,
+    seed: Sequence[int] | int,
+    resamples: int = DEFAULT_BOOTSTRAP_RESAMPLES,
+    level: float = DEFAULT_INTERVAL_LEVEL,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the perplexity ``exp(sum(loss_sum) / sum(tokens))``.
+
+    Each of ``resamples`` resamples draws ``n`` chunks with replacement (numpy generator seeded with
+    ``seed``) and recomputes the token-weighted perplexity; the interval is the ``(1 - level) / 2``
+    and ``(1 + level) / 2`` quantiles. Chunks are the resampled unit: chunks cut from one document
+    are not independent, so the interval is, if anything, too narrow. Resamples without a masked
+    token are left out.
+    """
+    loss_sum = np.asarray(loss_sum, dtype=np.float64).reshape(-1)
+    tokens = np.asarray(tokens, dtype=np.float64).reshape(-1)
+    if loss_sum.shape != tokens.shape:
+        raise ValueError(f"loss_sum has {loss_sum.size} chunks, tokens {tokens.size}; pass one value per chunk")
+    if tokens.sum() <= 0:
+        raise ValueError("bootstrap: the chunks contain no masked tokens")
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"bootstrap needs resamples >= 1 and 0 < level < 1, got {resamples} and {level}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, loss_sum.size, size=(resamples, loss_sum.size))
+    tok = tokens[idx].sum(axis=1)
+    ok = tok > 0
+    ppl = np.exp(np.minimum(loss_sum[idx].sum(axis=1)[ok] / tok[ok], 700.0))
+    lo, hi = np.quantile(ppl, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(lo), float(hi)
+
+
 def model_device(model: Any) -> Any:
     """The device of a model's first parameter."""
     return next(model.parameters()).device
@@ -340,15 +468,15 @@ class EvalStopped(Exception):
     """Raised by :func:`evaluate` when its ``should_stop`` callback says so."""
 
 
-def evaluate(
+def evaluate_chunks(
     model: Any,
     batches: Sequence[Mapping[str, Any]],
     *,
     autocast: Callable[[], Any] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> dict[str, float]:
-    """Token-weighted mean MLM loss over every masked position of ``batches``, in eval mode and
-    without gradients: ``{"loss", "perplexity" (= exp(loss)), "tokens"}``.
+) -> ChunkLosses:
+    """Every chunk's summed MLM loss over its masked positions and their count, in eval mode and
+    without gradients (:class:`ChunkLosses`; ``.summary()`` is :func:`evaluate`'s result).
 
     Batches are moved to the model's device. ``autocast``: a context-manager factory (e.g.
     ``accelerator.autocast``) for mixed precision. ``should_stop`` is polled between batches and
@@ -361,8 +489,8 @@ def evaluate(
     device = model_device(model)
     was_training = model.training
     model.eval()
-    total = 0.0
-    tokens = 0
+    sums: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
     try:
         with torch.no_grad():
             for batch in batches:
@@ -370,12 +498,23 @@ def evaluate(
                     raise EvalStopped()
                 moved = {k: v.to(device) for k, v in batch.items() if k in EVAL_KEYS}
                 with autocast() if autocast is not None else contextlib.nullcontext():
-                    loss, n = mlm_loss(model, moved, reduction="sum")
-                total += float(loss)
-                tokens += n
+                    loss_sum, n = chunk_loss_sums(model, moved)
+                sums.append(loss_sum)
+                counts.append(n)
     finally:
         model.train(was_training)
-    if tokens == 0:
-        raise ValueError("evaluate: the batches contain no masked tokens")
-    mean = total / tokens
-    return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": float(tokens)}
+    if not sums:
+        raise ValueError("evaluate: no batches to evaluate")
+    return ChunkLosses(np.concatenate(sums), np.concatenate(counts))
+
+
+def evaluate(
+    model: Any,
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    autocast: Callable[[], Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float]:
+    """Token-weighted mean MLM loss over every masked position of ``batches``, in eval mode and
+    without gradients: ``{"loss", "perplexity" (= exp(loss)), "tokens"}`` (see :func:`evaluate_chunks`)."""
+    return evaluate_chunks(model, batches, autocast=autocast, should_stop=should_stop).summary()

@@ -20,11 +20,16 @@ The algorithm is kept in pure functions so that it can be tested without a model
   gradient is zeroed between batches; ``run_bertology`` added the running sum of gradients, which
   over-weights early batches), divided by the number of masked (predicted) tokens.
 
+Held-out text: importance, P0 and every step's perplexity are measured on the **selection half** of
+the language's test documents (``split="select"``, the default; ``stages.dataset``), so that the
+mask is chosen without looking at the reporting half on which ``cross_eval`` reports it. The half
+used is recorded as ``eval_split`` in mask.json.
+
 Output ``mask`` (type ``head-mask``)::
 
     mask.npy            float32 [L, H], 1 = head kept, 0 = head masked (the last accepted mask)
     mask.json           {"language", "mask" (nested list), "heads_kept", "total_heads", "num_layers",
-                         "num_heads", "hidden_size", "num_parameters", "threshold", ...}
+                         "num_heads", "hidden_size", "num_parameters", "threshold", "eval_split", ...}
     importance.npy      float32 [steps, L, H]: the normalised importance that chose each step's heads
                         (masked heads 0); step i was computed under the mask before step i
     importance_raw.npy  float32 [steps, L, H]: the same before normalisation
@@ -44,7 +49,7 @@ from pydantic import Field
 
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, stage
 from stages._io import get_input, read_json, write_json
-from stages.mlm import EvalParams
+from stages.mlm import EvalParams, EvalSplit
 
 # --------------------------------------------------------------------------------------------------
 # Pure algorithm (numpy only)
@@ -261,8 +266,9 @@ def head_importance(
     """
     import torch
 
-    if loss_fn is None:
-        from stages.mlm import mlm_loss as loss_fn
+    from stages.mlm import mlm_loss
+
+    compute_loss = mlm_loss if loss_fn is None else loss_fn
     gate = _gate_tensor(gates)
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
@@ -279,7 +285,7 @@ def head_importance(
         for batch in batches:
             gate.grad = None  # per batch: never accumulate the running sum of gradients
             moved = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            loss, n = loss_fn(model, moved)
+            loss, n = compute_loss(model, moved)
             if n == 0:
                 continue
             (grad,) = torch.autograd.grad(loss, [gate])
@@ -428,17 +434,26 @@ def eval_batches_for(
     seed: int,
     max_chunks: int | None,
     mlm_probability: float,
+    split: EvalSplit,
 ) -> list[dict[str, Any]]:
-    """Deterministically masked test batches of ``lang``, checked against the model's shapes."""
+    """Deterministically masked batches of one test half (``split``) of ``lang``, checked against
+    the model's shapes."""
     from stages.mlm import check_model_fits, language_eval_batches, load_split
 
-    chunks = load_split(dataset_dir, lang, "test", mmap=True)
+    chunks = load_split(dataset_dir, lang, split, mmap=True)
     if len(chunks) == 0:
-        raise ValueError(f"dataset {dataset_dir} has no {lang} test chunks")
+        raise ValueError(f"dataset {dataset_dir} has no {lang} {split} chunks; re-run the tokenize stage with more test text")
     used = chunks if max_chunks is None else chunks[:max_chunks]
     check_model_fits(model, int(chunks.shape[1]), int(np.max(used)))
     return language_eval_batches(
-        dataset_dir, lang, tokenizer, batch_size, seed, max_chunks=max_chunks, mlm_probability=mlm_probability
+        dataset_dir,
+        lang,
+        tokenizer,
+        batch_size,
+        seed,
+        max_chunks=max_chunks,
+        mlm_probability=mlm_probability,
+        split=split,
     )
 
 
@@ -450,7 +465,7 @@ def eval_batches_for(
 class PruneParams(EvalParams):
     """Parameters of the ``prune`` stage."""
 
-    language: str = Field(..., min_length=1, description="Language whose test split drives pruning.")
+    language: str = Field(..., min_length=1, description="Language whose selection half of the test split drives pruning.")
     threshold: float = Field(1.1, gt=1.0, description="Stop when perplexity > P0 * threshold (original: 1.1).")
     masking_amount: float = Field(
         0.1, gt=0.0, lt=1.0, description="Heads masked per step: max(1, int(L*H*masking_amount)) (0.1 -> 14 of 144)."
@@ -470,11 +485,11 @@ class PruneParams(EvalParams):
     params=PruneParams,
     inputs={"model": Input(type="model"), "dataset": Input(type="dataset")},
     outputs={"mask": "head-mask"},
-    version="2",  # 2: normalize_over, default "all" (version 1 normalised over the kept heads only)
+    version="3",  # 3: evaluates the selection half (split); 2: normalize_over, default "all"
 )
 def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Iteratively prune attention heads for one language until perplexity exceeds P0 * threshold."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     from stages.gating import HeadGates
     from stages.mlm import evaluate
@@ -492,6 +507,7 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
         seed,
         params.max_eval_chunks,
         params.mlm_probability,
+        params.split,
     )
     facts = model_facts(model)
     n_layers, n_heads = facts["num_layers"], facts["num_heads"]
@@ -550,6 +566,7 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
         "steps_accepted": sum(1 for s in result.trajectory[1:] if s.accepted),
         "stop_reason": result.stop_reason,
         "eval_seed": seed,
+        "eval_split": params.split,
         "eval_chunks": int(sum(len(b["input_ids"]) for b in batches)),
         **facts,
     }

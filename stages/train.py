@@ -12,12 +12,30 @@ The recipe of the original study (docs/methods.md section 4), as HF ``Trainer`` 
   linear decay with ``warmup_steps`` (0), gradient clipping at ``max_grad_norm`` (1.0), batch 8,
   lr 2e-5, weight decay 0.01, one epoch, fp16 on CUDA (``mixed_precision="auto"``), via
   ``accelerate.Accelerator``;
-- evaluation per language on the test chunks with **deterministic** masks (``stages.mlm``; seed
-  ``eval_seed``, the same for every stage that measures perplexity) before training, every
-  ``eval_every`` steps and at the end; ``eval/<lang>/loss`` and ``eval/<lang>/perplexity`` logged;
-- the output is the **best** model by mean per-language eval loss among the evaluations after step
-  0 (``load_best_model_at_end``); ``metrics.json`` has the per-language loss/perplexity before
-  training and of the chosen model ("after"), and of the final step.
+- evaluation per language with **deterministic** masks (``stages.mlm``; seed ``eval_seed``, the
+  same for every stage that measures perplexity) before training, every ``eval_every`` steps and at
+  the end, on **both halves** of the test documents (``stages.dataset``): the *selection* half
+  (``select.npy``) and the *reporting* half (``report.npy``);
+- the output is the **best** model by mean per-language loss **on the selection half** among the
+  evaluations after step 0 (``load_best_model_at_end``); the reporting half never enters a decision;
+- ``metrics.json`` reports the **reporting half**: per-language loss/perplexity (with a percentile
+  bootstrap interval over eval chunks) before training, of the chosen model ("after") and of the
+  final step. The selection half's numbers are kept under ``select_*`` keys.
+
+``metrics.json``::
+
+    languages, steps, best_step, steps_per_epoch, train_chunks
+    eval_split        "report": the half of before/after/final, mean_loss_* and history[*].languages
+    selection_split   "select": the half of select_* and history[*].select(_mean_loss), the criterion
+    best_criterion    a sentence saying how best_step was chosen
+    before / after / final    {lang: {"loss", "perplexity", "perplexity_interval": [lo, hi], "tokens"}}
+    mean_loss_before / mean_loss_after       mean over languages of the reporting-half loss
+    select_before / select_after / select_final, select_mean_loss_before / select_mean_loss_after
+    interval          {"method", "level", "resamples", "seed"}: how perplexity_interval was computed
+    history           [{"step", "mean_loss", "languages" (report), "select_mean_loss", "select"}, ...]
+
+Logged: ``eval/<lang>/{loss,perplexity}`` and ``eval/mean_loss`` (reporting half),
+``eval_select/<lang>/{loss,perplexity}`` and ``eval_select/mean_loss`` (selection half).
 
 Preemption: ``ctx.stop_requested`` is polled before every step and between evaluation batches.
 When set, the stage writes ``<checkpoint_dir>/train_state/`` (model and optimizer/scheduler/scaler
@@ -47,10 +65,16 @@ from pydantic import Field, model_validator
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageInterrupted, StageParams, stage
 from stages._io import get_input, optional_input, write_json
 
-CHECKPOINT_FORMAT = "cross-lingual-subnets/train-checkpoint/1"
+CHECKPOINT_FORMAT = "cross-lingual-subnets/train-checkpoint/2"  # 2: history records both test halves
 STATE_DIR = "train_state"
 BEST_DIR = "best"
 METRICS_FILE = "metrics.json"
+SELECT: Literal["select"] = "select"
+REPORT: Literal["report"] = "report"
+BEST_CRITERION = (
+    "the evaluation after step 0 with the lowest mean over languages of the selection-half (select) eval loss; "
+    "the reporting half (report) never enters the choice"
+)
 
 
 class TrainParams(StageParams):
@@ -83,9 +107,13 @@ class TrainParams(StageParams):
         1000, ge=1, description="Write a resumable checkpoint every this many steps (also on stop requests)."
     )
     max_eval_chunks: int | None = Field(
-        None, ge=1, description="Evaluate on at most this many test chunks per language."
+        None, ge=1, description="Evaluate on at most this many chunks of each test half per language."
     )
     eval_seed: int = Field(1234, description="Seed of the deterministic evaluation masks (shared by every stage).")
+    bootstrap_resamples: int = Field(
+        1000, ge=10, description="Bootstrap resamples of the eval chunks for the reported perplexity intervals."
+    )
+    interval_level: float = Field(0.95, gt=0.0, lt=1.0, description="Coverage of the perplexity intervals.")
     log_every: int = Field(10, ge=1, description="Log the mean training loss and the lr every this many steps.")
     keep_checkpoint: bool = Field(
         True, description="Keep the training checkpoint after success (False: delete it to free disk)."
@@ -182,7 +210,7 @@ class TrainState:
     seed: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
     best_step: int | None = None
-    best_loss: float | None = None
+    best_loss: float | None = None  # the selection-half mean loss of best_step
     last_eval_step: int = -1
     loss_sum: float = 0.0  # training loss since the last log line
     loss_count: int = 0
@@ -345,7 +373,8 @@ def _optimizer(model: Any, params: TrainParams) -> Any:
     for module in model.modules():
         if isinstance(module, torch.nn.LayerNorm):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, plain = [], []
+    decay: list[Any] = []
+    plain: list[Any] = []
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
@@ -369,35 +398,50 @@ def _build_model(source: str | Path | dict[str, Any], tokenizer_dir: Path, block
 
 def _run_eval(
     trainer: TrainRun, eval_sets: dict[str, list[Any]], should_stop: Callable[[], bool]
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
+    """Per language: loss, perplexity, masked tokens and the bootstrap ``perplexity_interval``."""
     from stages import mlm
 
-    out: dict[str, dict[str, float]] = {}
+    p = trainer.params
+    out: dict[str, dict[str, Any]] = {}
     for lang, batches in eval_sets.items():
         try:
-            out[lang] = mlm.evaluate(trainer.model, batches, autocast=trainer.accelerator.autocast,
-                                     should_stop=should_stop)
+            chunks = mlm.evaluate_chunks(trainer.model, batches, autocast=trainer.accelerator.autocast,
+                                         should_stop=should_stop)
         except mlm.EvalStopped as e:
             raise _Stop() from e
+        lo, hi = chunks.perplexity_interval(mlm.bootstrap_seed(p.eval_seed, lang), p.bootstrap_resamples,
+                                            p.interval_level)
+        out[lang] = {**chunks.summary(), "perplexity_interval": [lo, hi]}
     return out
+
+
+def _eval_log(results: dict[str, dict[str, Any]], mean: float, prefix: str) -> dict[str, float]:
+    """The scalars logged for one half: ``<prefix>/<lang>/{loss,perplexity}``, the mean loss and perplexity."""
+    metrics = {f"{prefix}/{lang}/{k}": float(m[k]) for lang, m in results.items() for k in ("loss", "perplexity")}
+    metrics.update({f"{prefix}/mean_loss": mean, f"{prefix}/mean_perplexity": math.exp(min(mean, 700))})
+    return metrics
 
 
 def _eval_due(step: int, total: int, every: int | None) -> bool:
     return step == 0 or step == total or (every is not None and step % every == 0)
 
 
-def _evaluate_step(trainer: TrainRun, state: TrainState, eval_sets: dict, ctx: StageContext) -> None:
-    """Evaluate at ``state.step``, log, record, and keep the model if it is the best after step 0."""
-    results = _run_eval(trainer, eval_sets, ctx.stop_requested.is_set)
-    mean = mean_loss(results)
-    record = {"step": state.step, "mean_loss": mean, "languages": results}
+def _evaluate_step(trainer: TrainRun, state: TrainState, eval_sets: dict[str, dict[str, list[Any]]],
+                   ctx: StageContext) -> None:
+    """Evaluate both test halves at ``state.step``, log, record, and keep the model if it is the best
+    after step 0 **by the selection half** (the reporting half is measured, never used to choose)."""
+    select = _run_eval(trainer, eval_sets[SELECT], ctx.stop_requested.is_set)
+    report = _run_eval(trainer, eval_sets[REPORT], ctx.stop_requested.is_set)
+    select_mean, report_mean = mean_loss(select), mean_loss(report)
+    record = {"step": state.step, "mean_loss": report_mean, "languages": report,
+              "select_mean_loss": select_mean, "select": select}
     state.history = [r for r in state.history if r["step"] != state.step] + [record]
     state.last_eval_step = state.step
-    metrics = {f"eval/{lang}/{k}": v for lang, m in results.items() for k, v in m.items() if k != "tokens"}
-    metrics.update({"eval/mean_loss": mean, "eval/mean_perplexity": math.exp(min(mean, 700))})
-    ctx.log(metrics, step=state.step)
-    if state.step > 0 and (state.best_loss is None or mean < state.best_loss):
-        state.best_loss, state.best_step = mean, state.step
+    ctx.log({**_eval_log(report, report_mean, "eval"), **_eval_log(select, select_mean, "eval_select")},
+            step=state.step)
+    if state.step > 0 and (state.best_loss is None or select_mean < state.best_loss):
+        state.best_loss, state.best_step = select_mean, state.step
         trainer.save_best()
 
 
@@ -433,10 +477,10 @@ def _interrupt(trainer: TrainRun, state: TrainState, ctx: StageContext) -> Stage
 
 
 def _loop(trainer: TrainRun, state: TrainState, order: TrainOrder, collator: Any, tokenizer: Any,
-          eval_sets: dict, ctx: StageContext) -> None:
+          eval_sets: dict[str, dict[str, list[Any]]], ctx: StageContext) -> None:
     """Train from ``state.step`` to ``state.total_steps``, evaluating and checkpointing on the way."""
     import torch
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     from stages import mlm
 
@@ -488,17 +532,33 @@ def _write_outputs(trainer: TrainRun, state: TrainState, tokenizer: Any, languag
         if f.is_file():
             shutil.copy2(f, out / f.name)
     tokenizer.save_pretrained(str(out))
+    p = trainer.params
     metrics = {
         "languages": languages,
         "steps": state.total_steps,
         "best_step": state.best_step,
         "steps_per_epoch": order.steps_per_epoch,
         "train_chunks": order.size,
+        "eval_split": REPORT,
+        "selection_split": SELECT,
+        "best_criterion": BEST_CRITERION,
         "before": before["languages"],
         "after": best["languages"],
         "final": final["languages"],
         "mean_loss_before": before["mean_loss"],
         "mean_loss_after": best["mean_loss"],
+        "select_before": before["select"],
+        "select_after": best["select"],
+        "select_final": final["select"],
+        "select_mean_loss_before": before["select_mean_loss"],
+        "select_mean_loss_after": best["select_mean_loss"],
+        "interval": {
+            "method": "percentile bootstrap over eval chunks (resampled with replacement; "
+            "perplexity = exp(sum of chunk losses / sum of chunk masked tokens))",
+            "level": p.interval_level,
+            "resamples": p.bootstrap_resamples,
+            "seed": "[eval_seed, crc32(language), 0x626F6F74]: the same resamples for every model of a language",
+        },
         "history": state.history,
     }
     write_json(out / METRICS_FILE, metrics)
@@ -511,14 +571,14 @@ def _write_outputs(trainer: TrainRun, state: TrainState, tokenizer: Any, languag
     inputs={"dataset": Input(type="dataset"), "tokenizer": Input(type="tokenizer"),
             "base": Input(type="model", optional=True)},
     outputs={"model": "model"},
-    version="1",
+    version="2",  # 2: best checkpoint chosen on the selection half; reported numbers on the reporting half
     checkpoints=True,
 )
 def train_stage(params: TrainParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Fine-tune a masked LM on every language; per-language perplexity before and after."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate import Accelerator  # type: ignore[import-untyped]
+    from accelerate.state import AcceleratorState  # type: ignore[import-untyped]
     from transformers import DataCollatorForLanguageModeling, get_scheduler
 
     from stages import mlm
@@ -553,10 +613,14 @@ def train_stage(params: TrainParams, inputs: Inputs, ctx: StageContext) -> dict[
         if resume is not None:
             state = trainer.load_checkpoint(resume, state)
             print(f"train: resuming from step {state.step}/{total} ({resume})", flush=True)
-        eval_sets = {
-            lang: mlm.language_eval_batches(dataset.path, lang, tokenizer, params.eval_batch_size, params.eval_seed,
-                                            max_chunks=params.max_eval_chunks, mlm_probability=params.mlm_probability)
-            for lang in languages
+        eval_sets: dict[str, dict[str, list[Any]]] = {
+            half: {
+                lang: mlm.language_eval_batches(dataset.path, lang, tokenizer, params.eval_batch_size,
+                                                params.eval_seed, max_chunks=params.max_eval_chunks,
+                                                mlm_probability=params.mlm_probability, split=half)
+                for lang in languages
+            }
+            for half in (SELECT, REPORT)
         }
         collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=params.mlm_probability)
         ctx.log({"train/total_steps": float(total), "train/chunks": float(order.size),
@@ -573,8 +637,11 @@ def train_stage(params: TrainParams, inputs: Inputs, ctx: StageContext) -> dict[
         "languages": languages,
         "steps": total,
         "best_step": state.best_step,
+        "eval_split": REPORT,
         "perplexity_before": {lang: m["perplexity"] for lang, m in metrics["before"].items()},
         "perplexity_after": {lang: m["perplexity"] for lang, m in metrics["after"].items()},
+        "perplexity_interval_before": {lang: m["perplexity_interval"] for lang, m in metrics["before"].items()},
+        "perplexity_interval_after": {lang: m["perplexity_interval"] for lang, m in metrics["after"].items()},
         "mean_loss_before": metrics["mean_loss_before"],
         "mean_loss_after": metrics["mean_loss_after"],
         "pretrained": params.pretrained,

@@ -1,4 +1,5 @@
-"""Tests of the ``tokenize`` stage: chunk shapes, doc-level split, remainder, caps and errors."""
+"""Tests of the ``tokenize`` stage: chunk shapes, doc-level split, selection/reporting halves of the
+test documents, remainder, caps and errors."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from stagekit import FakeContext, make_input, run_stage, sentences, write_corpus
 
-from stages.dataset import TOKENIZE
+from stages.dataset import CHUNK_SPLITS, TOKENIZE, split_test_documents
 from stages.tokenizer import TOKENIZER
 
 BLOCK = 16
@@ -81,10 +82,19 @@ def load_tok(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def half_docs(corpus: Path, lang: str, split: str) -> list[dict[str, Any]]:
+    """The corpus documents a chunk split is made of: train, or every other test document (select:
+    positions 0, 2, 4, ...; report: 1, 3, 5, ... in corpus order)."""
+    if split == "train":
+        return read_docs(corpus, lang, "train")
+    test = read_docs(corpus, lang, "test")
+    return test[0::2] if split == "select" else test[1::2]
+
+
 def expected_stream(tok: Any, corpus: Path, lang: str, split: str, boundary: str) -> list[int]:
     """The concatenated token ids the stage should chunk, computed one document at a time."""
     ids: list[int] = []
-    for rec in read_docs(corpus, lang, split):
+    for rec in half_docs(corpus, lang, split):
         if boundary == "special":
             ids += tok(rec["text"])["input_ids"]
         else:
@@ -97,8 +107,10 @@ def expected_stream(tok: Any, corpus: Path, lang: str, split: str, boundary: str
 def test_layout_shapes_and_meta(dataset: tuple[Path, dict[str, Any], FakeContext], tokenizer_dir: Path) -> None:
     out, meta, ctx = dataset
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "xx", "zh"]
+    assert CHUNK_SPLITS == ("train", "select", "report") and meta["splits"] == list(CHUNK_SPLITS)
     for lang in ("xx", "zh"):
-        for split in ("train", "test"):
+        assert sorted(p.name for p in (out / lang).iterdir()) == ["report.npy", "select.npy", "train.npy"]
+        for split in CHUNK_SPLITS:
             arr = np.load(out / lang / f"{split}.npy")
             assert arr.dtype == np.int32 and arr.ndim == 2 and arr.shape[1] == BLOCK
             assert arr.shape[0] == meta["counts"][lang][split]["chunks"] > 0
@@ -107,9 +119,12 @@ def test_layout_shapes_and_meta(dataset: tuple[Path, dict[str, Any], FakeContext
     assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == meta
     assert (meta["block_size"], meta["vocab_size"], meta["pad_token_id"], meta["mask_token_id"]) == (BLOCK, 200, 1, 199)
     assert meta["languages"] == ["xx", "zh"] and meta["doc_boundary"] == "special"
+    assert "even" in meta["test_split"] and "odd" in meta["test_split"]  # the rule, stated in the artifact
+    assert meta["counts"]["xx"]["select"]["docs"] == 3 and meta["counts"]["xx"]["report"]["docs"] == 2
+    assert meta["counts"]["zh"]["select"]["docs"] == 2 and meta["counts"]["zh"]["report"]["docs"] == 1
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "select", "report"])
 def test_chunks_are_the_concatenated_documents_remainder_dropped(
     dataset: tuple[Path, dict[str, Any], FakeContext], corpus_dir: Path, tokenizer_dir: Path, split: str
 ) -> None:
@@ -123,8 +138,28 @@ def test_chunks_are_the_concatenated_documents_remainder_dropped(
         counts = meta["counts"][lang][split]
         assert counts["tokens"] == len(stream)
         assert counts["dropped_tokens"] == len(stream) % BLOCK
-    assert meta["counts"]["xx"]["train"]["dropped_tokens"] > 0 or meta["counts"]["xx"]["test"]["dropped_tokens"] > 0
+    assert meta["counts"]["xx"]["train"]["dropped_tokens"] > 0 or meta["counts"]["xx"]["select"]["dropped_tokens"] > 0
 
+
+def test_split_test_documents_alternates_deterministically() -> None:
+    """Even positions -> selection half, odd -> reporting half: deterministic, disjoint, complete,
+    sizes differing by at most one, and every run of consecutive documents (a book, a genre) lands in
+    both halves."""
+    docs = [f"{book}{i}" for book in "ABCDEFG" for i in range(5)]  # 7 "books" of 5 chapters, in order
+    halves = split_test_documents(docs)
+    assert halves == split_test_documents(list(docs))  # deterministic
+    assert set(halves) == {"select", "report"}
+    select, report = halves["select"], halves["report"]
+    assert not set(select) & set(report) and sorted(select + report) == sorted(docs)
+    assert (len(select), len(report)) == (18, 17)
+    assert select == docs[0::2] and report == docs[1::2]  # corpus order kept inside each half
+    for book in "ABCDEFG":
+        assert any(d.startswith(book) for d in select) and any(d.startswith(book) for d in report)
+    for n in range(2, 12):
+        sizes = [len(v) for v in split_test_documents(list(range(n))).values()]
+        assert abs(sizes[0] - sizes[1]) <= 1 and sum(sizes) == n
+    with pytest.raises(ValueError, match="at least 2 test documents"):
+        split_test_documents(["only one"])
 
 def test_no_test_chunk_contains_training_text(
     dataset: tuple[Path, dict[str, Any], FakeContext], tokenizer_dir: Path
@@ -132,9 +167,10 @@ def test_no_test_chunk_contains_training_text(
     out, _, _ = dataset
     tok = load_tok(tokenizer_dir)
     train_text = tok.decode(np.load(out / "xx" / "train.npy").ravel().tolist(), skip_special_tokens=True)
-    test_text = tok.decode(np.load(out / "xx" / "test.npy").ravel().tolist(), skip_special_tokens=True)
     assert LATIN.search(train_text) and not CYRILLIC.search(train_text)
-    assert CYRILLIC.search(test_text) and not LATIN.search(test_text)
+    for half in ("select", "report"):
+        test_text = tok.decode(np.load(out / "xx" / f"{half}.npy").ravel().tolist(), skip_special_tokens=True)
+        assert CYRILLIC.search(test_text) and not LATIN.search(test_text)
 
 
 def test_eos_boundary(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> None:
@@ -154,14 +190,17 @@ def test_caps_take_a_seeded_ordered_subset(
         tmp_path / "a", corpus_dir, tokenizer_dir, max_chunks_per_language=3, max_test_chunks_per_language=2
     )
     capped = np.load(out / "xx" / "train.npy")
-    assert capped.shape == (3, BLOCK) and np.load(out / "xx" / "test.npy").shape == (2, BLOCK)
+    assert capped.shape == (3, BLOCK)
+    for half in ("select", "report"):  # the test cap is shared evenly by the halves: ceil(2 / 2) each
+        assert meta["counts"]["xx"][half]["chunks_available"] > 1
+        assert np.load(out / "xx" / f"{half}.npy").shape == (1, BLOCK)
     assert meta["counts"]["xx"]["train"]["chunks_available"] == len(full)
     rows = [int(np.flatnonzero((full == row).all(axis=1))[0]) for row in capped]
     assert rows == sorted(rows) and len(set(rows)) == 3
     again, _, _ = tokenize(
         tmp_path / "b", corpus_dir, tokenizer_dir, max_chunks_per_language=3, max_test_chunks_per_language=2
     )
-    for f in ("xx/train.npy", "xx/test.npy", "zh/train.npy", "meta.json"):
+    for f in ("xx/train.npy", "xx/select.npy", "xx/report.npy", "zh/train.npy", "meta.json"):
         assert (again / f).read_bytes() == (out / f).read_bytes()
     other, _, _ = tokenize(tmp_path / "c", corpus_dir, tokenizer_dir, seed=1, max_chunks_per_language=3)
     assert (other / "xx/train.npy").read_bytes() != (out / "xx/train.npy").read_bytes()
@@ -171,7 +210,15 @@ def test_zero_chunks_raise_naming_the_parameter(
     tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, dataset: tuple[Path, dict[str, Any], FakeContext]
 ) -> None:
     counts = dataset[1]["counts"]["xx"]
-    big = counts["test"]["tokens"] + 1
-    assert counts["train"]["tokens"] >= big  # train still gives a chunk: the error is about test
-    with pytest.raises(ValueError, match=r"xx/test has \d+ tokens, fewer than block_size=\d+.*lower block_size"):
+    big = counts["select"]["tokens"] + 1
+    assert counts["train"]["tokens"] >= big  # train still gives a chunk: the error is about a test half
+    with pytest.raises(ValueError, match=r"xx/select has \d+ tokens, fewer than block_size=\d+.*lower block_size"):
         tokenize(tmp_path, corpus_dir, tokenizer_dir, block_size=big)
+
+
+def test_a_single_test_document_cannot_be_halved(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> None:
+    docs = {"xx": {"train": [r["text"] for r in read_docs(corpus_dir, "xx", "train")],
+                   "test": [read_docs(corpus_dir, "xx", "test")[0]["text"]]}}
+    corpus = write_corpus(tmp_path / "c", docs)
+    with pytest.raises(ValueError, match=r"xx has 1 test document.*corpus.*test_docs"):
+        tokenize(tmp_path / "out", corpus, tokenizer_dir)

@@ -59,12 +59,13 @@ def _language_stream(lang_index: int, n_tokens: int, rng: np.random.Generator) -
 
 def make_dataset(out: Path, langs: tuple[str, ...] = ("aa", "bb", "cc"), n_train: int = 24, n_test: int = 6,
                  block: int = BLOCK, seed: int = 0) -> Path:
-    """A dataset artifact as stage ``tokenize`` writes it: <lang>/{train,test}.npy and meta.json."""
+    """A dataset artifact as stage ``tokenize`` writes it: <lang>/{train,select,report}.npy and
+    meta.json; each test half has ``n_test`` chunks, drawn independently (so the halves differ)."""
     rng = np.random.default_rng(seed)
-    counts = {}
+    counts: dict[str, dict[str, dict[str, int]]] = {}
     for i, lang in enumerate(langs):
         (out / lang).mkdir(parents=True, exist_ok=True)
-        for split, n in (("train", n_train), ("test", n_test)):
+        for split, n in (("train", n_train), ("select", n_test), ("report", n_test)):
             chunks = _language_stream(i, n * block, rng).reshape(n, block)
             np.save(out / lang / f"{split}.npy", chunks)
             counts.setdefault(lang, {})[split] = {"chunks": n}
@@ -93,11 +94,35 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_dataset_access(tiny: dict) -> None:
     assert mlm.dataset_languages(tiny["ds_dir"]) == ["aa", "bb", "cc"]
-    arr = mlm.load_split(tiny["ds_dir"], "bb", "test")
+    arr = mlm.load_split(tiny["ds_dir"], "bb", "select")
     assert arr.shape == (6, BLOCK) and arr.dtype == np.int32
+    assert not np.array_equal(arr, mlm.load_split(tiny["ds_dir"], "bb", "report"))
     assert isinstance(mlm.load_split(tiny["ds_dir"], "bb", "train", mmap=True), np.memmap)
-    with pytest.raises(ValueError, match="no zz/test.npy"):
-        mlm.load_split(tiny["ds_dir"], "zz", "test")
+    with pytest.raises(ValueError, match="no zz/select.npy"):
+        mlm.load_split(tiny["ds_dir"], "zz", "select")
+    with pytest.raises(ValueError, match="'train', 'select' or 'report'"):
+        mlm.load_split(tiny["ds_dir"], "bb", "test")
+
+
+def test_a_dataset_without_the_test_halves_asks_to_rerun_tokenize(tmp_path: Path) -> None:
+    """A version-1 dataset (one test.npy, no halves) is refused with what to do."""
+    ds = make_dataset(tmp_path / "old", langs=("xx",), n_train=2, n_test=2)
+    (ds / "xx" / "select.npy").rename(ds / "xx" / "test.npy")
+    (ds / "xx" / "report.npy").unlink()
+    for half in ("select", "report"):
+        with pytest.raises(ValueError, match=rf"no xx/{half}.npy.*older tokenize.*re-run the tokenize stage"):
+            mlm.load_split(ds, "xx", half)
+    assert mlm.load_split(ds, "xx", "train").shape == (2, BLOCK)
+
+
+def test_eval_params_split_defaults_to_the_selection_half() -> None:
+    from pydantic import ValidationError
+
+    p = mlm.EvalParams.model_validate({})
+    assert p.split == "select" and p.bootstrap_resamples == 1000 and p.interval_level == 0.95
+    assert mlm.EvalParams.model_validate({"split": "report"}).split == "report"
+    with pytest.raises(ValidationError):
+        mlm.EvalParams.model_validate({"split": "test"})
 
 
 def test_dataset_languages_without_meta(tmp_path: Path) -> None:
@@ -139,7 +164,7 @@ def test_masking_scheme_statistics() -> None:
 
 
 def test_masks_depend_on_seed_language_and_chunk_only(tiny: dict) -> None:
-    chunks = mlm.load_split(tiny["ds_dir"], "aa", "test")
+    chunks = mlm.load_split(tiny["ds_dir"], "aa", "select")
     tok = tiny["tokenizer"]
     args = (tok.mask_token_id, mlm.special_token_ids(tok), len(tok))
     a = mlm.eval_batches(chunks, *args, batch_size=4, seed=3, language="aa")
@@ -206,6 +231,60 @@ def test_evaluate_is_token_weighted_and_deterministic(tiny: dict) -> None:
     assert first["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     # a random model over 65 words is close to uniform
     assert 30 < first["perplexity"] < 150
+
+
+def test_language_eval_batches_read_the_half_asked_for(tiny: dict) -> None:
+    tok = tiny["tokenizer"]
+    default = mlm.language_eval_batches(tiny["ds_dir"], "aa", tok, batch_size=6)
+    select = mlm.language_eval_batches(tiny["ds_dir"], "aa", tok, batch_size=6, split="select")
+    report = mlm.language_eval_batches(tiny["ds_dir"], "aa", tok, batch_size=6, split="report")
+    assert torch.equal(default[0]["input_ids"], select[0]["input_ids"])  # default: the selection half
+    raw = mlm.load_split(tiny["ds_dir"], "aa", "report")
+    unmasked = report[0]["labels"] == -100
+    assert torch.equal(report[0]["input_ids"][unmasked], torch.from_numpy(raw.astype(np.int64))[unmasked])
+    assert not torch.equal(select[0]["input_ids"], report[0]["input_ids"])
+
+
+def test_evaluate_chunks_gives_per_chunk_sums_whatever_the_batch_size(tiny: dict) -> None:
+    model = tiny_model(tiny["tok_dir"])
+    tok = tiny["tokenizer"]
+    by4 = mlm.evaluate_chunks(model, mlm.language_eval_batches(tiny["ds_dir"], "bb", tok, batch_size=4))
+    by1 = mlm.evaluate_chunks(model, mlm.language_eval_batches(tiny["ds_dir"], "bb", tok, batch_size=1))
+    assert by4.loss_sum.shape == by4.tokens.shape == (6,)
+    np.testing.assert_allclose(by4.loss_sum, by1.loss_sum, rtol=1e-5)
+    np.testing.assert_array_equal(by4.tokens, by1.tokens)
+    # one batch per chunk: the chunk's sum is that batch's summed loss
+    for i, batch in enumerate(mlm.language_eval_batches(tiny["ds_dir"], "bb", tok, batch_size=1)):
+        with torch.no_grad():
+            loss, n = mlm.mlm_loss(model, batch, reduction="sum")
+        assert by1.tokens[i] == n and by1.loss_sum[i] == pytest.approx(float(loss), rel=1e-5)
+    summary = by4.summary()
+    assert summary == mlm.evaluate(model, mlm.language_eval_batches(tiny["ds_dir"], "bb", tok, batch_size=4))
+    assert summary["loss"] == pytest.approx(by4.loss_sum.sum() / by4.tokens.sum())
+    assert summary["tokens"] == float(by4.tokens.sum())
+
+
+def test_bootstrap_interval_contains_the_estimate_and_is_reproducible() -> None:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 15, size=40)
+    loss_sum = tokens * rng.uniform(1.5, 2.5, size=40)
+    point = math.exp(loss_sum.sum() / tokens.sum())
+    lo, hi = mlm.bootstrap_perplexity_interval(loss_sum, tokens, seed=[1, 2])
+    assert lo < point < hi
+    assert (lo, hi) == mlm.bootstrap_perplexity_interval(loss_sum, tokens, seed=[1, 2])
+    assert (lo, hi) != mlm.bootstrap_perplexity_interval(loss_sum, tokens, seed=[1, 3])
+    lo50, hi50 = mlm.bootstrap_perplexity_interval(loss_sum, tokens, seed=[1, 2], level=0.5)
+    assert lo < lo50 < point < hi50 < hi  # a lower level gives a narrower interval
+    # four times the chunks: about half the width (the interval shrinks as 1/sqrt(n))
+    big_tokens = np.tile(tokens, 4)
+    wide = hi - lo
+    blo, bhi = mlm.bootstrap_perplexity_interval(np.tile(loss_sum, 4), big_tokens, seed=[1, 2])
+    assert 0.3 * wide < bhi - blo < 0.75 * wide
+    # every chunk with the same mean loss: no spread at all
+    flat = mlm.bootstrap_perplexity_interval(tokens * 2.0, tokens, seed=0)
+    assert flat == pytest.approx((math.exp(2.0), math.exp(2.0)))
+    with pytest.raises(ValueError, match="no masked tokens"):
+        mlm.bootstrap_perplexity_interval(np.zeros(3), np.zeros(3), seed=0)
 
 
 def test_evaluate_can_be_stopped(tiny: dict) -> None:

@@ -204,7 +204,8 @@ BLOCK = 16
 
 def make_tiny_study(root, languages=("en", "de"), n_test=24, seed=0):
     """``(model_dir, dataset_dir)``: a saved tiny XLMRobertaForMaskedLM with its tokenizer, and a
-    dataset artifact (``<lang>/{train,test}.npy`` + meta.json) of random ids, one id range per language."""
+    dataset artifact (``<lang>/{train,select,report}.npy`` + meta.json) of random ids, one id range
+    per language; each test half has ``n_test`` chunks, drawn independently."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -230,7 +231,7 @@ def make_tiny_study(root, languages=("en", "de"), n_test=24, seed=0):
     for i, lang in enumerate(languages):
         (data_dir / lang).mkdir(parents=True)
         lo = 4 + 10 * i  # each language its own 20-id range (overlapping), all inside the vocabulary
-        for split, n in (("train", 4), ("test", n_test)):
+        for split, n in (("train", 4), ("select", n_test), ("report", n_test)):
             chunks = rng.integers(lo, lo + 20, size=(n, BLOCK)).astype(np.int32)
             chunks[:, 0], chunks[:, -1] = 0, 2  # <s> ... </s>
             np.save(data_dir / lang / f"{split}.npy", chunks)
@@ -319,6 +320,7 @@ def test_prune_stage_end_to_end(tiny, tmp_path):
     assert info["hidden_size"] == 32 and info["num_parameters"] > 0
     assert meta["eval_seed"] == 7  # the parameter, not the job seed (5)
     assert meta["normalize_over"] == "all" and info["normalize_over"] == "all"  # recorded with the mask
+    assert meta["eval_split"] == "select" and info["eval_split"] == "select"  # decisions: the selection half
     np.testing.assert_array_equal(_replay(imp, 7), mask)
     assert [step for m, step in ctx.metrics if "heads_kept" in m] == list(range(8))
     ppl = [t["perplexity"] for t in traj]
@@ -343,6 +345,34 @@ def test_prune_stage_end_to_end(tiny, tmp_path):
     assert evaluate(model, batches)["perplexity"] == pytest.approx(meta2["perplexity_full"], rel=1e-6)
 
 
+def test_prune_reads_only_the_half_it_is_given(tiny, tmp_path):
+    """Without report.npy the default run is unchanged (it reads the selection half only); with
+    ``split="report"`` it reads the reporting half and nothing else."""
+    import shutil
+
+    from stages.mlm import evaluate, language_eval_batches, load_model, load_tokenizer
+
+    model_dir, data_dir = tiny
+    base, _, _, traj, _, _ = _run_prune(tiny, tmp_path / "base", max_eval_chunks=8, threshold=1.05)
+    no_report = tmp_path / "no_report"
+    shutil.copytree(data_dir, no_report)
+    for lang in ("en", "de"):
+        (no_report / lang / "report.npy").unlink()
+    meta, _, _, traj2, _, _ = _run_prune((model_dir, no_report), tmp_path / "a", max_eval_chunks=8, threshold=1.05)
+    assert traj2 == traj and meta["heads_kept"] == base["heads_kept"]
+
+    no_select = tmp_path / "no_select"
+    shutil.copytree(data_dir, no_select)
+    for lang in ("en", "de"):
+        (no_select / lang / "select.npy").unlink()
+    meta_r, *_ = _run_prune((model_dir, no_select), tmp_path / "b", max_eval_chunks=8, threshold=1.05,
+                            split="report")
+    assert meta_r["eval_split"] == "report"
+    batches = language_eval_batches(data_dir, "en", load_tokenizer(model_dir), 8, 7, max_chunks=8, split="report")
+    assert meta_r["perplexity_full"] == pytest.approx(evaluate(load_model(model_dir), batches)["perplexity"], rel=1e-6)
+    assert meta_r["perplexity_full"] != pytest.approx(base["perplexity_full"], rel=1e-4)
+
+
 def test_prune_params_validation():
     from pydantic import ValidationError
 
@@ -350,6 +380,7 @@ def test_prune_params_validation():
 
     assert PruneParams(language="en").threshold == 1.1
     assert PruneParams(language="en").eval_seed == 1234  # the train stage's evaluation seed
+    assert PruneParams(language="en").split == "select"  # pruning decisions never see the reporting half
     for bad in ({"threshold": 1.0}, {"masking_amount": 0.0}, {"masking_amount": 1.0}, {"min_heads": 0}):
         with pytest.raises(ValidationError):
             PruneParams(language="en", **bad)

@@ -71,13 +71,25 @@ def test_outputs_metrics_and_logs(reference: dict) -> None:
     assert metrics["languages"] == list(LANGS)
     assert [h["step"] for h in metrics["history"]] == [0, 4, 8, 12]
     assert metrics["best_step"] in (4, 8, 12)
+    # the best checkpoint is chosen on the selection half; the reported numbers are the reporting half's
+    assert metrics["eval_split"] == "report" and metrics["selection_split"] == "select"
     best = [h for h in metrics["history"] if h["step"] == metrics["best_step"]][0]
-    assert best["mean_loss"] == min(h["mean_loss"] for h in metrics["history"][1:])
+    assert best["select_mean_loss"] == min(h["select_mean_loss"] for h in metrics["history"][1:])
+    assert metrics["select_after"] == best["select"] and metrics["after"] == best["languages"]
+    assert metrics["select_mean_loss_after"] == best["select_mean_loss"]
+    assert metrics["mean_loss_after"] == best["mean_loss"]
     for lang in LANGS:
         before, after = metrics["before"][lang], metrics["after"][lang]
         assert after["perplexity"] == pytest.approx(np.exp(after["loss"]))
         assert meta["perplexity_before"][lang] == before["perplexity"]
         assert meta["perplexity_after"][lang] == after["perplexity"]
+        for part in ("before", "after", "final"):  # bootstrap intervals next to every reported perplexity
+            lo, hi = metrics[part][lang]["perplexity_interval"]
+            assert lo < metrics[part][lang]["perplexity"] < hi
+        assert meta["perplexity_interval_before"][lang] == before["perplexity_interval"]
+        assert meta["perplexity_interval_after"][lang] == after["perplexity_interval"]
+        assert metrics["select_after"][lang]["loss"] != pytest.approx(after["loss"], rel=1e-3)  # halves differ
+    assert metrics["interval"]["level"] == 0.95 and metrics["interval"]["resamples"] == 1000
     # it learned (a tiny model in 12 steps: the chosen model beats the initial one on average)
     assert metrics["mean_loss_after"] < metrics["mean_loss_before"] - 0.05
     losses = [m["train/loss"] for m, _ in ctx.metrics if "train/loss" in m]
@@ -86,13 +98,16 @@ def test_outputs_metrics_and_logs(reference: dict) -> None:
     model = mlm.load_model(out)
     tok = mlm.load_tokenizer(out)
     assert len(tok) == model.config.vocab_size
-    again = mlm.evaluate(model, mlm.language_eval_batches(reference["dataset"], "aa", tok, batch_size=3))
-    assert again["loss"] == pytest.approx(metrics["after"]["aa"]["loss"], rel=1e-5)
-    # logged metrics: per-language eval at every evaluation, train loss and lr at every step
+    report = mlm.language_eval_batches(reference["dataset"], "aa", tok, batch_size=3, split="report")
+    select = mlm.language_eval_batches(reference["dataset"], "aa", tok, batch_size=3, split="select")
+    assert mlm.evaluate(model, report)["loss"] == pytest.approx(metrics["after"]["aa"]["loss"], rel=1e-5)
+    assert mlm.evaluate(model, select)["loss"] == pytest.approx(metrics["select_after"]["aa"]["loss"], rel=1e-5)
+    # logged metrics: per-language eval at every evaluation (both halves), train loss and lr at every step
     logged = {(k, s) for m, s in ctx.metrics for k in m}
     for lang in LANGS:
         for step in (0, 4, 8, 12):
             assert (f"eval/{lang}/loss", step) in logged and (f"eval/{lang}/perplexity", step) in logged
+            assert (f"eval_select/{lang}/loss", step) in logged
     lrs = [m["train/lr"] for m, _ in ctx.metrics if "train/lr" in m]
     assert len(lrs) == 12 and lrs[-1] == pytest.approx(0.0) and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
     assert (ctx.root / "checkpoint" / "train_state" / "state.json").is_file()  # periodic checkpoint
@@ -124,6 +139,26 @@ def test_resume_after_stop_request_gives_the_same_result(data: dict, reference: 
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_the_reporting_half_does_not_steer_training(data: dict, reference: dict, tmp_path: Path) -> None:
+    """Replace every language's reporting half by other chunks: the selection-half history, the best
+    step and the saved weights stay exactly the same, only the reported numbers move."""
+    import shutil
+
+    ds = tmp_path / "dataset"
+    shutil.copytree(reference["dataset"], ds)
+    for i, lang in enumerate(LANGS):
+        other = np.load(reference["dataset"] / LANGS[(i + 1) % len(LANGS)] / "train.npy")[:8]
+        np.save(ds / lang / "report.npy", other)
+    run_stage(TRAIN, PARAMS, FakeContext(tmp_path / "run", seed=11), {**data, "dataset": make_input(ds, "dataset")})
+    ref_m, got_m = _metrics(reference["out"]), _metrics(tmp_path / "run" / "outputs" / "model")
+    assert got_m["best_step"] == ref_m["best_step"]
+    assert [h["select_mean_loss"] for h in got_m["history"]] == [h["select_mean_loss"] for h in ref_m["history"]]
+    assert got_m["after"]["aa"]["loss"] != pytest.approx(ref_m["after"]["aa"]["loss"], rel=1e-3)
+    a, b = mlm.load_model(reference["out"]).state_dict(), mlm.load_model(tmp_path / "run" / "outputs" / "model")
+    for k, v in b.state_dict().items():
+        assert torch.equal(a[k], v), k
+
+
 def test_stop_during_evaluation_reruns_it(data: dict, reference: dict, tmp_path: Path) -> None:
     class StopInEval(FakeContext):
         def log(self, metrics, step=None) -> None:  # type: ignore[override]
@@ -142,6 +177,7 @@ def test_stop_during_evaluation_reruns_it(data: dict, reference: dict, tmp_path:
     assert [h["step"] for h in got_m["history"]] == [0, 4, 8, 12]
     for h_ref, h_got in zip(ref_m["history"], got_m["history"], strict=True):
         assert h_got["mean_loss"] == pytest.approx(h_ref["mean_loss"], rel=1e-6)
+        assert h_got["select_mean_loss"] == pytest.approx(h_ref["select_mean_loss"], rel=1e-6)
 
 
 def test_another_seed_gives_another_run(data: dict, reference: dict, tmp_path: Path) -> None:
