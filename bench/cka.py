@@ -3,7 +3,7 @@
 The original study's size: 8 languages, 13 layers (embeddings + 12), 5,000 sentences, 768 dims;
 linear CKA between every pair of languages at the same layer = 28 x 13 = 364 comparisons.
 
-- ours: ``stages.similarity.cka_matrix`` once per layer, as the ``similarity`` stage calls it (its
+- ours: ``stages.measures.cka_matrix`` once per layer, as the ``similarity`` stage calls it (its
   float64 buffers kept from one layer to the next): ``cka_stats`` once per (language, layer) (float64
   centring, ``X^T X`` by BLAS syrk, row norms), then one ``X^T Y`` product per pair, biased and
   debiased CKA from it; the breakdown rows time the two parts apart;
@@ -29,7 +29,7 @@ import time
 import numpy as np
 from common import header, table, timed, verdict
 
-from stages.similarity import center, cka_matrix, cka_pair, cka_stats
+from stages.measures import center, cka_matrix, cka_pair, cka_stats
 
 LANGUAGES = 8
 LAYERS = 13

@@ -13,12 +13,21 @@ Variants (``variant``), each encoding **every** language's sentences:
   default the job's), in eval mode: the control of what architecture and tokenisation alone give.
 
 Encoding: the sentences of a language are tokenized (the model's tokenizer, its special tokens,
-truncation to ``max_length`` tokens, clamped to what the model's position embeddings allow), sorted
-by token count (longest first), cut into batches of at most ``batch_size`` sentences and at most
-``batch_size`` x the mean length padded positions (so the long tail goes in smaller batches), padded
-to the batch's longest sentence, run through the encoder (the masked-LM head is not computed) with
-``output_hidden_states=True`` and no gradients, on CUDA when available, and written back in the
-corpus order. Every hidden state is kept: the embeddings output (layer 0) and each layer's output.
+truncation to ``max_length`` tokens), sorted by token count (longest first), cut into batches of at
+most ``batch_size`` sentences and at most ``batch_size`` x the mean length padded positions (so the
+long tail goes in smaller batches), padded to the batch's longest sentence, run through the encoder
+(the masked-LM head is not computed) with ``output_hidden_states=True`` and no gradients, on CUDA
+when available, and written back in the corpus order. Every hidden state is kept: the embeddings
+output (layer 0) and each layer's output.
+
+Length limit: ``max_length=None`` (the default) is the model's own limit: the positions its position
+embeddings hold (RoBERTa-style models lose ``pad_token_id + 1`` of them to the offset of their
+position ids) and the tokenizer's ``model_max_length``, whichever is smaller; an int is clamped to
+that limit. A parallel sentence cut by the limit is no longer the translation of its partner, so
+every sentence is first tokenized without truncation: a sentence counts as truncated when that true
+token count exceeds the limit (one of exactly ``max_length`` tokens is not cut), and the counts per
+language are stored (``truncated``). Only the cut sentences are tokenized again with truncation
+(the tokenizer keeps ``<s>`` and ``</s>`` and drops the sentence's last tokens).
 
 Pooling: the mean over the sentence's tokens weighted by the attention mask (padding excluded).
 By default the template tokens ``<s>`` and ``</s>`` (cls/sep/bos/eos ids) are excluded too
@@ -28,10 +37,19 @@ sentence with no other token falls back to all its attended tokens.
 
 Output ``encodings`` (type ``encodings``)::
 
-    <lang>.npy   float32 (or float16) [layers + 1, n, hidden], row i = sentence i of the corpus
+    <lang>.npy          float32 (or float16) [layers + 1, n, hidden], row i = sentence i of the corpus
+    <lang>.lengths.npy  int32 [n]: sentence i's token count as encoded (special tokens included, after
+                        truncation), in the order of <lang>.npy; consumers match sentences by length
     meta.json    {"variant", "language" (mask language or null), "languages", "n",
                   "layers" ([0, 1, ..., L]), "hidden", "pooling", "padding_fraction",
-                  "ids_sha256" (of the corpus' sentence ids), "dtype", "max_length", ...}
+                  "ids_sha256" (of the corpus' sentence ids), "dtype",
+                  "max_length" (the limit applied, in tokens),
+                  "truncated" ({"<lang>": sentences whose untruncated token count exceeds max_length}),
+                  "truncated_total" (their sum over languages),
+                  "at_max_length" (sentences of exactly max_length tokens once encoded, cut or not), ...}
+
+Version 2: ``max_length`` defaults to the model's position limit (was 128), ``<lang>.lengths.npy``
+and ``truncated`` are new.
 """
 
 from __future__ import annotations
@@ -39,6 +57,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,7 +84,10 @@ class EncodeParams(StageParams):
         None, description="base: hub name or local path of the base model; None: the input model, labelled base."
     )
     batch_size: int = Field(32, ge=1, description="Sentences per forward pass.")
-    max_length: int = Field(128, ge=2, description="Truncate sentences to this many tokens (special tokens included).")
+    max_length: int | None = Field(
+        None, ge=2, description="Truncate sentences to this many tokens (special tokens included), clamped to the "
+        "model's limit; None: the model's limit (its position embeddings, the tokenizer's model_max_length)."
+    )
     dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the stored encodings.")
     include_special_tokens: bool = Field(
         False, description="Pool over <s>/</s> too (False: only the sentence's own tokens)."
@@ -96,10 +118,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_positions
     batches: list[list[int]] = []
     for i in order:
         batch = batches[-1] if batches else None
-        full = batch is None or len(batch) >= batch_size
-        if not full and max_positions is not None:
-            full = (len(batch) + 1) * lengths[batch[0]] > max_positions  # batch[0] is its longest
-        if full:
+        if batch is None or len(batch) >= batch_size or (
+            max_positions is not None and (len(batch) + 1) * lengths[batch[0]] > max_positions  # [0]: its longest
+        ):
             batches.append([i])
         else:
             batch.append(i)
@@ -133,18 +154,69 @@ def pooling_description(include_special_tokens: bool) -> str:
     return f"mean over {what}; padding excluded"
 
 
-def effective_max_length(model: Any, tokenizer: Any, requested: int) -> int:
-    """``requested`` clamped to the positions the model can embed (RoBERTa offsets by pad id + 1)."""
+def position_limits(model: Any, tokenizer: Any) -> list[int]:
+    """The input lengths the model and tokenizer state they accept: the positions the model can embed
+    (RoBERTa-style position ids start after the pad id, so pad id + 1 positions are never used) and the
+    tokenizer's ``model_max_length`` (ignored when it is the "no limit" sentinel)."""
     cfg = model.config
-    limit = requested
+    limits: list[int] = []
     max_pos = getattr(cfg, "max_position_embeddings", None)
     if max_pos:
         offset = (getattr(cfg, "pad_token_id", None) or 0) + 1 if cfg.model_type in ("xlm-roberta", "roberta") else 0
-        limit = min(limit, int(max_pos) - offset)
+        limits.append(int(max_pos) - offset)
     tok_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
-        limit = min(limit, tok_max)
-    return max(2, limit)
+        limits.append(tok_max)
+    return limits
+
+
+def effective_max_length(model: Any, tokenizer: Any, requested: int | None) -> int:
+    """``requested`` clamped to :func:`position_limits`; ``None``: the smallest of those limits."""
+    limits = position_limits(model, tokenizer)
+    if requested is None:
+        if not limits:
+            raise ValueError("encode: the model states no position limit; set max_length")
+        return max(2, min(limits))
+    return max(2, min([requested, *limits]))
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of some sentences, truncated to a limit, and their token counts before truncation."""
+
+    ids: list[list[int]]  # special tokens included, at most max_length each
+    untruncated: list[int]  # token count of each sentence without truncation (special tokens included)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of each sentence as encoded."""
+        return [len(x) for x in self.ids]
+
+    @property
+    def truncated(self) -> int:
+        """How many sentences lost tokens to the limit."""
+        return sum(full > len(x) for x, full in zip(self.ids, self.untruncated, strict=True))
+
+
+def tokenize_sentences(tokenizer: Any, texts: Sequence[str], max_length: int) -> Tokenized:
+    """Tokenize ``texts`` (special tokens added) and truncate those longer than ``max_length`` tokens.
+
+    Every sentence is first tokenized without truncation, which gives its true token count; only the
+    sentences over the limit are tokenized again with the tokenizer's own truncation (which keeps the
+    special tokens). A sentence of exactly ``max_length`` tokens is therefore not counted as cut.
+    """
+    texts = list(texts)
+    full = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    ids: list[list[int]] = [list(x) for x in full]
+    cut = [i for i, x in enumerate(ids) if len(x) > max_length]
+    if cut:
+        short = tokenizer([texts[i] for i in cut], add_special_tokens=True, truncation=True, max_length=max_length,
+                          verbose=False)["input_ids"]
+        for i, x in zip(cut, short, strict=True):
+            ids[i] = list(x)
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("encode: a sentence tokenizes to no token at all; drop empty sentences from the corpus")
+    return Tokenized(ids, [len(x) for x in full])
 
 
 def template_token_ids(tokenizer: Any) -> list[int]:
@@ -164,20 +236,23 @@ def encode_sentences(
     texts: Sequence[str],
     *,
     batch_size: int = 32,
-    max_length: int = 128,
+    max_length: int | None = None,
     include_special_tokens: bool = False,
     device: Any = None,
     should_stop: Callable[[], bool] | None = None,
     sort_by_length: bool = True,
+    tokenized: Tokenized | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """Pooled hidden states of ``texts``: float32 numpy ``[layers + 1, len(texts), hidden]``.
 
     ``model`` is a masked LM or a bare encoder; its ``base_model`` (the encoder) is run. Batches are
     sorted by token count, with at most :func:`position_budget` padded positions each
     (``sort_by_length=False``: consecutive ``texts`` in their order, which only the benchmark uses),
-    and the result is in the order of ``texts``. Returns the array and stats
-    (``tokens``, ``padded_positions``, ``positions``, ``padding_fraction``, ``at_max_length``,
-    ``seconds``).
+    and the result is in the order of ``texts``. ``max_length``: see :func:`effective_max_length`
+    (None: the model's limit). ``tokenized``: the output of :func:`tokenize_sentences` for ``texts``
+    at that limit, when the caller already has it. Returns the array and stats (``tokens``,
+    ``padded_positions``, ``positions``, ``padding_fraction``, ``at_max_length``, ``truncated``,
+    ``max_length``, ``seconds``).
     """
     import numpy as np
     import torch
@@ -186,10 +261,12 @@ def encode_sentences(
     if device is None:
         device = next(model.parameters()).device
     max_length = effective_max_length(model, tokenizer, max_length)
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True, verbose=False)
-    ids: list[list[int]] = [list(x) for x in enc["input_ids"]]
-    if any(len(x) == 0 for x in ids):
-        raise ValueError("encode: a sentence tokenizes to no token at all")
+    if tokenized is None:
+        tokenized = tokenize_sentences(tokenizer, texts, max_length)
+    if len(tokenized.ids) != len(texts) or max(tokenized.lengths, default=0) > max_length:
+        raise ValueError("encode_sentences: 'tokenized' does not hold these texts at this max_length; "
+                         "pass tokenize_sentences(tokenizer, texts, max_length)")
+    ids = tokenized.ids
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = torch.tensor(template_token_ids(tokenizer) if not include_special_tokens else [], dtype=torch.long)
     n_layers = int(model.config.num_hidden_layers)
@@ -237,6 +314,7 @@ def encode_sentences(
         "positions": float(positions),
         "padding_fraction": padded / positions if positions else 0.0,
         "at_max_length": float(sum(len(x) >= max_length for x in ids)),
+        "truncated": float(tokenized.truncated),
         "max_length": float(max_length),
         "seconds": seconds,
     }
@@ -325,7 +403,7 @@ def _load_variant(params: EncodeParams, model_dir: Path, seed: int) -> tuple[Any
         "mask": Input(type="head-mask", optional=True),
     },
     outputs={"encodings": "encodings"},
-    version="1",
+    version="2",  # 2: max_length defaults to the model's limit; <lang>.lengths.npy; truncated counts
 )
 def encode_stage(params: EncodeParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Pooled hidden states of every layer for every sentence of a parallel corpus, per language."""
@@ -348,30 +426,35 @@ def encode_stage(params: EncodeParams, inputs: Inputs, ctx: StageContext) -> dic
     gates = HeadGates(model, mask) if mask is not None else None
     out = ctx.output_dir("encodings")
     padding: dict[str, float] = {}
+    truncated: dict[str, int] = {}
     totals = {"padded_positions": 0.0, "positions": 0.0, "seconds": 0.0, "at_max_length": 0.0}
-    max_length = params.max_length
+    max_length = effective_max_length(model, tokenizer, params.max_length)
     try:
         for lang in languages:
+            texts = [r[lang] for r in rows]
+            tokenized = tokenize_sentences(tokenizer, texts, max_length)
             arr, stats = encode_sentences(
-                model, tokenizer, [r[lang] for r in rows], batch_size=params.batch_size,
-                max_length=params.max_length, include_special_tokens=params.include_special_tokens,
-                device=device, should_stop=ctx.stop_requested.is_set,
+                model, tokenizer, texts, batch_size=params.batch_size, max_length=max_length,
+                include_special_tokens=params.include_special_tokens, device=device,
+                should_stop=ctx.stop_requested.is_set, tokenized=tokenized,
             )
             if not np.isfinite(arr).all():
                 raise ValueError(f"encode: non-finite hidden states for {lang}")
             np.save(out / f"{lang}.npy", arr.astype(params.dtype))
+            np.save(out / f"{lang}.lengths.npy", np.asarray(tokenized.lengths, dtype=np.int32))
             padding[lang] = stats["padding_fraction"]
+            truncated[lang] = tokenized.truncated
             for k in totals:
                 totals[k] += stats[k]
-            max_length = int(stats["max_length"])
             ctx.log({f"{lang}/sentences_per_s": len(rows) / max(stats["seconds"], 1e-9),
+                     f"{lang}/truncated": float(tokenized.truncated),
                      f"{lang}/padding_fraction": stats["padding_fraction"],
                      f"{lang}/tokens_per_sentence": stats["tokens"] / len(rows)})
     finally:
         if gates is not None:
             gates.remove()
     n_layers = int(model.config.num_hidden_layers)
-    meta = {
+    meta: dict[str, Any] = {
         "variant": params.variant,
         "language": mask_language,
         "languages": languages,
@@ -384,6 +467,8 @@ def encode_stage(params: EncodeParams, inputs: Inputs, ctx: StageContext) -> dic
         "ids_sha256": ids_digest(r[ID_KEY] for r in rows),
         "dtype": params.dtype,
         "max_length": max_length,
+        "truncated": truncated,
+        "truncated_total": sum(truncated.values()),
         "at_max_length": int(totals["at_max_length"]),
         "batch_size": params.batch_size,
         "model": origin,

@@ -9,37 +9,22 @@ Representations compared, for a model and a pair of languages (a, b) at layer l:
 states ``X`` [n, d] of a's sentences and ``Y`` of b's (the same sentences, translated). For the
 subnetwork model, a's sentences go through a's subnetwork and b's through b's.
 
-Measures (pure numpy functions in float64 below):
+What is computed, per model, pair and layer: the measures ``cka``, ``cka_debiased``, ``rsa`` and
+``isomorphism`` (:mod:`stages.measures`, where each is defined); their floors (``floors``: the
+measure between sentences that are not translations of each other, ``shuffled`` exactly and
+``length_matched`` over seeded permutations), intervals (``spread``: half-samples of the sentences;
+for isomorphism, other subsets) and the paired intervals of each model minus the full model
+(``spread_difference``), all defined in :mod:`stages.resampling`; :mod:`stages.pairwise` runs them
+layer by layer over every pair. This module is the stage: its parameters, the reading of the
+encodings artifacts and similarity.json.
 
-- ``cka``: linear CKA (Kornblith et al. 2019), in feature space on column-centred X, Y:
-  ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``.
-- ``cka_debiased``: CKA with the unbiased HSIC estimator (Song et al. 2012; Nguyen et al. 2021), also
-  in feature space. With K = X X^T, L = Y Y^T (X, Y centred), their diagonals k_i = ||x_i||^2,
-  l_i = ||y_i||^2 zeroed (K~, L~), the estimator's three terms need no n x n matrix:
-  ``tr(K~L~) = ||X^T Y||_F^2 - k.l``, ``1^T K~ 1 = -sum(k)`` (column sums are 0) and
-  ``1^T K~ L~ 1 = k.l``, so
-  ``HSIC_u = (||X^T Y||_F^2 - k.l + sum(k) sum(l) / ((n-1)(n-2)) - 2 k.l / (n-2)) / (n (n-3))``.
-  (The estimator is invariant to shifting X or Y by a constant row, so centring first changes nothing.)
-  Near 0 for unrelated representations, where biased CKA of random high-dimensional features is
-  large (about 0.44 for n=1000, d=768).
-- ``rsa``: representational similarity analysis: RDM = 1 - cosine similarity of every pair of
-  sentences, score = Pearson (``rsa_method="spearman"``: Spearman) correlation of the two RDMs' upper
-  triangles.
-- ``isomorphism``: **eigenvector similarity** (Sogaard, Ruder and Vulic 2018, "On the limitations of
-  unsupervised bilingual dictionary induction"), chosen over relational similarity because the
-  latter (correlation of the pairwise cosine similarities of aligned items) is what ``rsa`` already
-  measures. Each language's sentences (a seeded subset of at most ``isomorphism_max_sentences``,
-  the same subset for every language) form an unweighted, symmetrised k-nearest-neighbour graph
-  (``isomorphism_k`` neighbours by cosine similarity of the column-centred vectors); with the
-  eigenvalues of each graph's Laplacian L = D - A sorted in decreasing order, k_g is the smallest k
-  whose top-k eigenvalues hold ``isomorphism_energy`` (90%) of the sum, k = min(k_a, k_b), and the
-  score is ``sum_{i<=k} (lambda_a,i - lambda_b,i)^2``. It is a **distance**: 0 for isomorphic
-  graphs, larger for less isomorphic ones; it does not use the sentence alignment.
+Layer by layer (``layer_by_layer``, ``layer_by_layer_debiased``): per language with a subnetwork, linear
+and debiased CKA of every full-model layer against every subnetwork layer, on that language's sentences
+(one cross product per cell gives both).
 
-Whatever can be reused across pairs is computed once per (language, layer): the centred matrix,
-``||X^T X||_F`` (BLAS syrk), the row norms and the unbiased self-HSIC; the standardised RDM triangle;
-the Laplacian spectrum. Each pair then costs one ``X^T Y`` product (shared by both CKAs), one dot
-product (RSA) and a vector difference (isomorphism).
+Encodings (``encodings``): what encode recorded about cutting sentences at its ``max_length``, copied
+from each artifact's meta.json for the languages read from it (a subnetwork's: its own language only): a
+cut sentence is compared with an uncut translation, so its pair is not fully parallel.
 
 Output ``metrics`` (type ``metrics``): ``similarity.json``::
 
@@ -48,35 +33,54 @@ Output ``metrics`` (type ``metrics``): ``similarity.json``::
      "pairwise": {"<model>": {"<measure>": {"<a>-<b>": [one value per layer]}}},
      "layer_by_layer": {"<lang>": [[(L+1) x (L+1) linear CKA: rows = full-model layers,
                                     columns = that language's subnetwork layers]]},
-     "isomorphism_method": "...", "n": 1000}
+     "layer_by_layer_measure": "cka",                      # the estimator of layer_by_layer
+     "layer_by_layer_debiased": {"<lang>": [[the same cells, debiased CKA]]},
+     "isomorphism_method": "...", "n": 1000,
+     "floors": {"<model>": {"<measure>": {"length_matched": {"<a>-<b>": [one value per layer]},
+                                          "shuffled": {"<a>-<b>": [...]}}}},   # cka, cka_debiased, rsa
+     "floors_method": "...",
+     "spread": {"<model>": {"<measure>": {"<a>-<b>": [[lo, hi] or null, one per layer]}}},
+     "spread_difference": {"<model>-full": {"<measure>": {"<a>-<b>": [[lo, hi] or null, one per layer]}}},
+                                                           # model: subnetwork, base, random (those present)
+     "bootstrap": {"resamples": 200, "confidence": 0.95, "unit": "sentences", "method": "...",
+                   "groups": 100},
+     "encodings": {"<variant>" or "subnetwork:<lang>": {"max_length": 512, "truncated": {"<lang>": 3},
+                                                         "truncated_total": 3, "n": 1000}}}
 
-Pairs are every unordered pair ``a-b`` with a before b in ``languages``. A value that cannot be
-computed (a constant representation) is ``null``.
+Pairs are every unordered pair ``a-b`` with a before b in ``languages``; floors permute b's rows.
+A value that cannot be computed (a constant representation) is ``null``. ``floors`` is ``{}`` with
+``floor_seeds: 0``; ``spread`` and ``spread_difference`` are ``{}`` with ``bootstrap: 0``, and
+``spread_difference`` is also ``{}`` without a full model. In ``encodings``, ``truncated`` holds the
+languages read from that artifact and ``truncated_total`` their sum; all three encode entries are ``null``
+for an artifact whose encode recorded none (encode version 1).
+
+Version 2: ``floors``, ``spread``, ``bootstrap``, ``isomorphism_variant``; needs encode version 2
+(``<lang>.lengths.npy``) unless ``floor_seeds`` is 0. Version 3: ``spread_difference``, ``encodings``,
+``layer_by_layer_measure``, ``layer_by_layer_debiased``.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from orchestrator.stage import Input, Inputs, ResolvedInput, StageContext, StageDef, StageInterrupted, StageParams, stage
+from orchestrator.stage import Input, Inputs, ResolvedInput, StageContext, StageDef, StageParams, stage
 from stages._io import META_FILE, effective_seed, write_json
+from stages.measures import MEASURES, Measure, isomorphism_description, layer_cka_matrices
+from stages.pairwise import LayerGetter, LengthGetter, MeasureConfig, PairwiseResult, pairwise_by_layer, spread_difference
+from stages.resampling import FLOORS_METHOD, bootstrap_description, half_samples
 
 if TYPE_CHECKING:
     import numpy as np
 
-MEASURES = ("cka", "cka_debiased", "rsa", "isomorphism")
 MODELS = ("full", "subnetwork", "base", "random")
 SIMILARITY_FILE = "similarity.json"
-Measure = Literal["cka", "cka_debiased", "rsa", "isomorphism"]
 
 
 class SimilarityParams(StageParams):
@@ -87,15 +91,36 @@ class SimilarityParams(StageParams):
     measures: list[Measure] = Field(default_factory=lambda: list(MEASURES), min_length=1,
                                     description="Measures to compute (cka, cka_debiased, rsa, isomorphism).")
     rsa_method: Literal["pearson", "spearman"] = Field("pearson", description="Correlation of the RDM triangles.")
-    isomorphism_k: int = Field(10, ge=1, description="Nearest neighbours per sentence in the isomorphism graphs.")
+    isomorphism_variant: Literal["paper", "authors_code"] = Field(
+        "paper", description="paper: k-NN graphs of centred cosine vectors, largest Laplacian eigenvalues; "
+        "authors_code: as the authors' script (normalise, centre, normalise; 1-NN; smallest eigenvalues)."
+    )
+    isomorphism_k: int | None = Field(
+        None, ge=1, description="Nearest neighbours per sentence in the isomorphism graphs; None: 10 (paper) or "
+        "1 (authors_code)."
+    )
     isomorphism_energy: float = Field(0.9, gt=0.0, le=1.0, description="Share of the Laplacian spectrum that "
                                       "fixes how many eigenvalues are compared.")
     isomorphism_max_sentences: int | None = Field(
         500, ge=3, description="Seeded subset of sentences for the isomorphism graphs (the eigendecomposition is "
         "cubic: ~0.04 s at 500, ~0.3 s at 1000 per language and layer on 2 cores); None: all."
     )
+    isomorphism_resamples: int = Field(
+        10, ge=0, description="Other seeded subsets of the same size for the isomorphism spread (one more "
+        "eigendecomposition each per language and layer; no spread when the subset is every sentence); 0: none."
+    )
+    floor_seeds: int = Field(
+        3, ge=0, description="Seeded length-matched permutations (the floor is their mean; the shuffled floor is "
+        "exact); 0: no floors (then encodings without <lang>.lengths.npy are accepted)."
+    )
+    bootstrap: int = Field(
+        200, ge=0, description="Half-samples of the sentences for the spreads (an even number: they come in "
+        "complementary pairs); 0: no spreads."
+    )
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Coverage of the spread intervals.")
     layer_by_layer: bool = Field(True, description="Compute the full x subnetwork layer CKA matrices.")
-    seed: int | None = Field(None, description="Seed of the isomorphism subset; None: the job's seed.")
+    seed: int | None = Field(None, description="Seed of the isomorphism subsets, the floors' permutations and the "
+                             "half-samples; None: the job's seed.")
 
     @field_validator("measures")
     @classmethod
@@ -104,368 +129,20 @@ class SimilarityParams(StageParams):
             raise ValueError(f"measures: duplicates in {v}")
         return v
 
-
-# --------------------------------------------------------------------------------------------------
-# Linear CKA, biased and debiased, in feature space
-# --------------------------------------------------------------------------------------------------
-
-
-def center(x: Any, out: np.ndarray | None = None) -> np.ndarray:
-    """Column-centred float64 copy of a [n, d] matrix, cast and centred in one pass (into ``out``,
-    a float64 array of the same shape, when given)."""
-    import numpy as np
-
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"expected a [n, d] matrix, got shape {x.shape}")
-    if out is None:
-        out = np.empty(x.shape, dtype=np.float64)
-    np.subtract(x, x.mean(axis=0, dtype=np.float64), out=out)  # no float64 copy of x in between
-    return out
-
-
-def reusable_buffer(buffers: list[np.ndarray] | None, i: int, shape: tuple[int, ...]) -> np.ndarray | None:
-    """``buffers[i]`` if it is a float64 array of ``shape``, else a new one stored there (None
-    without ``buffers``). Reusing memory matters here: the first write to a fresh 30 MB array
-    (5,000 x 768) costs 2-6x the centring itself in page faults (measured 11-36 ms vs 5.7 ms)."""
-    import numpy as np
-
-    if buffers is None:
-        return None
-    while len(buffers) <= i:
-        buffers.append(np.empty(0))
-    if buffers[i].shape != shape:
-        buffers[i] = np.empty(shape, dtype=np.float64)
-    return buffers[i]
-
-
-@dataclass(frozen=True)
-class CKAStats:
-    """What one representation contributes to every CKA it enters (computed once, reused per pair)."""
-
-    xc: np.ndarray  # column-centred float64 [n, d]
-    sq_norms: np.ndarray  # k_i = ||x_i||^2 of the centred rows
-    self_sq: float  # ||Xc^T Xc||_F^2
-    self_unbiased: float  # n(n-3) HSIC_u(X, X) (the factor cancels in CKA)
+    @field_validator("bootstrap")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"bootstrap: use an even number of half-samples (they come in complementary pairs), "
+                             f"e.g. {v + 1}, or 0")
+        return v
 
     @property
-    def n(self) -> int:
-        return int(self.xc.shape[0])
-
-
-def _frobenius_sq(m: np.ndarray) -> float:
-    import numpy as np
-
-    flat = m.reshape(-1)
-    return float(np.dot(flat, flat))  # BLAS ddot: no squared copy of m
-
-
-def _hsic_u_numerator(cross_sq: float, k: np.ndarray, l: np.ndarray, n: int) -> float:  # noqa: E741
-    """n(n-3) HSIC_u from ||X^T Y||_F^2 and the squared row norms of centred X, Y."""
-    kl = float(k @ l)
-    return cross_sq - kl + float(k.sum()) * float(l.sum()) / ((n - 1) * (n - 2)) - 2.0 * kl / (n - 2)
-
-
-def cka_stats(x: Any, out: np.ndarray | None = None) -> CKAStats:
-    """Centre ``x`` (into ``out`` when given) and precompute its norms (d x d products only)."""
-    import numpy as np
-
-    xc = center(x, out)
-    n = xc.shape[0]
-    if n < 4:
-        raise ValueError(f"CKA needs at least 4 sentences (the debiased estimator divides by n-3), got {n}")
-    self_sq = _frobenius_sq(xc.T @ xc)  # numpy sees X^T X and calls BLAS syrk: half a general product
-    k = np.einsum("ij,ij->i", xc, xc)
-    return CKAStats(xc, k, self_sq, _hsic_u_numerator(self_sq, k, k, n))
-
-
-def _ratio(num: float, a: float, b: float) -> float:
-    if not (a > 0 and b > 0) or not math.isfinite(num):
-        return math.nan
-    return num / math.sqrt(a * b)
-
-
-def cka_pair(a: CKAStats, b: CKAStats, *, debiased: bool = True) -> tuple[float, float]:
-    """(linear CKA, debiased linear CKA) of two representations of the same n sentences: one
-    d_a x d_b product, shared by both."""
-    if a.n != b.n:
-        raise ValueError(f"CKA compares the same sentences: {a.n} vs {b.n} rows")
-    cross_sq = _frobenius_sq(a.xc.T @ b.xc)
-    biased = _ratio(cross_sq, a.self_sq, b.self_sq)
-    if not debiased:
-        return biased, math.nan
-    unbiased = _ratio(_hsic_u_numerator(cross_sq, a.sq_norms, b.sq_norms, a.n), a.self_unbiased, b.self_unbiased)
-    return biased, unbiased
-
-
-def cka_matrix(
-    xs: Sequence[Any], *, debiased: bool = True, buffers: list[np.ndarray] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(linear CKA, debiased linear CKA) of every pair of ``xs``, each [n, d_i] over the same n rows.
-
-    Each representation is centred and its self terms computed once; each pair then costs one
-    cross product. Diagonals are 1 (NaN for a constant representation); ``debiased=False`` leaves
-    the second matrix NaN. ``buffers``: a list the caller keeps across calls, whose float64 arrays
-    are reused for the centred matrices (see :func:`reusable_buffer`).
-    """
-    import numpy as np
-
-    stats = [cka_stats(x, reusable_buffer(buffers, i, np.shape(x))) for i, x in enumerate(xs)]
-    m = len(stats)
-    biased, unbiased = np.full((m, m), np.nan), np.full((m, m), np.nan)
-    for i, st in enumerate(stats):  # CKA(X, X) = 1 without another product, unless X is constant
-        biased[i, i] = 1.0 if st.self_sq > 0 else math.nan
-        unbiased[i, i] = 1.0 if debiased and st.self_unbiased > 0 else math.nan
-    for i, j in itertools.combinations(range(m), 2):
-        biased[i, j], unbiased[i, j] = cka_pair(stats[i], stats[j], debiased=debiased)
-        biased[j, i], unbiased[j, i] = biased[i, j], unbiased[i, j]
-    return biased, unbiased
-
-
-def linear_cka(x: Any, y: Any) -> float:
-    """Linear CKA of two [n, d] representations (feature space)."""
-    return float(cka_matrix([x, y], debiased=False)[0][0, 1])
-
-
-def debiased_cka(x: Any, y: Any) -> float:
-    """Debiased linear CKA (unbiased HSIC) of two [n, d] representations (feature space)."""
-    return float(cka_matrix([x, y])[1][0, 1])
-
-
-# --------------------------------------------------------------------------------------------------
-# RSA
-# --------------------------------------------------------------------------------------------------
-
-
-def rankdata(a: Any) -> np.ndarray:
-    """Ranks 1..n of a 1-d array, ties given their average rank (as scipy's ``rankdata``)."""
-    import numpy as np
-
-    a = np.asarray(a)
-    order = np.argsort(a, kind="mergesort")
-    s = a[order]
-    bounds = np.flatnonzero(np.r_[True, s[1:] != s[:-1], True])
-    avg = (bounds[:-1] + bounds[1:] - 1) / 2.0 + 1.0
-    ranks = np.empty(a.shape[0], dtype=np.float64)
-    ranks[order] = np.repeat(avg, np.diff(bounds))
-    return ranks
-
-
-def rdm_triangle(x: Any) -> np.ndarray:
-    """Upper triangle (row-major, diagonal excluded) of the RDM ``1 - cos(x_i, x_j)``."""
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    xn = x / np.where(norms > 0, norms, 1.0)
-    rdm = 1.0 - xn @ xn.T
-    return rdm[_upper_triangle(x.shape[0])]
-
-
-@functools.lru_cache(maxsize=4)
-def _upper_triangle(n: int) -> tuple[np.ndarray, np.ndarray]:
-    import numpy as np
-
-    return np.triu_indices(n, 1)
-
-
-def rsa_vector(x: Any, method: str = "pearson") -> np.ndarray | None:
-    """The RDM triangle centred and scaled to unit length (ranked first for Spearman); None if constant."""
-    import numpy as np
-
-    t = rdm_triangle(x)
-    if method == "spearman":
-        t = rankdata(t)
-    elif method != "pearson":
-        raise ValueError(f"unknown RSA correlation {method!r}")
-    t = t - t.mean()
-    norm = float(np.linalg.norm(t))
-    return t / norm if norm > 0 and math.isfinite(norm) else None
-
-
-def rsa_pair(va: np.ndarray | None, vb: np.ndarray | None) -> float:
-    """Correlation of two prepared RDM triangles (:func:`rsa_vector`)."""
-    if va is None or vb is None:
-        return math.nan
-    return float(va @ vb)
-
-
-def rsa(x: Any, y: Any, method: str = "pearson") -> float:
-    """RSA score of two representations: correlation of their RDMs' upper triangles."""
-    return rsa_pair(rsa_vector(x, method), rsa_vector(y, method))
-
-
-# --------------------------------------------------------------------------------------------------
-# Isomorphism: eigenvector similarity of k-NN graphs
-# --------------------------------------------------------------------------------------------------
-
-
-def knn_adjacency(x: Any, k: int) -> np.ndarray:
-    """Symmetric 0/1 adjacency of the k-NN graph (cosine similarity of the centred rows)."""
-    import numpy as np
-
-    xc = center(x)
-    n = xc.shape[0]
-    if n < 2:
-        raise ValueError("a k-NN graph needs at least 2 points")
-    k = min(k, n - 1)
-    norms = np.linalg.norm(xc, axis=1, keepdims=True)
-    xn = xc / np.where(norms > 0, norms, 1.0)
-    sim = xn @ xn.T
-    np.fill_diagonal(sim, -np.inf)
-    nbrs = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # the k most similar of each row (deterministic)
-    adj = np.zeros((n, n), dtype=np.float64)
-    adj[np.repeat(np.arange(n), k), nbrs.reshape(-1)] = 1.0
-    return np.maximum(adj, adj.T)
-
-
-def laplacian_spectrum(x: Any, k: int) -> np.ndarray:
-    """Eigenvalues, largest first, of the Laplacian D - A of the k-NN graph of ``x``."""
-    import numpy as np
-
-    adj = knn_adjacency(x, k)
-    lap = np.diag(adj.sum(axis=1)) - adj
-    return np.linalg.eigvalsh(lap)[::-1].copy()
-
-
-def energy_k(eigs: np.ndarray, energy: float) -> int:
-    """Smallest k whose k largest eigenvalues sum to at least ``energy`` of the total."""
-    import numpy as np
-
-    total = float(eigs.sum())
-    if total <= 0:
-        return len(eigs)
-    return int(np.searchsorted(np.cumsum(eigs) / total, energy - 1e-12) + 1)
-
-
-def eigenvector_similarity(ea: np.ndarray, eb: np.ndarray, energy: float = 0.9) -> float:
-    """Sogaard et al.'s distance between two Laplacian spectra (largest first); 0 = isomorphic."""
-    import numpy as np
-
-    k = min(energy_k(ea, energy), energy_k(eb, energy), len(ea), len(eb))
-    return float(np.sum((ea[:k] - eb[:k]) ** 2))
-
-
-def isomorphism(x: Any, y: Any, k: int = 10, energy: float = 0.9) -> float:
-    """Eigenvector similarity of the k-NN graphs of two representations."""
-    return eigenvector_similarity(laplacian_spectrum(x, k), laplacian_spectrum(y, k), energy)
-
-
-def isomorphism_description(k: int, energy: float, m: int) -> str:
-    return (
-        f"eigenvector similarity (Sogaard et al. 2018): sum of squared differences of the top-k Laplacian "
-        f"eigenvalues of unweighted symmetric {k}-NN graphs (cosine similarity of column-centred sentence "
-        f"vectors, {m} sentences), k = smallest count holding {energy:g} of each spectrum, min over the pair; "
-        f"a distance, 0 = isomorphic"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Per (language, layer) cache and the comparison of a set of representations
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    measures: tuple[str, ...] = MEASURES
-    rsa_method: str = "pearson"
-    iso_k: int = 10
-    iso_energy: float = 0.9
-    iso_rows: Any = None  # indices of the isomorphism subset (None: all rows)
-
-
-@dataclass(frozen=True)
-class RepStats:
-    """What one representation (a language at a layer) contributes to the pairwise RSA and isomorphism."""
-
-    rsa: np.ndarray | None
-    spectrum: np.ndarray | None
-
-
-def rep_stats(x: Any, cfg: MeasureConfig) -> RepStats:
-    """Compute once what every pair involving ``x`` reuses (CKA is computed for all pairs at once)."""
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float64)
-    want = set(cfg.measures)
-    rsa_v = rsa_vector(x, cfg.rsa_method) if "rsa" in want else None
-    spectrum = None
-    if "isomorphism" in want:
-        rows = x if cfg.iso_rows is None else x[cfg.iso_rows]
-        spectrum = laplacian_spectrum(rows, cfg.iso_k)
-    return RepStats(rsa_v, spectrum)
-
-
-def pair_measures(a: RepStats, b: RepStats, cfg: MeasureConfig) -> dict[str, float]:
-    """RSA and isomorphism of one pair from the two cached representations."""
-    out: dict[str, float] = {}
-    if "rsa" in cfg.measures:
-        out["rsa"] = rsa_pair(a.rsa, b.rsa)
-    if "isomorphism" in cfg.measures and a.spectrum is not None and b.spectrum is not None:
-        out["isomorphism"] = eigenvector_similarity(a.spectrum, b.spectrum, cfg.iso_energy)
-    return out
-
-
-def layer_measures(
-    xs: Sequence[Any], cfg: MeasureConfig, buffers: list[np.ndarray] | None = None
-) -> list[dict[str, float]]:
-    """Every requested measure of every pair ``(i, j)``, i < j, of one layer's representations
-    (``buffers``: see :func:`cka_matrix`)."""
-    want = set(cfg.measures)
-    cka = cka_matrix(xs, debiased="cka_debiased" in want, buffers=buffers) if want & {"cka", "cka_debiased"} else None
-    stats = [rep_stats(x, cfg) for x in xs] if want & {"rsa", "isomorphism"} else None
-    out: list[dict[str, float]] = []
-    for i, j in itertools.combinations(range(len(xs)), 2):
-        values = pair_measures(stats[i], stats[j], cfg) if stats is not None else {}
-        if cka is not None:
-            values.update({m: float(cka[k][i, j]) for k, m in enumerate(("cka", "cka_debiased")) if m in want})
-        out.append({m: values[m] for m in cfg.measures if m in values})
-    return out
-
-
-def language_pairs(languages: Sequence[str]) -> list[tuple[str, str]]:
-    """Every unordered pair (a, b), a before b in ``languages``."""
-    return list(itertools.combinations(languages, 2))
-
-
-LayerGetter = Callable[[str, int], Any]  # (language, layer) -> [n, d] array
-
-
-def pairwise_by_layer(
-    get: LayerGetter,
-    languages: Sequence[str],
-    n_layers: int,
-    cfg: MeasureConfig,
-    should_stop: Callable[[], bool] | None = None,
-) -> dict[str, dict[str, list[float]]]:
-    """``{measure: {"a-b": [value per layer]}}`` for every pair of ``languages``.
-
-    Layer-major: at each layer every language's statistics are computed once and then every pair is
-    compared, so memory holds one layer's representations and caches at a time.
-    """
-    pairs = language_pairs(languages)
-    result: dict[str, dict[str, list[float]]] = {m: {f"{a}-{b}": [] for a, b in pairs} for m in cfg.measures}
-    buffers: list[np.ndarray] = []  # the centred matrices of one layer, reused by the next
-    for layer in range(n_layers):
-        if should_stop is not None and should_stop():
-            raise StageInterrupted("similarity: stop requested (nothing to checkpoint, the stage reruns)")
-        values = layer_measures([get(lang, layer) for lang in languages], cfg, buffers)
-        for (a, b), measures in zip(pairs, values, strict=True):
-            for m, v in measures.items():
-                result[m][f"{a}-{b}"].append(v)
-    return result
-
-
-def layer_cka_matrix(
-    xs: Sequence[Any], ys: Sequence[Any], buffers: list[np.ndarray] | None = None
-) -> list[list[float]]:
-    """Linear CKA of every layer of ``xs`` (rows) against every layer of ``ys`` (columns)
-    (``buffers``: see :func:`cka_matrix`)."""
-    import numpy as np
-
-    stats = [cka_stats(x, reusable_buffer(buffers, i, np.shape(x))) for i, x in enumerate([*xs, *ys])]
-    sx, sy = stats[: len(xs)], stats[len(xs) :]
-    return [[cka_pair(a, b, debiased=False)[0] for b in sy] for a in sx]
+    def iso_k(self) -> int:
+        """The neighbourhood size of the isomorphism graphs (the variant's default when not set)."""
+        if self.isomorphism_k is not None:
+            return self.isomorphism_k
+        return 1 if self.isomorphism_variant == "authors_code" else 10
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,6 +172,16 @@ class Encodings:
         if arr.ndim != 3:
             raise ValueError(f"{self.path}/{lang}.npy: expected [layers, n, hidden], got shape {arr.shape}")
         return np.asarray(arr[layer])  # as stored (float32/float16): each measure casts to float64 as it reads
+
+    def lengths(self, lang: str) -> np.ndarray:
+        """Token count of every sentence of ``lang`` as encoded (``<lang>.lengths.npy``, encode version 2)."""
+        import numpy as np
+
+        path = self.path / f"{lang}.lengths.npy"
+        if not path.is_file():
+            raise ValueError(f"encodings {self.path} ({self.variant}) have no {path.name}, which the length-matched "
+                             f"floor needs: re-run encode (version 2 writes it), or set floor_seeds: 0")
+        return np.load(path)
 
     def shape(self, lang: str) -> tuple[int, ...]:
         import numpy as np
@@ -579,12 +266,81 @@ def _gather(inputs: Inputs) -> list[Encodings]:
 
 def _representations(
     model: str, languages: list[str], models: Mapping[str, Encodings], subnets: Mapping[str, Encodings]
-) -> tuple[list[str], LayerGetter]:
-    """The languages a model covers and how to read a language's layer (subnetwork: its own mask's)."""
+) -> tuple[list[str], LayerGetter, LengthGetter]:
+    """The languages a model covers and how to read a language's layer and token lengths (subnetwork:
+    its own mask's artifact)."""
     if model == "subnetwork":
-        return [lang for lang in languages if lang in subnets], lambda lang, layer: subnets[lang].layer(lang, layer)
+        return ([lang for lang in languages if lang in subnets], lambda lang, layer: subnets[lang].layer(lang, layer),
+                lambda lang: subnets[lang].lengths(lang))
     enc = models[model]
-    return list(languages), lambda lang, layer: enc.layer(lang, layer)
+    return list(languages), lambda lang, layer: enc.layer(lang, layer), enc.lengths
+
+
+def _check_lengths(lengths: LengthGetter, languages: Sequence[str], n: int) -> None:
+    """Every language's token lengths exist and hold one count per sentence (before any work starts)."""
+    for lang in languages:
+        shape = tuple(lengths(lang).shape)
+        if shape != (n,):
+            raise ValueError(f"{lang}.lengths.npy holds shape {shape}, expected ({n},): re-run encode")
+
+
+def _measure_config(params: SimilarityParams, n: int, seed: int) -> tuple[MeasureConfig, int]:
+    """The measures' configuration (subsets, half-samples) and the isomorphism subset size."""
+    import numpy as np
+
+    iso_rows = None
+    m_iso = n
+    if params.isomorphism_max_sentences is not None and n > params.isomorphism_max_sentences:
+        m_iso = params.isomorphism_max_sentences
+        iso_rows = np.sort(np.random.default_rng(seed).choice(n, size=m_iso, replace=False))
+    iso_subsets: tuple[Any, ...] = ()
+    if "isomorphism" in params.measures and params.bootstrap > 0 and m_iso < n:
+        iso_subsets = tuple(np.sort(np.random.default_rng((seed, 4, r)).choice(n, size=m_iso, replace=False))
+                            for r in range(params.isomorphism_resamples))
+    half = half_samples(n, params.bootstrap, (seed, 3)) if params.bootstrap > 0 else None
+    cfg = MeasureConfig(tuple(params.measures), params.rsa_method, params.iso_k, params.isomorphism_energy, iso_rows,
+                        params.isomorphism_variant, iso_subsets, params.floor_seeds, seed, half, params.confidence)
+    return cfg, m_iso
+
+
+def truncation_record(meta: Mapping[str, Any], languages: Sequence[str], n: int) -> dict[str, Any]:
+    """What encode recorded about cutting sentences at ``max_length`` (its meta.json ``max_length``,
+    ``truncated`` {lang: sentences cut}), for the ``languages`` this stage reads from the artifact:
+    their counts and, as ``truncated_total``, the sum of those. ``null`` where encode recorded nothing
+    (encode version 1)."""
+    counts = meta.get("truncated")
+    kept = {lang: int(counts[lang]) for lang in languages if lang in counts} if isinstance(counts, Mapping) else None
+    return {"max_length": meta.get("max_length"), "truncated": kept,
+            "truncated_total": None if kept is None else sum(kept.values()), "n": n}
+
+
+def encodings_records(
+    models: Mapping[str, Encodings], subnets: Mapping[str, Encodings], languages: Sequence[str], n: int
+) -> dict[str, dict[str, Any]]:
+    """similarity.json ``encodings``: :func:`truncation_record` of every artifact read, keyed by its
+    variant (``subnetwork:<lang>`` for a language's subnetwork, which is read for that language only)."""
+    out = {variant: truncation_record(models[variant].meta, languages, n) for variant in MODELS if variant in models}
+    for lang in (x for x in languages if x in subnets):
+        out[f"subnetwork:{lang}"] = truncation_record(subnets[lang].meta, [lang], n)
+    return out
+
+
+def _layer_by_layer(
+    models: Mapping[str, Encodings], subnets: Mapping[str, Encodings], languages: Sequence[str], n_layers: int
+) -> tuple[dict[str, list[list[float]]], dict[str, list[list[float]]]]:
+    """(linear, debiased) CKA of every full-model layer against every layer of each language's subnetwork,
+    on that language's sentences (empty without a full model)."""
+    biased: dict[str, list[list[float]]] = {}
+    debiased: dict[str, list[list[float]]] = {}
+    if "full" not in models:
+        return biased, debiased
+    full = models["full"]
+    buffers: list[np.ndarray] = []  # one language's centred layers, reused by the next
+    for lang in (lang for lang in languages if lang in subnets):
+        xs = [full.layer(lang, i) for i in range(n_layers)]
+        ys = [subnets[lang].layer(lang, j) for j in range(n_layers)]
+        biased[lang], debiased[lang] = layer_cka_matrices(xs, ys, buffers)
+    return biased, debiased
 
 
 def _reference_means(pairwise: Mapping[str, Any], reference: str) -> dict[str, float]:
@@ -620,41 +376,44 @@ def _languages(params: SimilarityParams, items: Sequence[Encodings]) -> list[str
         "random": Input(type="encodings", many=True, optional=True),
     },
     outputs={"metrics": "metrics"},
-    version="1",
+    version="3",  # 2: floors, spread, bootstrap, isomorphism_variant (reads <lang>.lengths.npy);
+    # 3: spread_difference, encodings, layer_by_layer_debiased
 )
 def similarity_stage(params: SimilarityParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """CKA, debiased CKA, RSA and isomorphism between languages, per layer, for every model."""
     import time
-
-    import numpy as np
 
     items = _gather(inputs)
     models, subnets = group_encodings(items)
     languages = _languages(params, items)
     n, n_layers = _check_consistent(items, languages)
     seed = effective_seed(ctx.seed, params.seed)
-    iso_rows = None
-    m_iso = n
-    if params.isomorphism_max_sentences is not None and n > params.isomorphism_max_sentences:
-        m_iso = params.isomorphism_max_sentences
-        iso_rows = np.sort(np.random.default_rng(seed).choice(n, size=m_iso, replace=False))
-    cfg = MeasureConfig(tuple(params.measures), params.rsa_method, params.isomorphism_k,
-                        params.isomorphism_energy, iso_rows)
+    cfg, m_iso = _measure_config(params, n, seed)
     present = [m for m in MODELS if (m == "subnetwork" and subnets) or m in models]
+    readers = {model: _representations(model, languages, models, subnets) for model in present}
+    if cfg.floor_measures:
+        for langs, _, lengths in readers.values():
+            _check_lengths(lengths, langs, n)
     pairwise: dict[str, Any] = {}
+    floors: dict[str, Any] = {}
+    spread: dict[str, Any] = {}
+    spread_diff: dict[str, Any] = {}
+    full_result: PairwiseResult | None = None  # "full" comes first in MODELS: every other model is paired with it
     start = time.perf_counter()
-    for model in present:
-        langs, get = _representations(model, languages, models, subnets)
-        pairwise[model] = pairwise_by_layer(get, langs, n_layers, cfg, should_stop=ctx.stop_requested.is_set)
+    for model, (langs, get, lengths) in readers.items():
+        res = pairwise_by_layer(get, langs, n_layers, cfg, should_stop=ctx.stop_requested.is_set, lengths=lengths)
+        pairwise[model] = res.values
+        if res.floors:
+            floors[model] = res.floors
+        if res.spread:
+            spread[model] = res.spread
+        if model == "full":
+            full_result = res
+        elif full_result is not None and res.samples:
+            spread_diff[f"{model}-full"] = spread_difference(res, full_result, n, cfg)
         ctx.log({f"seconds/{model}": time.perf_counter() - start})
-    layer_by_layer: dict[str, list[list[float]]] = {}
-    if params.layer_by_layer and "full" in models:
-        full = models["full"]
-        buffers: list[np.ndarray] = []  # one language's centred layers, reused by the next
-        for lang in (lang for lang in languages if lang in subnets):
-            xs = [full.layer(lang, i) for i in range(n_layers)]
-            ys = [subnets[lang].layer(lang, j) for j in range(n_layers)]
-            layer_by_layer[lang] = layer_cka_matrix(xs, ys, buffers)
+    layer_by_layer, layer_by_layer_debiased = (_layer_by_layer(models, subnets, languages, n_layers)
+                                               if params.layer_by_layer else ({}, {}))
     result = {
         "languages": languages,
         "reference": params.reference,
@@ -662,8 +421,18 @@ def similarity_stage(params: SimilarityParams, inputs: Inputs, ctx: StageContext
         "models": present,
         "pairwise": pairwise,
         "layer_by_layer": layer_by_layer,
-        "isomorphism_method": isomorphism_description(params.isomorphism_k, params.isomorphism_energy, m_iso),
+        "layer_by_layer_measure": "cka",
+        "layer_by_layer_debiased": layer_by_layer_debiased,
+        "isomorphism_method": isomorphism_description(params.iso_k, params.isomorphism_energy, m_iso,
+                                                      params.isomorphism_variant, n=n,
+                                                      resamples=params.isomorphism_resamples if cfg.half else 0),
         "n": n,
+        "floors": floors,
+        "floors_method": FLOORS_METHOD if cfg.floor_measures else "none (floor_seeds: 0, or no measure with a floor)",
+        "spread": spread,
+        "spread_difference": spread_diff,
+        "bootstrap": bootstrap_description(cfg.half, params.bootstrap, params.confidence),
+        "encodings": encodings_records(models, subnets, languages, n),
     }
     out = ctx.output_dir("metrics")
     write_json(out / SIMILARITY_FILE, _finite_or_none(result))
@@ -675,6 +444,9 @@ def similarity_stage(params: SimilarityParams, inputs: Inputs, ctx: StageContext
         "subnetwork_languages": [lang for lang in languages if lang in subnets],
         "measures": list(params.measures),
         "rsa_method": params.rsa_method,
+        "isomorphism_variant": params.isomorphism_variant,
+        "floor_seeds": params.floor_seeds,
+        "bootstrap": params.bootstrap,
         "n": n,
         "layers": n_layers,
         "seconds": time.perf_counter() - start,

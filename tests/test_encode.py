@@ -15,11 +15,13 @@ from stagekit import FakeContext, make_input, run_stage  # noqa: E402
 
 from stages.encode import (  # noqa: E402
     ENCODE,
+    effective_max_length,
     encode_sentences,
     in_order_batches,
     length_sorted_batches,
     position_budget,
     template_token_ids,
+    tokenize_sentences,
 )
 
 N_WORDS = 40
@@ -123,7 +125,8 @@ def test_position_budget_splits_the_long_tail():
 
 def test_encodings_layout_and_meta(full):
     meta, out, ctx = full
-    assert sorted(p.name for p in out.iterdir()) == ["de.npy", "en.npy", "meta.json", "zh.npy"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "de.lengths.npy", "de.npy", "en.lengths.npy", "en.npy", "meta.json", "zh.lengths.npy", "zh.npy"]
     for lang in ("en", "de", "zh"):
         arr = load(out, lang)
         assert arr.shape == (3, 11, 32) and arr.dtype == np.float32 and np.isfinite(arr).all()
@@ -133,8 +136,9 @@ def test_encodings_layout_and_meta(full):
         "hidden": 32}
     assert "padding_fraction" in on_disk and 0 < on_disk["padding_fraction"] < 1
     assert "<s>" in on_disk["pooling"] and "padding excluded" in on_disk["pooling"]
-    assert on_disk["max_length"] == MAX_TOKENS  # 128 clamped to the model's 24 positions
+    assert on_disk["max_length"] == MAX_TOKENS  # None: the model's 24 positions
     assert on_disk["at_max_length"] == 1  # the 40-word English sentence
+    assert on_disk["truncated"] == {"en": 1, "de": 0, "zh": 0} and on_disk["truncated_total"] == 1
     logged = ctx.logged()
     assert logged["en/sentences_per_s"] > 0 and 0 < logged["padding_fraction"] < 1
 
@@ -237,3 +241,44 @@ def test_base_variant_and_float16(study, full, tmp_path):
 
     with pytest.raises(ValidationError, match="base_model"):
         ENCODE.params.model_validate({"variant": "full", "base_model": "x"})
+
+
+def test_max_length_defaults_to_the_models_position_limit(study):
+    from stages.mlm import load_model, load_tokenizer
+
+    assert ENCODE.params.model_validate({}).max_length is None
+    model, tok = load_model(study["model"]), load_tokenizer(study["model"])
+    assert effective_max_length(model, tok, None) == MAX_TOKENS  # 26 positions minus the pad offset 2
+    assert effective_max_length(model, tok, 10) == 10 and effective_max_length(model, tok, 500) == MAX_TOKENS
+    tok.model_max_length = 16  # the tokenizer's limit counts too
+    assert effective_max_length(model, tok, None) == 16
+    one = " ".join(["w1"] * 30)
+    _, stats = encode_sentences(model, load_tokenizer(study["model"]), [one, "w2 w3"])  # no max_length given
+    assert stats["max_length"] == MAX_TOKENS and stats["truncated"] == 1
+
+
+def test_tokenize_sentences_counts_only_sentences_that_were_cut(study):
+    from stages.mlm import load_tokenizer
+
+    tok = load_tokenizer(study["model"])
+    words = lambda k: " ".join(f"w{i % N_WORDS}" for i in range(k))  # noqa: E731
+    texts = [words(6), words(7), words(3), words(30)]  # 8, 9, 5 and 32 tokens with <s> and </s>
+    t = tokenize_sentences(tok, texts, max_length=8)
+    assert t.untruncated == [8, 9, 5, 32]
+    assert t.lengths == [8, 8, 5, 8] and t.truncated == 2  # exactly 8 tokens fits: not cut
+    assert all(ids[0] == 0 and ids[-1] == 2 for ids in t.ids)  # <s> ... </s> kept on cut sentences
+    assert t.ids[1] == tok(texts[1], truncation=True, max_length=8)["input_ids"]
+    assert t.ids[0] == tok(texts[0])["input_ids"]
+
+
+def test_lengths_files_and_truncated_counts_per_language(study, tmp_path):
+    meta, out, _ = run_encode(study, tmp_path / "short", max_length=8)
+    rows = [json.loads(line) for line in (study["parallel"] / "parallel.jsonl").read_text().splitlines()]
+    assert meta["max_length"] == 8
+    for lang in ("en", "de", "zh"):
+        true = np.array([len(r[lang].split()) + 2 for r in rows])
+        lengths = np.load(out / f"{lang}.lengths.npy")
+        assert lengths.dtype == np.int32 and lengths.shape == (11,)
+        np.testing.assert_array_equal(lengths, np.minimum(true, 8))  # corpus order, specials counted
+        assert meta["truncated"][lang] == int((true > 8).sum())
+    assert meta["truncated_total"] == sum(meta["truncated"].values()) > 1

@@ -3,6 +3,7 @@ eigenvector similarity, and the stage's similarity.json on hand-made encodings a
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -11,8 +12,7 @@ import numpy as np
 import pytest
 from stagekit import FakeContext, make_input, run_stage
 
-from stages.similarity import (
-    SIMILARITY,
+from stages.measures import (
     cka_matrix,
     cka_pair,
     cka_stats,
@@ -24,8 +24,26 @@ from stages.similarity import (
     laplacian_spectrum,
     linear_cka,
     rankdata,
+    rdm_square,
     rsa,
+    rsa_vector,
 )
+from stages.resampling import (
+    cka_difference_intervals,
+    cka_intervals,
+    gram,
+    gram_stats,
+    half_sample_interval,
+    half_samples,
+    isomorphism_interval,
+    length_matched_permutation,
+    permuted_cka,
+    rdm_stats,
+    shuffled_cka,
+    subset_cka,
+    subset_rsa,
+)
+from stages.similarity import SIMILARITY
 
 # --------------------------------------------------------------------------------------------------
 # Straightforward Gram-matrix references
@@ -181,6 +199,11 @@ def rdm_reference(x: np.ndarray) -> np.ndarray:
 def test_rsa_against_reference():
     x, y = related(20, 5, seed=7)
     ra, rb = rdm_reference(x), rdm_reference(y)
+    for method in ("pearson", "spearman"):  # the square form holds the same standardised triangle
+        square = rdm_square(x, method)
+        np.testing.assert_allclose(square[np.triu_indices(20, 1)], rsa_vector(x, method), atol=1e-12)
+        np.testing.assert_array_equal(square, square.T)
+        assert np.diag(square).max() == 0.0
     assert rsa(x, y) == pytest.approx(np.corrcoef(ra, rb)[0, 1], abs=1e-10)
     assert rsa(x, y, "spearman") == pytest.approx(np.corrcoef(rankdata(ra), rankdata(rb))[0, 1], abs=1e-10)
     assert rsa(x, x) == pytest.approx(1.0, abs=1e-12)
@@ -224,14 +247,19 @@ LANGS = ["en", "es", "zh"]
 
 
 def write_encodings(root: Path, variant: str, arrays: dict[str, np.ndarray], language: str | None = None,
-                    ids: str = "abc") -> Path:
+                    ids: str = "abc", lengths: dict[str, np.ndarray] | None = None, extra: dict | None = None) -> Path:
+    """An encodings artifact as stage encode writes it; token lengths default to 3 + i % 7 for sentence i
+    (``lengths={}``: none, as encode version 1 wrote); ``extra``: more meta.json entries."""
     root.mkdir(parents=True, exist_ok=True)
     for lang, arr in arrays.items():
         np.save(root / f"{lang}.npy", arr.astype(np.float32))
+        lang_lengths = (3 + np.arange(arr.shape[1]) % 7) if lengths is None else lengths.get(lang)
+        if lang_lengths is not None:
+            np.save(root / f"{lang}.lengths.npy", np.asarray(lang_lengths, dtype=np.int32))
     first = next(iter(arrays.values()))
     meta = {"variant": variant, "language": language, "languages": list(arrays), "n": first.shape[1],
             "layers": list(range(first.shape[0])), "hidden": first.shape[2], "pooling": "mean",
-            "padding_fraction": 0.1, "ids_sha256": ids}
+            "padding_fraction": 0.1, "ids_sha256": ids, **(extra or {})}
     (root / "meta.json").write_text(json.dumps(meta))
     return root
 
@@ -266,7 +294,8 @@ def test_similarity_json_layout_and_values(tmp_path):
     inputs.update(as_inputs([paths["random"]], "random"))  # a second slot: grouped by variant, not by input
     doc, meta, _ = run_similarity(tmp_path / "run", inputs, isomorphism_k=5)
     assert set(doc) == {"languages", "reference", "layers", "models", "pairwise", "layer_by_layer",
-                        "isomorphism_method", "n"}
+                        "layer_by_layer_measure", "layer_by_layer_debiased", "isomorphism_method", "n", "floors",
+                        "floors_method", "spread", "spread_difference", "bootstrap", "encodings"}
     assert doc["languages"] == LANGS and doc["reference"] == "en" and doc["layers"] == [0, 1, 2] and doc["n"] == 40
     assert doc["models"] == ["full", "subnetwork", "random"]  # no base: absent
     assert "eigenvector similarity" in doc["isomorphism_method"]
@@ -294,6 +323,12 @@ def test_similarity_json_layout_and_values(tmp_path):
     assert list(lbl) == LANGS and np.array(lbl["es"]).shape == (3, 3)
     assert lbl["es"][0][2] == pytest.approx(linear_cka(full["es"][0], sub["es"][2]), abs=1e-10)
     assert lbl["es"][1][1] > lbl["es"][1][0]  # the same layer shares its latent
+    assert doc["layer_by_layer_measure"] == "cka"
+    unbiased = doc["layer_by_layer_debiased"]  # the same matrices with debiased CKA
+    assert list(unbiased) == LANGS and np.array(unbiased["zh"]).shape == (3, 3)
+    for i, j in itertools.product(range(3), range(3)):
+        assert unbiased["zh"][i][j] == pytest.approx(debiased_cka(full["zh"][i], sub["zh"][j]), abs=1e-10)
+    assert unbiased["es"][1][1] > unbiased["es"][1][0]
     assert meta["subnetwork_languages"] == LANGS
 
 
@@ -332,3 +367,374 @@ def test_constant_representation_gives_null(tmp_path):
     doc, _, _ = run_similarity(tmp_path / "run", as_inputs([path]), measures=["cka", "cka_debiased", "rsa"])
     assert doc["pairwise"]["full"]["cka"]["en-zh"][0] is None and doc["pairwise"]["full"]["rsa"]["es-zh"][0] is None
     assert isinstance(doc["pairwise"]["full"]["cka"]["en-zh"][1], float)
+
+
+# --------------------------------------------------------------------------------------------------
+# Floors: shuffled and length-matched partners
+# --------------------------------------------------------------------------------------------------
+
+
+def test_shuffled_floor_is_the_exact_mean_over_all_permutations():
+    x, y = related(6, 3, seed=15)
+    perms = [np.array(p) for p in itertools.permutations(range(6))]  # all 720
+    mean_biased = np.mean([linear_cka(x, y[p]) for p in perms])
+    mean_unbiased = np.mean([debiased_cka(x, y[p]) for p in perms])
+    biased, unbiased = shuffled_cka(gram(x), gram(y))
+    assert biased == pytest.approx(mean_biased, abs=1e-12) and linear_cka(x, y) != pytest.approx(biased, abs=1e-3)
+    assert unbiased == 0.0 and mean_unbiased == pytest.approx(0.0, abs=1e-12)
+    assert np.mean([rsa(x, y[p]) for p in perms]) == pytest.approx(0.0, abs=1e-12)  # the RSA floor is 0 too
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_length_matched_permutation_has_no_fixed_points_and_matches_lengths(seed):
+    lengths = rng(seed).integers(5, 60, size=400)  # many ties and a few unique lengths at the tails
+    perm = length_matched_permutation(lengths, seed)
+    assert sorted(perm) == list(range(400)) and not (perm == np.arange(400)).any()
+    diff = np.abs(lengths[perm] - lengths)
+    assert diff.mean() < 0.1 and diff.max() <= 2
+    shuffled = rng(seed).permutation(400)
+    assert np.abs(lengths[shuffled] - lengths).mean() > 10  # what a plain shuffle does
+    np.testing.assert_array_equal(perm, length_matched_permutation(lengths, seed))
+
+
+def test_length_matched_permutation_edge_cases():
+    unique = np.arange(0, 30, 3)  # no two sentences share a length: neighbours are paired
+    perm = length_matched_permutation(unique, 0)
+    assert not (perm == np.arange(10)).any() and np.abs(unique[perm] - unique).max() <= 6
+    np.testing.assert_array_equal(length_matched_permutation([4, 9], 0), [1, 0])
+    lone = np.array([5, 5, 5, 5, 40])  # an outlier joins its nearest group
+    perm = length_matched_permutation(lone, 1)
+    assert not (perm == np.arange(5)).any() and sorted(perm) == list(range(5))
+    assert (np.abs(lone[perm] - lone) > 0).sum() == 2  # only the outlier and its partner differ
+    same = np.full(7, 12)
+    assert not (length_matched_permutation(same, 2) == np.arange(7)).any()
+    with pytest.raises(ValueError, match="at least 2"):
+        length_matched_permutation([3], 0)
+
+
+def test_permuted_cka_equals_cka_of_the_permuted_rows():
+    x, y = related(40, 6, seed=12)
+    perm = rng(1).permutation(40)
+    biased, unbiased = permuted_cka(gram(x), gram(y), perm)
+    assert biased == pytest.approx(linear_cka(x, y[perm]), abs=1e-10)
+    assert unbiased == pytest.approx(debiased_cka(x, y[perm]), abs=1e-10)
+
+
+def test_shuffled_floor_matches_random_permutations_at_scale():
+    # biased CKA of independent 64-d features at n = 300 is far from 0; its shuffled floor says how far
+    a, b = rng(5).normal(size=(300, 64)), rng(6).normal(size=(300, 64))
+    ga, gb = gram(a), gram(b)
+    sampled = [permuted_cka(ga, gb, rng(s).permutation(300)) for s in range(5)]
+    biased, unbiased = shuffled_cka(ga, gb)
+    assert 0.15 < biased == pytest.approx(np.mean([f[0] for f in sampled]), rel=0.02)
+    assert biased == pytest.approx(linear_cka(a, b), rel=0.05)  # unrelated features sit at the floor
+    assert abs(np.mean([f[1] for f in sampled])) < 0.01 and unbiased == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Spread: half-samples of sentence groups
+# --------------------------------------------------------------------------------------------------
+
+
+def test_half_samples_are_complementary_halves_of_random_groups():
+    hs = half_samples(63, 8, seed=0, groups=10)
+    assert hs.weights.shape == (63, 8) and set(np.unique(hs.weights)) == {0.0, 1.0}
+    assert sorted(hs.order) == list(range(63))
+    for b in range(0, 8, 2):  # columns come in complementary pairs
+        np.testing.assert_array_equal(hs.weights[:, b] + hs.weights[:, b + 1], 1.0)
+        both = np.concatenate([hs.members(b), hs.members(b + 1)])
+        assert sorted(both) == list(range(63))
+    assert all(abs(len(hs.members(b)) - 31.5) <= 3.5 for b in range(8))  # 5 of 10 groups of 6-7
+    with pytest.raises(ValueError, match="even"):
+        half_samples(63, 7, seed=0)
+
+
+def test_subset_statistics_equal_direct_recomputation():
+    x, y = related(60, 5, seed=13)
+    hs = half_samples(60, 6, seed=2, groups=12)
+    ga, gb = gram_stats(x, hs), gram_stats(y, hs)
+    biased, unbiased = subset_cka(ga, gb, hs)
+    ra, rb = rdm_stats(rdm_square(x[hs.order]), hs), rdm_stats(rdm_square(y[hs.order]), hs)
+    rsas = subset_rsa(ra, rb, hs)
+    for b in range(6):
+        s = hs.members(b)
+        assert biased[b] == pytest.approx(linear_cka(x[s], y[s]), abs=1e-9)
+        assert unbiased[b] == pytest.approx(debiased_cka(x[s], y[s]), abs=1e-9)
+        # Pearson RSA of the sub-RDMs (Spearman would re-rank within the subset: see the stage's docs)
+        assert rsas[b] == pytest.approx(rsa(x[s], y[s]), abs=1e-9)
+
+
+def test_cka_interval_contains_the_estimate_and_narrows_with_n():
+    def pair(n: int) -> tuple[np.ndarray, np.ndarray]:
+        r = rng(n)
+        z = r.normal(size=(n, 4))
+        return z @ r.normal(size=(4, 8)) + r.normal(size=(n, 8)), z @ r.normal(size=(4, 9)) + r.normal(size=(n, 9))
+
+    widths = {}
+    for n in (100, 800):
+        x, y = pair(n)
+        iv = cka_intervals(x, y, resamples=100, confidence=0.95, seed=0)
+        for measure, point in (("cka", linear_cka(x, y)), ("cka_debiased", debiased_cka(x, y))):
+            lo, hi = iv[measure]
+            assert lo < point < hi
+        widths[n] = iv["cka_debiased"][1] - iv["cka_debiased"][0]
+    assert widths[800] < 0.6 * widths[100]  # ~ 1 / sqrt(8) = 0.35
+
+
+def test_cka_interval_matches_the_spread_over_independent_samples():
+    r = rng(17)
+    mix_x, mix_y = r.normal(size=(3, 6)), r.normal(size=(3, 7))
+
+    def sample(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        s = rng(100 + seed)
+        z = s.normal(size=(150, 3))
+        return z @ mix_x + s.normal(size=(150, 6)), z @ mix_y + 1.5 * s.normal(size=(150, 7))
+
+    truth_sd = np.std([debiased_cka(*sample(i)) for i in range(60)], ddof=1)
+    half_widths = [np.diff(cka_intervals(*sample(i), resamples=200, seed=i)["cka_debiased"])[0] / 2 for i in range(6)]
+    ratio = np.mean(half_widths) / (1.96 * truth_sd)
+    assert 0.6 < ratio < 1.6
+
+
+def test_half_sample_interval_needs_finite_values():
+    hs = half_samples(20, 4, seed=0, groups=4)
+    assert half_sample_interval(0.5, np.array([0.4, 0.6, 0.5, 0.5]), hs, 0.95) is not None
+    assert half_sample_interval(0.5, np.array([0.4, np.nan, 0.5, 0.5]), hs, 0.95) is None
+    assert half_sample_interval(math.nan, np.array([0.4, 0.6, 0.5, 0.5]), hs, 0.95) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Isomorphism: the authors' variant and the spread over subsets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_isomorphism_authors_code_variant():
+    x, y = related(60, 6, seed=14)
+    eigs = laplacian_spectrum(x, 1, variant="authors_code")
+    assert np.all(np.diff(eigs) >= -1e-12) and eigs[0] == pytest.approx(0.0, abs=1e-10)  # smallest first
+    # 1-NN graph of the normalised, centred, renormalised vectors
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    u = u - u.mean(0)
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
+    sim = u @ u.T
+    np.fill_diagonal(sim, -np.inf)
+    manual = np.zeros((60, 60))
+    manual[np.arange(60), sim.argmax(1)] = 1
+    np.testing.assert_array_equal(knn_adjacency(x, 1, variant="authors_code"), np.maximum(manual, manual.T))
+    # the first normalisation makes it blind to each vector's length
+    scaled = x * rng(3).uniform(0.2, 5.0, size=(60, 1))
+    assert isomorphism(x, scaled, k=1, variant="authors_code") == pytest.approx(0.0, abs=1e-9)
+    assert isomorphism(x, y, k=1, variant="authors_code") != pytest.approx(isomorphism(x, y, k=1), abs=1e-6)
+    with pytest.raises(ValueError, match="isomorphism variant"):
+        knn_adjacency(x, 1, variant="nope")
+
+
+def test_isomorphism_interval():
+    lo, hi = isomorphism_interval(10.0, np.array([8.0, 12.0, 9.0, 11.0]), m=50, n=200, confidence=0.95)
+    sd = np.std([8.0, 12.0, 9.0, 11.0], ddof=1) / math.sqrt(1 - 50 / 200)  # finite-population correction
+    assert (lo, hi) == (pytest.approx(10.0 - 1.959964 * sd, rel=1e-5), pytest.approx(10.0 + 1.959964 * sd, rel=1e-5))
+    assert isomorphism_interval(1.0, np.array([0.0, 9.0]), m=50, n=200, confidence=0.95)[0] == 0.0  # a distance
+    assert isomorphism_interval(10.0, np.array([8.0, 12.0]), m=200, n=200, confidence=0.95) is None  # one subset
+    assert isomorphism_interval(10.0, np.array([8.0]), m=50, n=200, confidence=0.95) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage: floors, spreads, lengths
+# --------------------------------------------------------------------------------------------------
+
+
+def test_similarity_floors_and_spreads_layout(tmp_path):
+    paths = fake_study(tmp_path / "enc")
+    inputs = as_inputs([paths["full"], paths["random"], paths["sub_en"], paths["sub_es"], paths["sub_zh"]])
+    doc, meta, _ = run_similarity(tmp_path / "run", inputs, isomorphism_k=5, isomorphism_max_sentences=20,
+                                  bootstrap=40, isomorphism_resamples=4)
+    pairs = ["en-es", "en-zh", "es-zh"]
+    assert doc["bootstrap"]["resamples"] == 40 and doc["bootstrap"]["confidence"] == 0.95
+    assert doc["bootstrap"]["unit"] == "sentences" and "half" in doc["bootstrap"]["method"]
+    assert "length" in doc["floors_method"]
+    for model in ("full", "subnetwork", "random"):
+        assert set(doc["floors"][model]) == {"cka", "cka_debiased", "rsa"}
+        for measure in ("cka", "cka_debiased", "rsa"):
+            for kind in ("length_matched", "shuffled"):
+                curves = doc["floors"][model][measure][kind]
+                assert list(curves) == pairs and all(len(v) == 3 and all(isinstance(f, float) for f in v)
+                                                     for v in curves.values())
+        assert set(doc["spread"][model]) == {"cka", "cka_debiased", "rsa", "isomorphism"}
+        for measure, curves in doc["spread"][model].items():
+            assert list(curves) == pairs
+            for pair, intervals in curves.items():
+                for layer, (lo, hi) in enumerate(intervals):
+                    assert lo <= doc["pairwise"][model][measure][pair][layer] <= hi, (model, measure, pair)
+    full = doc["floors"]["full"]["cka_debiased"]
+    # the full model's shared latent is far above its floors; random encodings sit at theirs (~0)
+    assert min(doc["pairwise"]["full"]["cka_debiased"]["en-es"]) > max(full["shuffled"]["en-es"]) + 0.4
+    assert doc["floors"]["random"]["cka_debiased"]["shuffled"]["en-zh"] == [0.0, 0.0, 0.0]  # exact
+    assert max(abs(v) for v in doc["floors"]["random"]["cka_debiased"]["length_matched"]["en-zh"]) < 0.2
+    assert all(0.1 < v < 0.5 for v in doc["floors"]["random"]["cka"]["shuffled"]["en-zh"])  # n = 40, d = 6
+    assert meta["floor_seeds"] == 3 and meta["bootstrap"] == 40
+
+
+def test_similarity_spread_and_floors_can_be_switched_off(tmp_path):
+    paths = fake_study(tmp_path / "enc")
+    old = write_encodings(tmp_path / "old", "full", {lang: np.load(paths["full"] / f"{lang}.npy") for lang in LANGS},
+                          lengths={})  # encode version 1: no <lang>.lengths.npy
+    doc, _, _ = run_similarity(tmp_path / "a", as_inputs([old]), bootstrap=0, floor_seeds=0)
+    assert doc["floors"] == {} and doc["spread"] == {} and doc["bootstrap"]["resamples"] == 0
+    with pytest.raises(ValueError, match="re-run encode"):
+        run_similarity(tmp_path / "b", as_inputs([old]))
+    doc2, _, _ = run_similarity(tmp_path / "c", as_inputs([paths["full"]]), measures=["isomorphism"])
+    assert doc2["floors"] == {}  # isomorphism ignores the alignment: it has no floor
+    assert doc2["spread"]["full"]["isomorphism"]["en-es"] == [None, None, None]  # 40 of 40 sentences: one subset
+    with pytest.raises(ValueError, match="even"):
+        run_similarity(tmp_path / "d", as_inputs([paths["full"]]), bootstrap=5)
+
+
+def planted_length_study(root: Path, n: int = 240, d: int = 10) -> dict[str, Path]:
+    """Sentence length written into every language's features (as mean-pooled position embeddings do),
+    translations of similar length; the "full" model adds a shared meaning signal, "random" has none."""
+    r = rng(21)
+    base = r.integers(4, 40, size=n)
+    lengths = {lang: np.clip(base + r.integers(-2, 3, size=n), 3, None) for lang in LANGS}
+    meaning = r.normal(size=(n, d))
+
+    def reps(shared: float) -> dict[str, np.ndarray]:
+        out = {}
+        for lang in LANGS:
+            size = (lengths[lang] - 20.0) / 10.0
+            layer = [np.outer(size, r.normal(size=d)) + shared * meaning @ r.normal(size=(d, d)) / math.sqrt(d)
+                     + r.normal(size=(n, d)) for _ in range(2)]
+            out[lang] = np.stack(layer)
+        return out
+
+    return {"full": write_encodings(root / "full", "full", reps(3.0), lengths=lengths),
+            "random": write_encodings(root / "random", "random", reps(0.0), lengths=lengths)}
+
+
+def test_length_matched_floor_catches_a_length_artefact(tmp_path):
+    paths = planted_length_study(tmp_path / "enc")
+    doc, _, _ = run_similarity(tmp_path / "run", as_inputs([paths["full"], paths["random"]]),
+                               measures=["cka", "cka_debiased", "rsa"], bootstrap=0)
+    for pair in ("en-es", "en-zh", "es-zh"):
+        for layer in range(2):
+            rand = doc["pairwise"]["random"]["cka_debiased"][pair][layer]
+            floors = doc["floors"]["random"]["cka_debiased"]
+            matched, shuffled = floors["length_matched"][pair][layer], floors["shuffled"][pair][layer]
+            assert abs(shuffled) < 0.05 < 0.2 < matched  # the length signal survives length-matched partners
+            assert rand == pytest.approx(matched, abs=0.1)  # the random model's similarity is all length
+            full = doc["pairwise"]["full"]["cka_debiased"][pair][layer]
+            assert full > doc["floors"]["full"]["cka_debiased"]["length_matched"][pair][layer] + 0.2
+            assert doc["floors"]["random"]["rsa"]["length_matched"][pair][layer] > \
+                doc["floors"]["random"]["rsa"]["shuffled"][pair][layer] + 0.1
+
+
+def test_stage_floors_equal_the_reference_on_the_same_permutations(tmp_path):
+    paths = fake_study(tmp_path / "enc")
+    doc, _, _ = run_similarity(tmp_path / "run", as_inputs([paths["full"]]), measures=["cka", "cka_debiased", "rsa"],
+                               bootstrap=10, floor_seeds=2)
+    full = {lang: np.load(paths["full"] / f"{lang}.npy").astype(np.float64) for lang in LANGS}
+    lengths = np.load(paths["full"] / "zh.lengths.npy")
+    perms = [length_matched_permutation(lengths, (1, 2, s)) for s in range(2)]  # the job's seed is 1
+    floors = doc["floors"]["full"]
+    for layer in range(3):
+        x, y = full["es"][layer], full["zh"][layer]
+        ref = [permuted_cka(gram(x), gram(y), p) for p in perms]
+        assert floors["cka"]["length_matched"]["es-zh"][layer] == pytest.approx(np.mean([r[0] for r in ref]), abs=1e-5)
+        assert floors["cka_debiased"]["length_matched"]["es-zh"][layer] == pytest.approx(
+            np.mean([r[1] for r in ref]), abs=1e-5)
+        assert floors["rsa"]["length_matched"]["es-zh"][layer] == pytest.approx(
+            np.mean([rsa(x, y[p]) for p in perms]), abs=1e-5)
+        assert floors["cka"]["shuffled"]["es-zh"][layer] == pytest.approx(shuffled_cka(gram(x), gram(y))[0], abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired intervals of differences between models; what encode recorded about truncation
+# --------------------------------------------------------------------------------------------------
+
+
+def _quantile_interval(point: float, values: np.ndarray, sizes: np.ndarray, n: int, confidence: float = 0.95):
+    """The half-sample interval recomputed from its definition (np.quantile, linear rule)."""
+    dev = (values - values.mean()) * np.sqrt(sizes / (n - sizes))
+    lo, hi = np.quantile(dev, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return point + lo, point + hi
+
+
+def test_paired_difference_interval_is_narrow_for_correlated_models_and_equals_recomputation():
+    # a "subnetwork" that is the "full model" plus a little noise: across half-samples the two models'
+    # CKAs move together, so their difference varies far less than either
+    n = 200
+    r = rng(31)
+    z = r.normal(size=(n, 3))
+    xf = z @ r.normal(size=(3, 8)) + r.normal(size=(n, 8))
+    yf = z @ r.normal(size=(3, 9)) + 1.2 * r.normal(size=(n, 9))
+    xs, ys = xf + 0.15 * r.normal(size=xf.shape), yf + 0.15 * r.normal(size=yf.shape)
+    paired = cka_difference_intervals(xs, ys, xf, yf, resamples=200, seed=4)
+    alone = [cka_intervals(a, b, resamples=200, seed=4) for a, b in ((xs, ys), (xf, yf))]
+    hs = half_samples(n, 200, 4)
+    for measure, fn in (("cka", linear_cka), ("cka_debiased", debiased_cka)):
+        lo, hi = paired[measure]
+        point = fn(xs, ys) - fn(xf, yf)
+        assert lo < point < hi
+        quadrature = 2 * math.hypot(*(np.diff(iv[measure])[0] / 2 for iv in alone))
+        assert hi - lo < 0.3 * quadrature, measure  # the same sentences: much narrower than independent
+        diffs = np.array([fn(xs[s], ys[s]) - fn(xf[s], yf[s]) for s in map(hs.members, range(200))])
+        assert (lo, hi) == pytest.approx(_quantile_interval(point, diffs, hs.sizes, n), abs=1e-9)
+
+
+def test_similarity_spread_difference_is_paired_over_the_same_half_samples(tmp_path):
+    paths = fake_study(tmp_path / "enc")
+    inputs = as_inputs([paths["full"], paths["random"], paths["sub_en"], paths["sub_es"], paths["sub_zh"]])
+    doc, _, _ = run_similarity(tmp_path / "run", inputs, isomorphism_k=5, isomorphism_max_sentences=20, bootstrap=10,
+                               isomorphism_resamples=4, floor_seeds=0)
+    assert set(doc["spread_difference"]) == {"subnetwork-full", "random-full"}
+    pairs = ["en-es", "en-zh", "es-zh"]
+    for key, per_measure in doc["spread_difference"].items():
+        model = key.removesuffix("-full")
+        assert set(per_measure) == {"cka", "cka_debiased", "rsa", "isomorphism"}
+        for measure, curves in per_measure.items():
+            assert list(curves) == pairs
+            for pair, intervals in curves.items():
+                for layer, (lo, hi) in enumerate(intervals):
+                    d = doc["pairwise"][model][measure][pair][layer] - doc["pairwise"]["full"][measure][pair][layer]
+                    assert lo <= d + 1e-12 and d - 1e-12 <= hi, (key, measure, pair)
+    # recomputed: the stage's half-samples (seed (job seed, 3)), each model's measure on every half
+    hs = half_samples(40, 10, (1, 3))
+    full = {lang: np.load(paths["full"] / f"{lang}.npy").astype(np.float64) for lang in LANGS}
+    sub = {lang: np.load(paths[f"sub_{lang}"] / f"{lang}.npy").astype(np.float64) for lang in LANGS}
+    for layer in range(3):
+        for measure, fn in (("cka_debiased", debiased_cka), ("rsa", rsa)):
+            def on_halves(reps, fn=fn, layer=layer):
+                return np.array([fn(reps["en"][layer][s], reps["zh"][layer][s]) for s in map(hs.members, range(10))])
+            point = fn(sub["en"][layer], sub["zh"][layer]) - fn(full["en"][layer], full["zh"][layer])
+            expected = _quantile_interval(point, on_halves(sub) - on_halves(full), hs.sizes, 40)
+            got = doc["spread_difference"]["subnetwork-full"][measure]["en-zh"][layer]
+            assert got == pytest.approx(list(expected), abs=1e-9), (measure, layer)
+    # isomorphism: the same other subsets for both models; a difference of distances is not cut at 0
+    iso = doc["spread_difference"]["random-full"]["isomorphism"]["en-es"]
+    assert all(iv is not None and iv[0] < iv[1] for iv in iso)
+
+
+def test_spread_difference_is_empty_without_half_samples_or_a_full_model(tmp_path):
+    paths = fake_study(tmp_path / "enc")
+    doc, _, _ = run_similarity(tmp_path / "a", as_inputs([paths["full"], paths["sub_en"], paths["sub_es"]]),
+                               bootstrap=0, measures=["cka"])
+    assert doc["spread_difference"] == {}
+    doc, _, _ = run_similarity(tmp_path / "b", as_inputs([paths["random"], paths["sub_en"], paths["sub_es"]]),
+                               bootstrap=4, measures=["cka"], floor_seeds=0)
+    assert doc["spread_difference"] == {}  # nothing to subtract from
+
+
+def test_similarity_copies_what_encode_recorded_about_truncation(tmp_path):
+    r = rng(2)
+    arrays = {lang: r.normal(size=(2, 30, 4)) for lang in LANGS}
+    cut = {"max_length": 64, "truncated": {"en": 0, "es": 2, "zh": 5, "ar": 9}, "truncated_total": 16}
+    full = write_encodings(tmp_path / "full", "full", arrays, extra=cut)
+    sub = write_encodings(tmp_path / "sub_zh", "subnetwork", arrays, language="zh", extra=cut)
+    old = write_encodings(tmp_path / "base", "base", arrays)  # encode version 1: no truncation recorded
+    doc, _, _ = run_similarity(tmp_path / "run", as_inputs([full, sub, old]), measures=["cka"], bootstrap=0,
+                               floor_seeds=0)
+    # the counts of the languages compared, read from each artifact (a subnetwork's: its own language)
+    assert doc["encodings"] == {
+        "full": {"max_length": 64, "truncated": {"en": 0, "es": 2, "zh": 5}, "truncated_total": 7, "n": 30},
+        "base": {"max_length": None, "truncated": None, "truncated_total": None, "n": 30},
+        "subnetwork:zh": {"max_length": 64, "truncated": {"zh": 5}, "truncated_total": 5, "n": 30},
+    }
