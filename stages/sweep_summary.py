@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -23,14 +23,16 @@ QUANTITIES = {
     "heads_kept": "heads kept",
     "own_relative_perplexity": "own-language perplexity / full model's",
     "mean_jaccard": "mean Jaccard of kept heads (all language pairs)",
-    "mean_cka": "mean CKA over layers, reference vs language (subnetworks)",
+    "mean_cka": "mean similarity (the summary's measure) over layers, reference vs language (subnetworks)",
 }
 
 
 class SweepSummaryParams(StageParams):
     axis: str = Field("threshold", description="the sweep axis to summarise along (a matrix axis of the inputs)")
     reference: str = Field("en", description="reference language of the CKA column")
-    measure: str = Field("cka", description="similarity measure averaged over layers")
+    measure: Literal["cka", "cka_debiased", "rsa", "isomorphism"] = Field(
+        "cka_debiased", description="similarity measure averaged over layers (debiased CKA: near 0 for unrelated representations)"
+    )
 
 
 def _items(inputs: Inputs, name: str) -> list[ResolvedInput]:
@@ -152,6 +154,7 @@ def quantity_figure(rows: Sequence[Mapping[str, Any]], axis: str, key: str) -> A
         "similarity": Input("metrics", many=True, optional=True),
     },
     outputs={"figures": "figures"},
+    version="2",
 )
 def sweep_summary_stage(params: SweepSummaryParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Table and plots of heads kept, perplexity, Jaccard and CKA along a swept parameter."""

@@ -190,6 +190,8 @@ def test_jobs_record_the_code_provenance_their_submitter_computed(
         assert version.producer.provenance == {
             "spec_hash": plan.study.spec_hash(),
             "job_key": job.key,
+            "stage_version": job.stage_version,
+            "params": dict(job.params),
             "seed": job.seed,
             **expected,
         }

@@ -10,8 +10,9 @@ import pytest
 from orchestrator.executors import LocalExecutor
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import build_plan
+from orchestrator.provenance import code_provenance
 from orchestrator.records import JobRecord, write_job_record
-from orchestrator.runner import EXIT_FAILED, EXIT_OK, code_provenance, open_store, resolve_inputs, run_job
+from orchestrator.runner import EXIT_FAILED, EXIT_OK, open_store, resolve_inputs, run_job
 from orchestrator.spec import load_study
 
 
@@ -58,8 +59,10 @@ def test_provenance_and_lineage_on_every_artifact(toy_run, toy_spec: Path) -> No
     assert prov["spec_hash"] == plan.study.spec_hash() and prov["job_key"] == total.key
     assert prov["seed"] == 1234 and "pydantic" in prov["packages"]
     assert "git_commit" in prov
+    assert prov["stage_version"] == total.stage_version and prov["params"] == dict(total.params)  # the job, whole
     # the code part, handed to the job by the submitting process, is what this process computes
-    assert {k: v for k, v in prov.items() if k not in ("spec_hash", "job_key", "seed")} == code_provenance()
+    job_part = ("spec_hash", "job_key", "seed", "stage_version", "params")
+    assert {k: v for k, v in prov.items() if k not in job_part} == code_provenance()
     assert set(version.aliases) >= {"study-toy", f"job-{total.key[:16]}", "latest"}
     assert version.metadata == {"value": 18.0}
 

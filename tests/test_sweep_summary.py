@@ -36,7 +36,8 @@ def sweep_inputs(tmp_path: Path) -> dict[str, object]:
                 point={"threshold": t},
             )
         )
-        sim = {"pairwise": {"subnetwork": {"cka": {"en-de": [0.2, 0.4, None]}}}}
+        # biased CKA of unrelated representations is far from 0: the summary averages the debiased one
+        sim = {"pairwise": {"subnetwork": {"cka_debiased": {"en-de": [0.2, 0.4, None]}, "cka": {"en-de": [0.7, 0.8, None]}}}}
         sims.append(make_input(artifact(tmp_path, f"sim-{t}", {"similarity.json": sim}), "metrics", point={"threshold": t}))
     return {"masks": masks, "cross_eval": cross, "mask_stats": stats, "similarity": sims}
 
