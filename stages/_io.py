@@ -17,7 +17,9 @@ from orchestrator.stage import Inputs, ResolvedInput
 
 T = TypeVar("T")
 
-SPLITS: tuple[str, str] = ("train", "test")
+# the splits of a dataset artifact (stage tokenize): train, and the two halves of the test documents
+TEST_HALVES: tuple[str, str] = ("select", "report")
+SPLITS: tuple[str, str, str] = ("train", *TEST_HALVES)
 META_FILE = "meta.json"
 
 

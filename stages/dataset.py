@@ -54,6 +54,8 @@ from pydantic import Field
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageInterrupted, StageParams, stage
 from stages._io import (
     META_FILE,
+    SPLITS,
+    TEST_HALVES,
     corpus_languages,
     corpus_split_path,
     effective_seed,
@@ -66,8 +68,6 @@ from stages._io import (
 T = TypeVar("T")
 
 BATCH_DOCS = 256
-TEST_HALVES: tuple[str, str] = ("select", "report")
-CHUNK_SPLITS: tuple[str, str, str] = ("train", *TEST_HALVES)
 TEST_SPLIT_RULE = (
     "test documents in corpus order: even positions (0, 2, 4, ...) -> select (model selection, head "
     "importance, pruning threshold), odd positions (1, 3, 5, ...) -> report (reported perplexities); "
@@ -245,7 +245,7 @@ def dataset_meta(tokenizer: Any, params: TokenizeParams, languages: list[str], c
         "doc_boundary": params.doc_boundary,
         "dtype": "int32",
         "languages": languages,
-        "splits": list(CHUNK_SPLITS),
+        "splits": list(SPLITS),
         "test_split": TEST_SPLIT_RULE,
         "test_chunk_cap_per_half": split_cap(params.max_test_chunks_per_language, "select"),
         "counts": counts,

@@ -45,10 +45,9 @@ import numpy as np
 from pydantic import Field
 
 from orchestrator.stage import StageParams
+from stages._io import META_FILE, SPLITS
 
-META_FILE = "meta.json"
 DEFAULT_EVAL_SEED = 1234  # the study's seed (docs/methods.md, Introduction); every stage evaluating perplexity uses it
-DATASET_SPLITS: tuple[str, str, str] = ("train", "select", "report")
 EvalSplit = Literal["select", "report"]
 DEFAULT_BOOTSTRAP_RESAMPLES = 1000
 DEFAULT_INTERVAL_LEVEL = 0.95
@@ -113,7 +112,7 @@ def load_split(dataset_dir: Path, lang: str, split: str, *, mmap: bool = False) 
     ``split`` is ``train``, ``select`` or ``report``. A dataset of the tokenize stage's version 1
     (one ``test.npy``, no halves) is refused with what to do.
     """
-    if split not in DATASET_SPLITS:
+    if split not in SPLITS:
         raise ValueError(f"dataset split must be 'train', 'select' or 'report', not {split!r}")
     path = Path(dataset_dir) / lang / f"{split}.npy"
     if not path.is_file() and split != "train" and (path.parent / "test.npy").is_file():

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from stagekit import FakeContext, make_input, run_stage, sentences, write_corpus
 
-from stages.dataset import CHUNK_SPLITS, TOKENIZE, split_test_documents
+from stages._io import SPLITS
+from stages.dataset import TOKENIZE, split_test_documents
 from stages.tokenizer import TOKENIZER
 
 BLOCK = 16
@@ -107,10 +108,10 @@ def expected_stream(tok: Any, corpus: Path, lang: str, split: str, boundary: str
 def test_layout_shapes_and_meta(dataset: tuple[Path, dict[str, Any], FakeContext], tokenizer_dir: Path) -> None:
     out, meta, ctx = dataset
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "xx", "zh"]
-    assert CHUNK_SPLITS == ("train", "select", "report") and meta["splits"] == list(CHUNK_SPLITS)
+    assert SPLITS == ("train", "select", "report") and meta["splits"] == list(SPLITS)
     for lang in ("xx", "zh"):
         assert sorted(p.name for p in (out / lang).iterdir()) == ["report.npy", "select.npy", "train.npy"]
-        for split in CHUNK_SPLITS:
+        for split in SPLITS:
             arr = np.load(out / lang / f"{split}.npy")
             assert arr.dtype == np.int32 and arr.ndim == 2 and arr.shape[1] == BLOCK
             assert arr.shape[0] == meta["counts"][lang][split]["chunks"] > 0
