@@ -415,20 +415,25 @@ def language_rows(study: Study) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+FLOOR_OWNERS = {FULL: "full model", RANDOM: "random-init model"}
+
+
 def similarity_rows(view: SimView, order: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """Per language: the measure with the reference for every model, the full model's floors and the
+    """Per language: the measure with the reference for every model, the full model's floors, the
+    random-init model's length-matched floor (how much of its similarity is sentence length) and the
     subnetworks-minus-full difference, each with its interval where known."""
     models = [m for m in (FULL, SUBNETWORK, BASE, RANDOM) if m in view.values]
-    floors = [k for k in FLOOR_KINDS if view.floors[k].get(FULL)]
+    wanted = [(k, FULL) for k in FLOOR_KINDS] + [(LENGTH_FLOOR, RANDOM)]
+    floors = [(k, m) for k, m in wanted if view.floors[k].get(m)]
     diffs = differences(view)
     header = (["language"] + [MODEL_LABELS[m] for m in models]
-              + [f"{FLOOR_LABELS[k].removeprefix('the ')} (full model)" for k in floors]
+              + [f"{FLOOR_LABELS[k].removeprefix('the ')} ({FLOOR_OWNERS[m]})" for k, m in floors]
               + (["subnetworks − full"] if diffs else []))
     langs = [x for x in order if any(x in view.values[m] for m in models)]
     rows = []
     for lang in langs:
         row = [lang] + [fmt_iv(view.values[m].get(lang), view.intervals.get(m, {}).get(lang), ".3f") for m in models]
-        row += [_num(view.floors[k][FULL].get(lang), ".3f") for k in floors]
+        row += [_num(view.floors[k][m].get(lang), ".3f") for k, m in floors]
         if diffs:
             d, iv = diffs.get(lang, (None, None))
             row.append(fmt_iv(d, iv, "+.3f"))

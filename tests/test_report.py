@@ -191,7 +191,7 @@ def similarity_extras(pairwise: dict) -> dict:
     """Floors, bootstrap spreads and truncation counts of similarity.json: the full model's en-zh
     similarity is planted below its length-matched floor; every spread is +-0.03."""
     floors, spread = {}, {}
-    for model in ("full", "subnetwork"):
+    for model in ("full", "subnetwork", "random"):
         floors[model] = {m: {"length_matched": {pair: [v - 0.2 for v in c] for pair, c in pairwise[model][m].items()},
                              "shuffled": {pair: [0.43 if m == "cka" else 0.01] * len(c)
                                           for pair, c in pairwise[model][m].items()}}
@@ -359,7 +359,8 @@ def test_similarity_figures_use_measure_layers_and_reference(study):
                                              "base model (control)", "random-init model (control)"]
     es_full = next(line for line in axes[0].get_lines() if line.get_label() == "es")
     np.testing.assert_allclose(es_full.get_ydata(), np.array(PAIRS["en-es"]) + 0.01)
-    assert all(line.get_linestyle() == "--" for line in axes[3].get_lines())
+    random_lines = [line for line in axes[3].get_lines() if line.get_label() in LANGS]
+    assert random_lines and all(line.get_linestyle() == "--" for line in random_lines)  # its floors: dotted
     # token overlap: the reference itself is not a bar
     ax = figs["token_overlap"].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["es", "zh"]
@@ -710,3 +711,10 @@ def test_the_pruning_figure_says_how_importance_was_normalised(study):
     index = json.loads((study["out"] / "figures.json").read_text())
     caption = index["figures"]["pruning_trajectories"]["caption"]
     assert "normalize_over=all" in caption and "each layer's L2 norm" in caption
+
+
+def test_key_numbers_put_the_random_models_similarity_next_to_its_own_length_floor(study):
+    """A random-init model far above the trained one says little when nearly all of it is its own
+    length-matched floor: the table shows both."""
+    key = _section((study["out"] / "report.html").read_text(encoding="utf-8"), "Key numbers")
+    assert "length-matched floor (random-init model)" in key and "length-matched floor (full model)" in key
