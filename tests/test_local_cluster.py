@@ -40,11 +40,15 @@ def daemons() -> dict[int, str]:
 
 
 def holders(path: Path) -> list[str]:
-    """The daemons that hold ``path`` open."""
+    """Every process but this one that holds ``path`` open (a daemon, or a shell the script left)."""
     found = []
-    for pid, name in daemons().items():
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        pid = int(proc.name)
         try:
-            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            name = (proc / "comm").read_text().strip()
+            fds = list((proc / "fd").iterdir())
         except OSError:
             continue
         for fd in fds:
@@ -76,4 +80,6 @@ def test_cluster_daemons_keep_none_of_their_starters_open_files(tmp_path: Path) 
     running = set(daemons().values())
     assert {"munged", "slurmctld", "slurmd", "slurmdbd"} <= running, running
     assert holders(marker) == []
+    lock = Path("/run/slurm/.start-local-slurm.lock")  # the script's own lock, on its fd 9
+    assert not lock.exists() or holders(lock) == []
     assert subprocess.run(["sinfo"], capture_output=True).returncode == 0
