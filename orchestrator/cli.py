@@ -156,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--list", type=Path, help="a JSON list of job records (SLURM arrays) ...")
     run.add_argument("--index", type=int, default=0, help="... and which entry to run")
     run.add_argument("--force", action="store_true")
+    run.add_argument("--max-requeues", type=int, default=3, help="SLURM: restarts allowed after time-limit checkpoints")
     run.set_defaults(func=_run_job)
     agent = sub.add_parser("agent-run")  # hidden (no help): what `wandb agent` starts for a sweep run
     agent.add_argument("study", type=Path, help="the frozen study of a W&B sweep")
@@ -355,7 +356,7 @@ def _run_job(args: argparse.Namespace) -> int:
     from orchestrator.runner import run_job, run_listed_job
 
     if args.list is not None:
-        return run_listed_job(args.list, args.index, force=args.force)
+        return run_listed_job(args.list, args.index, force=args.force, max_requeues=args.max_requeues)
     if args.record is None:
         raise OrchestratorError("run-job needs a job record (JOB.json) or --list FILE --index N")
     return run_job(args.record, force=args.force, final=True)

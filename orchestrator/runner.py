@@ -42,9 +42,10 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.lineage import NOT_RUN, LineageCheck
 from orchestrator.paths import StudyPaths, run_lock_path
 from orchestrator.provenance import code_provenance, stage_provenance, version_provenance
-from orchestrator.records import JobRecord, read_job_record, write_job_record, write_state
+from orchestrator.records import JobRecord, State, read_job_record, write_job_record, write_state
 from orchestrator.stage import ResolvedInput, StageDef, load_registry
 from orchestrator.stageproc import (
+    EXIT_ABORTED,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -58,16 +59,31 @@ from orchestrator.stageproc import (
 from orchestrator.stageproc import install_stop_handlers as _install_stop_handlers
 from orchestrator.tracking import TrackingRun, open_run
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INTERRUPTED", "Context", "JobStopped", "run_job", "_install_stop_handlers"]
+__all__ = [
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_ABORTED",
+    "EXIT_TIMEOUT",
+    "Context",
+    "JobStopped",
+    "run_job",
+    "_install_stop_handlers",
+]
 
 
 def open_store(root: Path) -> ArtifactStore:
     return LocalStore(root / "artifacts")
 
 
-def run_listed_job(list_path: Path, index: int, force: bool = False) -> int:
+def run_listed_job(list_path: Path, index: int, force: bool = False, max_requeues: int = 3) -> int:
     """Run entry ``index`` of a JSON list of job records (a SLURM array task), logging into the
-    job's own log file and recording its state, as the local executor does for its jobs."""
+    job's own log file and recording its state, as the local executor does for its jobs.
+
+    At SLURM's time-limit signal (USR2) the exit code tells the batch script whether to requeue:
+    3 only when a checkpoint was saved (or the stage had not started) and the job has been requeued
+    fewer than ``max_requeues`` times (``SLURM_RESTART_COUNT``); otherwise the job is recorded as
+    ``timeout``, with what to change, and exits with a code that does not requeue."""
     records = json.loads(list_path.read_text(encoding="utf-8"))
     if not 0 <= index < len(records):
         raise OrchestratorError(f"{list_path} has {len(records)} jobs; there is no index {index}")
@@ -87,14 +103,46 @@ def run_listed_job(list_path: Path, index: int, force: bool = False) -> int:
     # "running" left on record: stops wait (blocked) until run_job's handler is in place.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     write_state(paths, record.key, "running", executor="slurm", external_id=external)
+    stops = RunSignals(record.label)
     try:  # final: scancel signals every process of the job, and the batch shell passes the signal on
-        rc = run_job(record_path, force, final=True)  # again; late ones must not keep the outcome unrecorded
+        rc = run_job(record_path, force, final=True, stops=stops)  # again; late ones must not keep the outcome unrecorded
     except (OrchestratorError, ArtifactError) as e:
         print(f"error: {e}", flush=True)
         rc = EXIT_FAILED
-    state = {EXIT_OK: "succeeded", EXIT_INTERRUPTED: "interrupted"}.get(rc, "failed")
-    write_state(paths, record.key, state, exit_code=rc, executor="slurm", external_id=external)  # type: ignore[arg-type]
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    state, rc, message = task_outcome(rc, "SIGUSR2" in stops.received, restarts, max_requeues, record.stage_id)
+    if message:
+        print(f"{record.label}: {message}", flush=True)
+    write_state(paths, record.key, state, exit_code=rc, executor="slurm", external_id=external, message=message)
     return rc
+
+
+def task_outcome(rc: int, time_limit: bool, restarts: int, max_requeues: int, stage_id: str) -> tuple[State, int, str | None]:
+    """(state, exit code, message) of a SLURM task that exited ``rc``; ``time_limit``: SLURM's
+    time-limit signal arrived. Exit 3 makes the batch script requeue the job, so it is kept only
+    where a requeue resumes and requeues are left."""
+    raise_limit = f"raise executor.resources.{stage_id}.time_min"
+    if time_limit and rc == EXIT_ABORTED:
+        return (
+            "timeout",
+            EXIT_ABORTED,
+            f"stopped at its time limit: stage {stage_id!r} does not checkpoint, so a requeue would start it over; {raise_limit}",
+        )
+    if time_limit and rc == EXIT_INTERRUPTED and restarts >= max_requeues:
+        return (
+            "timeout",
+            EXIT_TIMEOUT,
+            f"checkpointed at its time limit after {restarts} requeue(s), the most "
+            f"max_requeues ({max_requeues}) allows; {raise_limit} (or max_requeues), then submit again to resume",
+        )
+    if time_limit and rc == EXIT_INTERRUPTED:
+        return (
+            "interrupted",
+            rc,
+            f"checkpointed at its time limit; SLURM requeues it (requeue {restarts + 1} of {max_requeues}) and it resumes",
+        )
+    states: dict[int, State] = {EXIT_OK: "succeeded", EXIT_INTERRUPTED: "interrupted", EXIT_ABORTED: "interrupted"}
+    return states.get(rc, "failed"), rc, None
 
 
 def slurm_job_id() -> str | None:
@@ -103,7 +151,17 @@ def slurm_job_id() -> str | None:
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
-def run_job(record_path: Path, force: bool = False, code: Mapping[str, Any] | None = None, *, final: bool = False) -> int:
+EXIT_TIMEOUT = 5  # a SLURM task out of time and of requeues: never requeued by the batch script
+
+
+def run_job(
+    record_path: Path,
+    force: bool = False,
+    code: Mapping[str, Any] | None = None,
+    *,
+    final: bool = False,
+    stops: RunSignals | None = None,
+) -> int:
     """Run the job described by ``record_path``; return the process exit code.
 
     A job whose result is current (outputs committed from the input versions its upstream jobs
@@ -112,12 +170,13 @@ def run_job(record_path: Path, force: bool = False, code: Mapping[str, Any] | No
     local executor computes it once for many jobs); else computed here. Stop signals are answered
     phase by phase (``stageproc.RunSignals``). ``final``: the calling process ends with the job
     (``run-job``); once the outcome is decided, stop signals are held until it exits, so that a
-    late one cannot turn a decided outcome into death by signal with nothing reported.
+    late one cannot turn a decided outcome into death by signal with nothing reported. ``stops``:
+    the caller's, to learn which stop signals arrived.
     """
     record = read_job_record(record_path)
     paths = StudyPaths(record.root, record.study)
     store = open_store(record.root)
-    stops = RunSignals(record.label)
+    stops = stops or RunSignals(record.label)
     with on_stop_signals(stops.handle):
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # a stop the caller held arrives now
@@ -166,7 +225,7 @@ def _attempt(
         run.finish(ok=False)
         if result.exit_code == EXIT_FAILED:
             print(f"{record.label}: FAILED ({result.message or 'traceback above'})", flush=True)
-        return EXIT_FAILED if result.exit_code != EXIT_INTERRUPTED else EXIT_INTERRUPTED
+        return result.exit_code if result.exit_code in (EXIT_INTERRUPTED, EXIT_ABORTED) else EXIT_FAILED
     try:
         _check_inputs_untouched(store, record, inputs)
         refs = commit_outputs(store, record, stage_def, staging, result.metadata, inputs, code)

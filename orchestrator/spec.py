@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import SpecError, SpecIssue
 from orchestrator.source import Loc, SpecSource, apply_overrides, load_source, resolve_refs
@@ -50,6 +50,13 @@ class Resources(Strict):
     constraint: str | None = None
     gres: str | None = None
     extra: dict[str, str] = Field(default_factory=dict, description="further sbatch options")
+    signal_lead_s: int = Field(
+        120, ge=1, description="slurm: seconds before the time limit that USR2 asks the stage to checkpoint"
+    )
+    max_requeues: int = Field(
+        3, ge=0, description="slurm: times a job that checkpointed at its time limit is requeued before it ends as timeout"
+    )
+
 
 
 class ExecutorSpec(Strict):
@@ -59,6 +66,20 @@ class ExecutorSpec(Strict):
         default_factory=dict, description="per stage id; the key 'default' applies to every stage"
     )
     template: Path | None = Field(None, description="slurm: your own sbatch template")
+
+    @model_validator(mode="after")
+    def _limits_after_signals(self) -> ExecutorSpec:
+        """On SLURM, a time limit must leave room for the checkpoint signal sent before it."""
+        if self.backend == "slurm":
+            for sid in self.resources:
+                res = self.resources_for(sid)
+                if res.time_min is not None and res.time_min * 60 <= res.signal_lead_s:
+                    raise ValueError(
+                        f"resources.{sid}: time_min ({res.time_min} min) must be longer than signal_lead_s "
+                        f"({res.signal_lead_s} s), which asks the stage to checkpoint before the limit: raise "
+                        "time_min or lower signal_lead_s"
+                    )
+        return self
 
     def resources_for(self, stage_id: str) -> Resources:
         base = self.resources.get("default", Resources()).model_dump(exclude_unset=True)

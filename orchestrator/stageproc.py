@@ -38,6 +38,9 @@ from orchestrator.stage import StageDef, StageInterrupted
 from orchestrator.tracking import TrackingRun
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 3
+# Stopped in the middle of a stage that saved no checkpoint: its work is lost, and running it again
+# starts from the beginning (3, by contrast: a checkpoint was saved, or the stage never started).
+EXIT_ABORTED = 4
 FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT)  # the runner's stop signals
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
 
@@ -175,9 +178,11 @@ class RunSignals:
         self.label = label
         self.stage: int | None = None  # the stage process, while it runs
         self.finishing = False
+        self.received: list[str] = []  # every stop signal, in order (SIGUSR2: SLURM's time limit)
 
     def handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
+        self.received.append(name)
         if self.stage is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.stage, signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -277,8 +282,8 @@ def _call_stage(stage_def: StageDef, params: Any, inputs: Mapping[str, Any], ctx
         print(f"{label}: interrupted after a checkpoint ({e}); resubmit to resume", flush=True)
         return EXIT_INTERRUPTED
     except JobStopped as e:
-        print(f"{label}: stopped by {e}; nothing was committed", flush=True)
-        return EXIT_INTERRUPTED
+        print(f"{label}: stopped by {e} without a checkpoint; nothing was committed", flush=True)
+        return EXIT_ABORTED
     try:
         pipe.send({"result": {name: dict(value) for name, value in metadata.items()}})
     except (TypeError, ValueError, AttributeError) as e:

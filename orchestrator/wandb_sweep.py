@@ -59,7 +59,7 @@ from orchestrator.fsutil import atomic_write_json, atomic_write_text
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Job, Plan, build_plan
 from orchestrator.records import now, plan_entry, read_plan, read_state, write_plan, write_state
-from orchestrator.runner import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from orchestrator.runner import EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from orchestrator.source import SpecSource, apply_overrides, load_source
 from orchestrator.spec import Resources, Study, canonical_json, load_study
 from orchestrator.stage import Registry
@@ -674,7 +674,7 @@ def agent_run(frozen: Path, *, wandb: ModuleType | Any = None, echo: Callable[[s
         except BaseException:
             run.finish(exit_code=EXIT_FAILED)
             raise
-        if pre.signal is not None or rc == EXIT_INTERRUPTED:
+        if pre.signal is not None or rc in (EXIT_INTERRUPTED, EXIT_ABORTED):
             pre.mark()
             run.finish(exit_code=EXIT_INTERRUPTED)
             echo("preempted: the W&B run is marked preempting and exits 3, so W&B re-issues it; nothing is lost")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,7 +119,10 @@ def states(store: Path, study: str) -> dict[str, str]:
 
 
 def wait_until_done(
-    store: Path, study: str, timeout_s: float = 120, transient: frozenset[str] = frozenset({"queued", "running", "pending", "interrupted"})
+    store: Path,
+    study: str,
+    timeout_s: float = 120,
+    transient: frozenset[str] = frozenset({"queued", "running", "pending", "interrupted"}),
 ) -> dict[str, str]:
     """Poll `status` (real squeue/sacct) until no job is in a ``transient`` state (by default
     queued or running, or interrupted: a checkpointed job requeues itself)."""
@@ -289,6 +293,115 @@ def test_preempted_job_checkpoints_requeues_and_resumes(odd_dir: Path) -> None:
     assert final["count"] == "succeeded"
     result = value(store, "count", "count")
     assert result["value"] == 8 and result["starts"] == 2  # resumed once, ended at the same step count
+
+
+def _time_limit_signal(store: Path, study: str, label: str) -> None:
+    """Wait until ``label`` runs, then do what SLURM does signal_lead_s before the time limit."""
+    deadline = time.monotonic() + 60
+    while states(store, study)[label] != "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    job_id = json.loads(_state_path(store, study, label).read_text())["external_id"]
+    subprocess.run(["scancel", "--signal=USR2", "--batch", job_id.split("_")[0]], check=True)
+
+
+def _state_path(store: Path, study: str, label: str) -> Path:
+    return _job_dir(store, study, label) / "state.json"
+
+
+def _restarts(job_id: str) -> int:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    match = re.search(r"Restarts=(\d+)", out)
+    return int(match.group(1)) if match else -1
+
+
+@cluster
+def test_a_stage_that_cannot_checkpoint_is_not_requeued_at_its_time_limit(odd_dir: Path) -> None:
+    """USR2 before the time limit, to a stage that does not checkpoint: requeueing would run it from
+    the start into the same limit, forever. It ends as timeout, saying to raise time_min."""
+    spec = odd_dir / "slow.yaml"
+    spec.write_text("name: slow\nlanguages: [en]\nstage_package: toystages\nstages:\n  emit: {params: {sleep_s: 60}}\n")
+    store = odd_dir / "store"
+    assert submit(spec, store).returncode == 0
+    _time_limit_signal(store, "slow", "emit")
+    final = wait_until_done(store, "slow", timeout_s=60)
+    state = json.loads(_state_path(store, "slow", "emit").read_text())
+    assert (final["emit"], state["state"]) == ("timeout", "timeout"), state
+    assert "time_min" in state["message"] and "does not checkpoint" in state["message"]
+    time.sleep(2)  # a requeued job would be back in the queue by now
+    assert _restarts(state["external_id"]) in (0, -1)  # -1: already purged from slurmctld, never requeued
+    status = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "status", "slow", "--store", str(store)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert "timeout" in status.stdout
+
+
+@cluster
+def test_a_checkpointing_stage_requeues_at_most_max_requeues_times(odd_dir: Path) -> None:
+    """A stage that checkpoints at every time limit but never finishes in time: requeued up to
+    max_requeues, then timeout with a message, instead of crawling through requeues forever."""
+    spec = odd_dir / "count.yaml"
+    spec.write_text(
+        "name: count\nlanguages: [en]\nstage_package: toystages\n"
+        "executor: {backend: slurm, resources: {count: {max_requeues: 1}}}\n"
+        "stages:\n  count: {params: {steps: 200, sleep_s: 0.5}}\n"
+    )
+    store = odd_dir / "store"
+    assert submit(spec, store).returncode == 0
+    _time_limit_signal(store, "count", "count")  # the first limit: checkpoint, requeue (restart 1 of 1)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        state = json.loads(_state_path(store, "count", "count").read_text())
+        if state["state"] == "running" and _restarts(state["external_id"]) == 1:
+            break
+        time.sleep(0.5)
+    _time_limit_signal(store, "count", "count")  # the second: no requeue left
+    final = wait_until_done(store, "count", timeout_s=60)
+    state = json.loads(_state_path(store, "count", "count").read_text())
+    assert (final["count"], state["state"]) == ("timeout", "timeout"), state
+    assert "max_requeues" in state["message"] and "time_min" in state["message"]
+    time.sleep(2)
+    assert _restarts(state["external_id"]) in (1, -1)
+
+
+def test_a_task_exits_3_only_where_a_requeue_resumes_and_requeues_are_left() -> None:
+    """The batch script requeues on exit 3 after USR2: the runner keeps 3 only for a checkpoint (or
+    a stage that never started) with requeues left; everything else is final, with what to do."""
+    from orchestrator.runner import EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TIMEOUT, task_outcome
+
+    assert task_outcome(EXIT_OK, True, 0, 3, "train") == ("succeeded", EXIT_OK, None)
+    assert task_outcome(EXIT_FAILED, True, 0, 3, "train")[:2] == ("failed", EXIT_FAILED)
+    assert task_outcome(EXIT_ABORTED, False, 0, 3, "emit") == ("interrupted", EXIT_ABORTED, None)  # scancel: no time limit
+    state, rc, message = task_outcome(EXIT_ABORTED, True, 0, 3, "emit")
+    assert (state, rc) == ("timeout", EXIT_ABORTED) and "does not checkpoint" in str(message)
+    assert "executor.resources.emit.time_min" in str(message)
+    state, rc, message = task_outcome(EXIT_INTERRUPTED, True, 2, 3, "train")
+    assert (state, rc) == ("interrupted", EXIT_INTERRUPTED) and "requeue 3 of 3" in str(message)
+    state, rc, message = task_outcome(EXIT_INTERRUPTED, True, 3, 3, "train")
+    assert (state, rc) == ("timeout", EXIT_TIMEOUT) and "max_requeues (3)" in str(message)
+    assert task_outcome(EXIT_INTERRUPTED, True, 0, 0, "train")[:2] == ("timeout", EXIT_TIMEOUT)  # requeues off
+
+
+def test_a_time_limit_within_the_checkpoint_signal_lead_is_refused_on_slurm(tmp_path: Path) -> None:
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        "name: s\nlanguages: [en]\nstage_package: toystages\n"
+        "executor: {backend: slurm, resources: {default: {time_min: 2, signal_lead_s: 120}}}\n"
+        "stages:\n  emit: {}\n"
+    )
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(spec)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "time_min (2 min) must be longer than signal_lead_s (120 s)" in out.stderr
+    assert "Traceback" not in out.stderr
+    local = subprocess.run(  # the local executor has no such signal: the same limits are fine there
+        [sys.executable, "-m", "orchestrator", "validate", str(spec), "--executor", "local"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert local.returncode == 0, local.stderr
+    sub = Submission("emit", ("a",), (), Resources(time_min=10, signal_lead_s=300, max_requeues=1))
+    assert sbatch_options(sub, "s", tmp_path)["signal"] == "B:USR2@300"
+    assert "--max-requeues 1 " in render_command("python", tmp_path / "l.json", 1)
 
 
 def test_status_query_degrades_without_accounting() -> None:

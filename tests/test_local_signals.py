@@ -390,7 +390,7 @@ def test_a_job_past_its_time_limit_is_stopped_and_recorded_as_timeout(tmp_path: 
         "after_slow": "skipped",
     }
     assert states["deaf"] and states["deaf"].exit_code == 128 + signal.SIGKILL  # it ignored SIGTERM
-    assert states["slow"] and states["slow"].exit_code == 3  # stopped by SIGTERM, nothing committed
+    assert states["slow"] and states["slow"].exit_code == 4  # stopped mid-stage by SIGTERM, no checkpoint, nothing committed
     lines = [line for _, line in said]
     told = next(t for t, line in said if line.startswith("TIMEOUT  slow: ran past its time_min of 1 min"))
     assert minute <= told - launched[key["slow"]] < minute + 0.2  # not at the next POLL_S

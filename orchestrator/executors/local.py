@@ -57,7 +57,7 @@ from orchestrator.plan import Plan
 from orchestrator.procutil import alive, parent_of, set_parent_death_signal
 from orchestrator.provenance import code_provenance
 from orchestrator.records import JobState, State, now, read_state, write_state
-from orchestrator.runner import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobStopped
+from orchestrator.runner import EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobStopped
 
 POLL_S = 0.5  # upper bound on a wait: job exits, signals and time limits wake the loop at once
 STOP_POLL_S = 0.1  # while stopping: how often to look again at a job whose fork server has gone
@@ -490,7 +490,7 @@ class _Run:
             return
         log = self.ex.paths.job(key).log
         self.report.failed[key] = log
-        state: State = "timeout" if timed_out else "interrupted" if rc == EXIT_INTERRUPTED else "failed"
+        state: State = "timeout" if timed_out else "interrupted" if rc in (EXIT_INTERRUPTED, EXIT_ABORTED) else "failed"
         if timed_out:
             self.ex.echo(
                 f"[{self.ended}/{self.total}] TIMEOUT  {job.label} (ran past its time_min of {self._minutes(key)} min, "

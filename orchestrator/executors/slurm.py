@@ -7,9 +7,11 @@ forever. Scripts come from a template (``slurm_templates/default.sbatch`` or the
 ``#SBATCH`` lines are built with simple-slurm, every value ``shlex``-quoted, and no spec value ever
 reaches a shell: parameters travel in the job records, never in the script.
 
-Preemption and time limits: ``--signal=B:USR2@<s>`` reaches the batch shell, which forwards it to
-the runner; a stage that checkpoints exits with code 3 and the script requeues the job, whose next
-start resumes from the checkpoint. TERM (``scancel``) is forwarded too, but never requeues.
+Preemption and time limits: ``--signal=B:USR2@<signal_lead_s>`` reaches the batch shell, which
+forwards it to the runner; a stage that checkpoints exits with code 3 and the script requeues the
+job, whose next start resumes from the checkpoint, at most ``max_requeues`` times; after that, or
+for a stage that cannot checkpoint, the job ends as ``timeout`` with a message to raise
+``time_min``. TERM (``scancel``) is forwarded too, but never requeues.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from orchestrator.spec import Resources
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm_templates" / "default.sbatch"
 PLACEHOLDERS = ("directives", "study", "stage", "workdir", "command")
 PLACEHOLDER_RE = re.compile(r"\{\{(\w+)\}\}")
-SIGNAL_BEFORE_S = 120
 
 
 class SlurmError(OrchestratorError):
@@ -92,7 +93,7 @@ def sbatch_options(sub: Submission, study: str, log_dir: Path) -> dict[str, str]
         "cpus_per_task": str(res.cpus),
         "kill_on_invalid_dep": "yes",
         "requeue": "",
-        "signal": f"B:USR2@{SIGNAL_BEFORE_S}",
+        "signal": f"B:USR2@{res.signal_lead_s}",
     }
     if sub.is_array:
         opts["array"] = f"0-{len(sub.keys) - 1}"
@@ -126,12 +127,17 @@ def render_directives(options: dict[str, str]) -> str:
     return "\n".join(line.rstrip() for line in lines if line.startswith("#SBATCH"))
 
 
-def render_command(python: str, list_path: Path) -> str:
+def render_command(python: str, list_path: Path, max_requeues: int = 3) -> str:
     """Run the job's runner in the background so the batch shell can forward signals; requeue when
-    it checkpointed (exit 3) after USR2, the time-limit signal. Not after TERM: that is ``scancel``
-    (a cancelled job that requeued itself would run on) or SLURM's own preemption, which requeues
-    by itself."""
-    run = " ".join(shlex.quote(p) for p in (python, "-m", "orchestrator", "run-job", "--list", str(list_path)))
+    it checkpointed (exit 3) after USR2, the time-limit signal. The runner exits 3 only when a
+    requeue resumes something: a stage that could not checkpoint exits 4, and after
+    ``max_requeues`` restarts (``SLURM_RESTART_COUNT``) the job ends as timeout instead, so a job
+    never requeues itself forever. Not after TERM: that is ``scancel`` (a cancelled job that
+    requeued itself would run on) or SLURM's own preemption, which requeues by itself."""
+    run = " ".join(
+        shlex.quote(p)
+        for p in (python, "-m", "orchestrator", "run-job", "--list", str(list_path), "--max-requeues", str(max_requeues))
+    )
     return f"""\
 {run} --index "${{SLURM_ARRAY_TASK_ID:-0}}" &
 child=$!
@@ -232,7 +238,7 @@ class SlurmExecutor(Executor):
                 study=plan.study.name,
                 stage=sub.stage_id,
                 workdir=Path.cwd(),
-                command=render_command(sys.executable, list_path),
+                command=render_command(sys.executable, list_path, sub.resources.max_requeues),
             )
             atomic_write_text(record.dir / f"{n:02d}-{sub.stage_id}.sbatch", script)
             record.order.append(sub.stage_id)
