@@ -404,6 +404,30 @@ def test_a_time_limit_within_the_checkpoint_signal_lead_is_refused_on_slurm(tmp_
     assert "--max-requeues 1 " in render_command("python", tmp_path / "l.json", 1)
 
 
+@cluster
+def test_submits_of_a_study_whose_jobs_are_still_queued_are_refused_and_nothing_runs_twice(odd_dir: Path) -> None:
+    """Two submits of one study at once, then one more while its job runs: the first queues, the
+    others are refused with what to do (they used to queue every job again, into the same
+    one-second submission folder, and the jobs ran twice)."""
+    spec = odd_dir / "twice.yaml"
+    spec.write_text("name: twice\nlanguages: [en]\nstage_package: toystages\nstages:\n  emit: {params: {sleep_s: 8}}\n")
+    store = odd_dir / "store"
+    cmd = [sys.executable, "-m", "orchestrator", "submit", str(spec), "--executor", "slurm", "--store", str(store)]
+    procs = [subprocess.Popen(cmd, cwd=odd_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    assert sorted(rc for rc, _, _ in results) == [0, 1], results
+    refused = next(err for rc, _, err in results if rc == 1)
+    assert "still queued or running" in refused and "orchestrator cancel twice" in refused and "Traceback" not in refused
+    again = submit(spec, store)
+    assert again.returncode == 1 and "still queued or running" in again.stderr
+    final = wait_until_done(store, "twice", timeout_s=90)
+    assert final == {"emit": "succeeded"}
+    log = (_job_dir(store, "twice", "emit") / "job.log").read_text()
+    assert log.count("running stage emit") == 1  # one run, not two
+    assert len(list((store / "studies" / "twice" / "slurm").glob("*/submission.json"))) == 1
+    assert submit(spec, store).returncode == 0  # once nothing is queued, a resubmit is fine (all cached)
+
+
 def test_status_query_degrades_without_accounting() -> None:
     """sacct without accounting exits 1: finished jobs are then simply absent (the runner's own state
     records cover them). The commands are faked here only to pin the parsing of both outputs."""

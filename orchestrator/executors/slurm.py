@@ -21,11 +21,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.artifacts import ArtifactStore
+from orchestrator.artifacts.locking import file_lock
 from orchestrator.errors import ExecutorUnavailable, OrchestratorError
 from orchestrator.executors.base import Executor, SubmitReport
 from orchestrator.fsutil import atomic_write_json, atomic_write_text, read_json
@@ -201,8 +203,32 @@ class SlurmExecutor(Executor):
         self._run = run
 
     def submit(self, plan: Plan, spec_path: Path, *, force: bool = False) -> SubmitReport:
-        if not self.dry_run:
-            require_slurm()
+        if self.dry_run:
+            return self._submit(plan, spec_path, force)
+        require_slurm()
+        # One submit of a study at a time: a second one waits here, then finds the first one's jobs
+        # queued and is refused, instead of queuing every job again.
+        with file_lock(self.paths.root / "locks" / f"submit-{plan.study.name}.lock", timeout_s=SUBMIT_LOCK_TIMEOUT_S):
+            self._refuse_while_queued(plan)
+            return self._submit(plan, spec_path, force)
+
+    def _refuse_while_queued(self, plan: Plan) -> None:
+        """Refuse to submit while jobs of the study's latest submit are still queued or running:
+        queuing them again would run them twice (the run lock would serialise them, not skip them)."""
+        queued = queued_jobs(self.paths)
+        if not queued:
+            return
+        alive = {sid: st for sid, (st, _) in query_states(list(queued.values()), self._run).items() if st in SLURM_ACTIVE}
+        active = sorted({i.split("_")[0] for key, i in queued.items() if i in alive or i.split("_")[0] in alive})
+        if active:
+            study = plan.study.name
+            raise SlurmError(
+                f"study {study!r} has jobs still queued or running from its last submit (SLURM jobs {', '.join(active)}); "
+                f"wait for them (python -m orchestrator status {study} --store {self.paths.root}) or cancel them "
+                f"(python -m orchestrator cancel {study} --store {self.paths.root}), then submit again"
+            )
+
+    def _submit(self, plan: Plan, spec_path: Path, force: bool) -> SubmitReport:
         todo, cached = self.prepare(plan, spec_path, force, job_files=False)
         report = SubmitReport(cached=sorted(cached))
         if cached:
@@ -223,8 +249,8 @@ class SlurmExecutor(Executor):
         return report
 
     def _write_scripts(self, plan: Plan, subs: list[Submission]) -> SubmitRecord:
-        stamp = now().replace(":", "").replace("+0000", "Z")
-        record = SubmitRecord(self.paths.dir / "slurm" / stamp)
+        stamp = now().replace(":", "").replace("+0000", "Z")  # seconds: unique with the suffix
+        record = SubmitRecord(self.paths.dir / "slurm" / f"{stamp}-{uuid.uuid4().hex[:8]}")
         template = self.template.read_text(encoding="utf-8")
         spec_hash = plan.study.spec_hash()
         for n, sub in enumerate(subs):
@@ -288,6 +314,12 @@ class SlurmExecutor(Executor):
             cmd = ["sbatch", "--parsable", *dependency_arg([f"<{a}>" for a in record.after[sid]]), str(script)]
             self.echo(f"\n# {n + 1}. stage {sid}: {len(record.keys[sid])} jobs\n$ {' '.join(cmd)}")
             self.echo(script.read_text(encoding="utf-8").rstrip())
+
+
+SUBMIT_LOCK_TIMEOUT_S = 600.0  # another submit of the study queuing thousands of jobs
+# squeue/sacct states of a job that will still run (or is running)
+SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
 
 
 def require_slurm() -> None:
