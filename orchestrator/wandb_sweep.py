@@ -272,10 +272,9 @@ def agent_options(study: str, resources: Resources, agents: int, log_dir: Path) 
     from orchestrator.executors.slurm import Submission, sbatch_options
 
     sub = Submission(AGENT_STAGE, tuple(str(i) for i in range(agents)), (), resources)
-    opts = sbatch_options(sub, study, log_dir)  # --requeue, --signal=B:USR2@120, --kill-on-invalid-dep
+    opts = sbatch_options(sub, study, log_dir)  # --requeue, --signal, --open-mode=append, --kill-on-invalid-dep
     opts["array"] = f"0-{agents - 1}"
     opts["output"] = str(log_dir / "%x-%A_%a.out")
-    opts["open_mode"] = "append"  # a requeued task keeps the log of its preempted attempt
     return opts
 
 

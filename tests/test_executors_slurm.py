@@ -428,6 +428,23 @@ def test_submits_of_a_study_whose_jobs_are_still_queued_are_refused_and_nothing_
     assert submit(spec, store).returncode == 0  # once nothing is queued, a resubmit is fine (all cached)
 
 
+@cluster
+def test_slurm_jobs_get_their_cpus_as_thread_counts_and_keep_their_output_across_requeues(odd_dir: Path) -> None:
+    """As the local executor does: a job's thread pools are sized by its cpus (cpus-per-task), not
+    by every core of the node; SLURM's own output file is appended to, so a requeue keeps it."""
+    spec = odd_dir / "threads.yaml"
+    spec.write_text(
+        "name: threads\nlanguages: [en]\nstage_package: toystages\n"
+        "executor: {backend: slurm, resources: {emit: {cpus: 2}}}\nstages:\n  emit: {}\n"
+    )
+    store = odd_dir / "store"
+    assert submit(spec, store).returncode == 0
+    assert wait_until_done(store, "threads") == {"emit": "succeeded"}
+    assert value(store, "threads", "emit")["threads"] == "2"
+    script = next((store / "studies" / "threads" / "slurm").glob("*/00-emit.sbatch")).read_text()
+    assert "#SBATCH --open-mode           append" in script
+
+
 def test_status_query_degrades_without_accounting() -> None:
     """sacct without accounting exits 1: finished jobs are then simply absent (the runner's own state
     records cover them). The commands are faked here only to pin the parsing of both outputs."""

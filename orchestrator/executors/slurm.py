@@ -95,6 +95,7 @@ def sbatch_options(sub: Submission, study: str, log_dir: Path) -> dict[str, str]
         "cpus_per_task": str(res.cpus),
         "kill_on_invalid_dep": "yes",
         "requeue": "",
+        "open_mode": "append",  # a requeued job keeps what SLURM wrote before
         "signal": f"B:USR2@{res.signal_lead_s}",
     }
     if sub.is_array:
@@ -140,7 +141,10 @@ def render_command(python: str, list_path: Path, max_requeues: int = 3) -> str:
         shlex.quote(p)
         for p in (python, "-m", "orchestrator", "run-job", "--list", str(list_path), "--max-requeues", str(max_requeues))
     )
+    threads = 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"'
+    threads += ' MKL_NUM_THREADS="${MKL_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"'
     return f"""\
+{threads}  # thread pools sized by the job's cpus, not the node's
 {run} --index "${{SLURM_ARRAY_TASK_ID:-0}}" &
 child=$!
 requeue=0
