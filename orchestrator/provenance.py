@@ -13,7 +13,6 @@ Two views of the same facts:
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.artifacts import ArtifactError, ArtifactRef, ArtifactStore
-from orchestrator.paths import StudyPaths
 from orchestrator.records import JobRecord
 
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "tokenizers", "numpy", "pydantic", "wandb")
@@ -43,17 +41,13 @@ def version_provenance(record: JobRecord, code: Mapping[str, Any] | None = None)
 
 
 def stage_provenance(
-    record: JobRecord,
-    paths: StudyPaths,
-    store: ArtifactStore,
-    inputs: Iterable[ArtifactRef],
-    code: Mapping[str, Any] | None = None,
+    record: JobRecord, store: ArtifactStore, inputs: Iterable[ArtifactRef], code: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """``ctx.provenance`` for the job of ``record``, whose resolved inputs are ``inputs``."""
     code = code_provenance() if code is None else code
     return {
         "study": record.study,
-        "spec_path": spec_path(paths, record.spec_hash),
+        "spec_path": record.spec_path,
         "spec_hash": record.spec_hash,
         "code": {k: code.get(k) for k in ("git_commit", "python", "packages")},
         "job": {
@@ -65,15 +59,6 @@ def stage_provenance(
         },
         "upstream": upstream(store, inputs),
     }
-
-
-def spec_path(paths: StudyPaths, spec_hash: str) -> str | None:
-    """The spec file the study was last submitted from, if that submit was of this very spec."""
-    try:
-        plan = json.loads(paths.plan.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return str(plan.get("spec_path")) if plan.get("spec_hash") == spec_hash and plan.get("spec_path") else None
 
 
 def upstream(store: ArtifactStore, refs: Iterable[ArtifactRef]) -> list[dict[str, Any]]:

@@ -60,13 +60,14 @@ class JobRecord(BaseModel):
     root: Path
     spec_hash: str
     tracking: TrackingSpec
+    spec_path: str | None = None  # the spec file submitted (None: a plan built in code)
 
     @classmethod
     def from_job(cls, job: Job, plan: Plan, root: Path) -> JobRecord:
         return cls.model_validate(record_dict(job, plan, root, plan.study.spec_hash()))
 
 
-def record_dict(job: Job, plan: Plan, root: Path, spec_hash: str) -> dict[str, Any]:
+def record_dict(job: Job, plan: Plan, root: Path, spec_hash: str, spec_path: Path | None = None) -> dict[str, Any]:
     """A job's record as plain JSON data (what JobRecord validates): cheap to build by the thousand."""
     study = plan.study
     return {
@@ -93,6 +94,7 @@ def record_dict(job: Job, plan: Plan, root: Path, spec_hash: str) -> dict[str, A
         "root": str(root),
         "spec_hash": spec_hash,
         "tracking": study.tracking.model_dump(mode="json"),
+        "spec_path": None if spec_path is None else str(spec_path),
     }
 
 

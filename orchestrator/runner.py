@@ -207,7 +207,7 @@ def _attempt(
     checkpoint = paths.job(record.key).checkpoint
     checkpoint.mkdir(parents=True, exist_ok=True)
     code = code_provenance() if code is None else code
-    lineage = stage_provenance(record, paths, store, (ArtifactRef(i.name, i.version) for i in _flatten(inputs)), code)
+    lineage = stage_provenance(record, store, (ArtifactRef(i.name, i.version) for i in _flatten(inputs)), code)
     print(f"{record.label}: running stage {record.stage} (key {record.key[:12]}, seed {record.seed})", flush=True)
 
     def context(run: TrackingRun, stop: threading.Event) -> Context:

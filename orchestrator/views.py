@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from orchestrator.artifacts import ArtifactNotFound, ArtifactRef, ArtifactStore
+from orchestrator.artifacts import ArtifactNotFound, ArtifactRef, ArtifactStore, ArtifactVersion
 from orchestrator.errors import BadArgument
 from orchestrator.executors.base import SubmitReport
 from orchestrator.lineage import went_stale
@@ -138,12 +138,17 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def lineage_tree(store: ArtifactStore, ref_text: str) -> str:
-    """The artifact, the job that produced it, and recursively that job's inputs."""
+def named_version(store: ArtifactStore, ref_text: str) -> ArtifactVersion:
+    """The version a user named on the command line (``NAME`` means its latest)."""
     try:
-        version = store.get(ref_text if ":" in ref_text else f"{ref_text}:latest")
+        return store.get(ref_text if ":" in ref_text else f"{ref_text}:latest")
     except ArtifactNotFound as e:
         raise BadArgument(str(e)) from None
+
+
+def lineage_tree(store: ArtifactStore, ref_text: str) -> str:
+    """The artifact, the job that produced it, and recursively that job's inputs."""
+    version = named_version(store, ref_text)
     lines: list[str] = []
     _lineage(store, version.ref, "", lines, set())
     return "\n".join(lines)
@@ -151,10 +156,7 @@ def lineage_tree(store: ArtifactStore, ref_text: str) -> str:
 
 def version_details(store: ArtifactStore, ref_text: str) -> str:
     """One version: what it is, the job, spec and code that produced it, and its inputs."""
-    try:
-        version = store.get(ref_text if ":" in ref_text else f"{ref_text}:latest")
-    except ArtifactNotFound as e:
-        raise BadArgument(str(e)) from None
+    version = named_version(store, ref_text)
     lines = [
         f"{version.ref} [{version.type}]: {len(version.files)} files, {_size(version.size)}, created {version.created_at}",
         f"  digest    {version.digest}",

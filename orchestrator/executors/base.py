@@ -79,7 +79,8 @@ class Executor(ABC):
             if job.key in cached:
                 self.mark_cached(job.key)
             elif job_files:
-                write_job_record(self.paths, JobRecord.model_validate(record_dict(job, plan, self.paths.root, spec_hash)))
+                record = record_dict(job, plan, self.paths.root, spec_hash, spec_path)
+                write_job_record(self.paths, JobRecord.model_validate(record))
                 write_state(self.paths, job.key, "pending", executor=self.name)
             else:
                 self.paths.job(job.key).state.unlink(missing_ok=True)

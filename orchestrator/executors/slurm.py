@@ -223,7 +223,7 @@ class SlurmExecutor(Executor):
         if not queued:
             return
         alive = {sid: st for sid, (st, _) in query_states(list(queued.values()), self._run).items() if st in SLURM_ACTIVE}
-        active = sorted({i.split("_")[0] for key, i in queued.items() if i in alive or i.split("_")[0] in alive})
+        active = sorted({i.split("_")[0] for i in queued.values() if i in alive or i.split("_")[0] in alive})
         if active:
             study = plan.study.name
             raise SlurmError(
@@ -240,7 +240,7 @@ class SlurmExecutor(Executor):
         if not todo:
             self.echo("nothing to submit")
             return report
-        record = self._write_scripts(plan, group_submissions(plan, todo))
+        record = self._write_scripts(plan, group_submissions(plan, todo), spec_path)
         if self.dry_run:
             self._print_dry_run(record)
             return report
@@ -252,7 +252,7 @@ class SlurmExecutor(Executor):
         )
         return report
 
-    def _write_scripts(self, plan: Plan, subs: list[Submission]) -> SubmitRecord:
+    def _write_scripts(self, plan: Plan, subs: list[Submission], spec_path: Path) -> SubmitRecord:
         stamp = now().replace(":", "").replace("+0000", "Z")  # seconds: unique with the suffix
         record = SubmitRecord(self.paths.dir / "slurm" / f"{stamp}-{uuid.uuid4().hex[:8]}")
         template = self.template.read_text(encoding="utf-8")
@@ -260,7 +260,7 @@ class SlurmExecutor(Executor):
         for n, sub in enumerate(subs):
             list_path = record.dir / f"{n:02d}-{sub.stage_id}.jobs.json"
             # the job records themselves, one file per stage (not one per job): the array task picks its own
-            records = [record_dict(plan.by_key[k], plan, self.paths.root, spec_hash) for k in sub.keys]
+            records = [record_dict(plan.by_key[k], plan, self.paths.root, spec_hash, spec_path) for k in sub.keys]
             atomic_write_json(list_path, records, durable=False)
             script = render_script(
                 template,
