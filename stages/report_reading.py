@@ -14,7 +14,7 @@ Extras read when present: similarity.json ``floors``, ``spread``, ``spread_diffe
 ``bootstrap``, ``encodings`` (encode's ``max_length`` and ``truncated`` per artifact read) and
 ``layer_by_layer_debiased``; cross_eval.json ``eval_split``, ``perplexity_interval`` and ``random``; mask_stats.json
 ``jaccard_chance``; the model's metrics.json ``eval_split`` and an interval next to each perplexity
-(:data:`MODEL_INTERVAL_KEY`, else any key naming an interval); ``ctx.provenance``
+(:data:`MODEL_INTERVAL_KEY`); ``ctx.provenance``
 (:data:`orchestrator.stage.PROVENANCE`).
 
 Nothing here imports numpy or a plotting library at import time (the engine imports the stage
@@ -170,9 +170,8 @@ def as_interval(value: Any) -> Interval | None:
 
 def model_interval(entry: Mapping[str, Any]) -> Interval | None:
     """The interval of one perplexity of the model's metrics.json (``entry``: ``before[lang]`` or
-    ``after[lang]``): :data:`MODEL_INTERVAL_KEY`, else the first key naming an interval."""
-    keys = [MODEL_INTERVAL_KEY, *sorted(k for k in entry if "interval" in k and k != MODEL_INTERVAL_KEY)]
-    return next((iv for k in keys if (iv := as_interval(entry.get(k))) is not None), None)
+    ``after[lang]``), as the train stage records it (:data:`MODEL_INTERVAL_KEY`)."""
+    return as_interval(entry.get(MODEL_INTERVAL_KEY))
 
 
 def model_intervals(doc: Mapping[str, Any], when: str) -> dict[str, Interval]:
