@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 import re
 from collections import defaultdict
@@ -32,6 +31,9 @@ from orchestrator.spec import (
     count_text,
     input_output,
     input_stage,
+    parse_selector,
+    point_text,
+    selector_matches,
     too_many_jobs,
 )
 from orchestrator.stage import Registry, StageDef
@@ -123,7 +125,31 @@ def build_plan(study: Study, registry: Registry, max_jobs: int | None = DEFAULT_
         if stage_def is None:
             raise SpecError([study.issue(("stages", sid), f"no stage named {study.stage_name(sid)!r}")])
         jobs_by_stage[sid] = _expand_stage(study, sid, stage_def, jobs_by_stage, registry, axes[sid])
+    check_resource_selectors(study, jobs_by_stage)
     return Plan(study, [job for jobs in jobs_by_stage.values() for job in jobs])
+
+
+def check_resource_selectors(study: Study, jobs_by_stage: Mapping[str, list[Job]]) -> None:
+    """Every ``executor.resources`` key ``<stage>[<axis>=<value>,...]`` must match a job of its
+    stage: a typo in a point would otherwise give no job the resources meant for it."""
+    issues = []
+    for key in study.executor.resources:
+        sid, pairs = parse_selector(key)
+        jobs = jobs_by_stage.get(sid, [])
+        if not pairs or any(selector_matches(pairs, job.point) for job in jobs):
+            continue
+        names = dict.fromkeys(a for j in jobs for a in j.point)
+        axes = {axis: sorted({point_text(j.point[axis]) for j in jobs}) for axis in names}
+        unknown = [a for a in pairs if a not in axes]
+        if unknown:
+            valid = ", ".join(axes) or "none (it has no matrix)"
+            message = f"stage {sid!r} has no matrix axis {unknown[0]!r}; its axes: {valid}"
+        else:
+            values = "; ".join(f"{a}: {', '.join(axes[a])}" for a in pairs)
+            message = f"matches no job of stage {sid!r}; its points have {values}"
+        issues.append(study.issue(("executor", "resources", key), message))
+    if issues:
+        raise SpecError(issues)
 
 
 def stage_job_counts(study: Study, axes: Mapping[str, list[SweepAxis]]) -> dict[str, int]:
@@ -346,11 +372,7 @@ def job_key(sid: str, stage_def: StageDef, params: Mapping[str, Any], seed: int,
 def job_label(sid: str, point: Point) -> str:
     if not point:
         return sid
-    return f"{sid}[{','.join(f'{k}={_fmt(v)}' for k, v in point.items())}]"
-
-
-def _fmt(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return f"{sid}[{','.join(f'{k}={point_text(v)}' for k, v in point.items())}]"
 
 
 UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -358,7 +380,7 @@ UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 def artifact_name(study: str, sid: str, output: str, point: Point) -> str:
     """``study.stage.output[.axis-value...]`` in characters W&B accepts; long or lossy names get a hash."""
-    parts = [study, sid, output, *(f"{k}-{_fmt(v)}" for k, v in point.items())]
+    parts = [study, sid, output, *(f"{k}-{point_text(v)}" for k, v in point.items())]
     raw = ".".join(parts)
     name = UNSAFE.sub("_", raw)
     if name != raw or len(name) > 120:

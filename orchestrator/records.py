@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.fsutil import atomic_write_json, read_json
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Job, Plan
-from orchestrator.spec import TrackingSpec
+from orchestrator.spec import Resources, TrackingSpec
 
 # "timeout": the local executor stopped the job when it ran past its resources.time_min (a failure)
 State = Literal["pending", "queued", "running", "succeeded", "failed", "cancelled", "skipped", "cached", "interrupted", "timeout"]
@@ -61,6 +61,7 @@ class JobRecord(BaseModel):
     spec_hash: str
     tracking: TrackingSpec
     spec_path: str | None = None  # the spec file submitted (None: a plan built in code)
+    resources: Resources = Resources()  # what the job was given (ExecutorSpec.resources_for its point)
 
     @classmethod
     def from_job(cls, job: Job, plan: Plan, root: Path) -> JobRecord:
@@ -95,6 +96,7 @@ def record_dict(job: Job, plan: Plan, root: Path, spec_hash: str, spec_path: Pat
         "spec_hash": spec_hash,
         "tracking": study.tracking.model_dump(mode="json"),
         "spec_path": None if spec_path is None else str(spec_path),
+        "resources": study.executor.resources_for(job.stage_id, job.point).model_dump(mode="json", exclude_defaults=True),
     }
 
 

@@ -211,7 +211,7 @@ def _attempt(
     print(f"{record.label}: running stage {record.stage} (key {record.key[:12]}, seed {record.seed})", flush=True)
 
     def context(run: TrackingRun, stop: threading.Event) -> Context:
-        return Context(record.seed, record.label, checkpoint, staging, run, stop, lineage)
+        return Context(record.seed, record.label, checkpoint, staging, run, stop, lineage, gpus=record.resources.gpus)
 
     def tracking() -> TrackingRun:
         run = open_run(record, paths)

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -56,34 +56,96 @@ class Resources(Strict):
     max_requeues: int = Field(
         3, ge=0, description="slurm: times a job that checkpointed at its time limit is requeued before it ends as timeout"
     )
+    retries: int = Field(0, ge=0, description="times a failed job is run again before it counts as failed")
+    retry_backoff_s: float = Field(
+        30.0, ge=0, description="wait before the first retry; doubled before each further one"
+    )
+    nodes: int = Field(1, ge=1, description="slurm: nodes per job")
+    processes: int | None = Field(
+        None, ge=1, description="processes running the stage together (DDP ranks) per job; default: gpus if > 1, else 1"
+    )
 
+
+
+SELECTOR_RE = re.compile(r"(?P<stage>[^\[\]]+)\[(?P<point>[^\[\]]*)\]")
+
+
+def parse_selector(key: str) -> tuple[str, dict[str, str]]:
+    """A resources key: ``"prune"`` -> ``("prune", {})``; ``"prune[language=en,seed=2]"`` ->
+    ``("prune", {"language": "en", "seed": "2"})``. Raises ValueError for a malformed one."""
+    m = SELECTOR_RE.fullmatch(key)
+    if m is None:
+        if "[" in key or "]" in key:
+            raise ValueError(f"{key!r} is not <stage>[<axis>=<value>,...]")
+        return key, {}
+    pairs: dict[str, str] = {}
+    for part in m["point"].split(","):
+        axis, eq, value = part.partition("=")
+        if not eq or not axis.strip() or not value.strip() or axis.strip() in pairs:
+            raise ValueError(f"{key!r}: write the point as <axis>=<value>, each axis once, comma-separated")
+        pairs[axis.strip()] = value.strip()
+    return m["stage"].strip(), pairs
+
+
+def point_text(value: Any) -> str:
+    """A matrix value as job labels (and resources selectors) write it: strings bare, others as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def selector_matches(pairs: dict[str, str], point: Mapping[str, Any]) -> bool:
+    return all(axis in point and point_text(point[axis]) == value for axis, value in pairs.items())
 
 
 class ExecutorSpec(Strict):
     backend: Literal["local", "slurm"] = "local"
     max_parallel: int = Field(2, ge=1, description="local: jobs running at once")
     resources: dict[str, Resources] = Field(
-        default_factory=dict, description="per stage id; the key 'default' applies to every stage"
+        default_factory=dict,
+        description="per stage id, or per matrix point as <stage>[<axis>=<value>,...]; the key 'default' "
+        "applies to every stage; a job takes default, then its stage, then each matching point key in order",
     )
     template: Path | None = Field(None, description="slurm: your own sbatch template")
+    array_parallelism: int | None = Field(
+        None, ge=1, description="slurm: tasks of one job array running at once (sbatch --array=...%N)"
+    )
+    sbatch_timeout_s: float = Field(
+        120.0, gt=0, description="slurm: how long one sbatch call may take before the submit gives up"
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _selectors(cls, resources: dict[str, Resources]) -> dict[str, Resources]:
+        for key in resources:
+            parse_selector(key)
+        return resources
 
     @model_validator(mode="after")
     def _limits_after_signals(self) -> ExecutorSpec:
         """On SLURM, a time limit must leave room for the checkpoint signal sent before it."""
         if self.backend == "slurm":
-            for sid in self.resources:
-                res = self.resources_for(sid)
+            for key in self.resources:
+                stage_id, pairs = parse_selector(key)
+                res = self.resources_for(stage_id, pairs)
                 if res.time_min is not None and res.time_min * 60 <= res.signal_lead_s:
                     raise ValueError(
-                        f"resources.{sid}: time_min ({res.time_min} min) must be longer than signal_lead_s "
+                        f"resources.{key}: time_min ({res.time_min} min) must be longer than signal_lead_s "
                         f"({res.signal_lead_s} s), which asks the stage to checkpoint before the limit: raise "
                         "time_min or lower signal_lead_s"
                     )
         return self
 
-    def resources_for(self, stage_id: str) -> Resources:
-        base = self.resources.get("default", Resources()).model_dump(exclude_unset=True)
-        base.update(self.resources.get(stage_id, Resources()).model_dump(exclude_unset=True))
+    def resources_for(self, stage_id: str, point: Mapping[str, Any] | None = None) -> Resources:
+        """A job's resources: ``default``, then its stage's, then every ``<stage>[...]`` key that
+        matches its matrix ``point``, in the spec's order (later keys win field by field)."""
+        base: dict[str, Any] = {}
+        for key, res in self.resources.items():
+            sid, pairs = parse_selector(key)
+            if key == "default" or (sid == stage_id and not pairs):
+                base.update(res.model_dump(exclude_unset=True))
+        for key, res in self.resources.items():
+            sid, pairs = parse_selector(key)
+            if pairs and sid == stage_id and point is not None and selector_matches(pairs, point):
+                base.update(res.model_dump(exclude_unset=True))
         return Resources.model_validate(base)
 
 
@@ -267,7 +329,8 @@ def check_stages(study: Study, registry: Registry, source: SpecSource, *, max_jo
         issues += _check_stage(study, sid, spec, registry, source)
     issues += check_sweep(study, registry, source, max_jobs=max_jobs)
     for key in study.executor.resources:
-        if key != "default" and key not in study.stages:
+        stage_id = parse_selector(key)[0]
+        if key != "default" and stage_id not in study.stages:
             choices = ", ".join(["default", *study.stages])
             issues.append(source.issue(("executor", "resources", key), f"no such stage; valid: {choices}"))
     if issues:

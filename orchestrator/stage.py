@@ -93,6 +93,9 @@ class StageContext(Protocol):
     stop_requested: threading.Event  # set on SIGTERM/SIGUSR2: checkpoint and raise StageInterrupted
     # What produced this job and everything upstream of it, as plain JSON data (see PROVENANCE)
     provenance: Mapping[str, Any]
+    gpus: int  # GPUs the job asked for (executor.resources.<stage>.gpus); 0: it asked for none
+    rank: int  # this process's rank among the job's processes (0 of 1 unless resources.processes > 1)
+    world_size: int  # how many processes run the stage together (only rank 0's outputs are committed)
 
     def output_dir(self, name: str) -> Path:
         """An empty directory to write output ``name`` into (created on first call)."""

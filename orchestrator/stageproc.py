@@ -56,6 +56,9 @@ class Context:
     run: TrackingRun
     stop_requested: threading.Event
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    gpus: int = 0  # the GPUs the job asked for (executor.resources), 0: none
+    rank: int = 0  # this process among the job's ranks (resources.processes; 1 process: rank 0 of 1)
+    world_size: int = 1
 
     def output_dir(self, name: str) -> Path:
         path = self.staging / name

@@ -31,6 +31,9 @@ class FakeContext:
     stop_requested: threading.Event = field(default_factory=threading.Event)
     metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    gpus: int = 0
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -159,3 +159,49 @@ def test_spec_hash_changes_with_content(toy_spec: Path) -> None:
     b, _ = load_study(toy_spec)
     c, _ = load_study(toy_spec, ["stages.emit.params.value=4"])
     assert a.spec_hash() == b.spec_hash() != c.spec_hash()
+
+
+# ------------------------------------------------------------------ per-point resources (issue 14.5)
+POINT_RESOURCES = """\
+executor:
+  resources:
+    default: {cpus: 1, time_min: 10}
+    emit: {cpus: 2}
+    "emit[language=de]": {cpus: 4, mem_gb: 8}
+    "emit[language=fr]": {time_min: 30}
+"""
+
+
+def test_resources_per_matrix_point_layer_over_the_stage_and_default(tmp_path: Path) -> None:
+    from orchestrator.plan import build_plan
+    from orchestrator.records import JobRecord
+
+    study, registry = load_study(write(tmp_path, TOY_SPEC + POINT_RESOURCES))
+    plan = build_plan(study, registry)
+    got = {
+        job.label: JobRecord.from_job(job, plan, tmp_path).resources.model_dump(include={"cpus", "mem_gb", "time_min"})
+        for job in plan.jobs
+    }
+    assert got["emit[language=en]"] == {"cpus": 2, "mem_gb": None, "time_min": 10}
+    assert got["emit[language=de]"] == {"cpus": 4, "mem_gb": 8.0, "time_min": 10}
+    assert got["emit[language=fr]"] == {"cpus": 2, "mem_gb": None, "time_min": 30}
+    assert got["scale[language=de]"] == {"cpus": 1, "mem_gb": None, "time_min": 10}  # the selector names emit only
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("emit[langauge=de]", "executor.resources.emit[langauge=de]: stage 'emit' has no matrix axis 'langauge'; its axes: language"),
+        ("emit[language=xx]", "executor.resources.emit[language=xx]: matches no job of stage 'emit'; its points have language: de, en, fr"),
+        ("emitt[language=de]", "executor.resources.emitt[language=de]: no such stage; valid: default, emit, scale, total"),
+        ("total[language=de]", "executor.resources.total[language=de]: stage 'total' has no matrix axis 'language'; its axes: none"),
+        ("emit[language]", "executor.resources: Value error, 'emit[language]': write the point as <axis>=<value>"),
+    ],
+)
+def test_a_resources_point_that_matches_no_job_is_refused(tmp_path: Path, key: str, expected: str) -> None:
+    from orchestrator.plan import build_plan
+
+    spec = write(tmp_path, TOY_SPEC + f'executor:\n  resources:\n    "{key}": {{cpus: 2}}\n')
+    with pytest.raises(SpecError) as e:
+        build_plan(*load_study(spec))
+    assert any(expected in str(i) for i in e.value.issues), [str(i) for i in e.value.issues]

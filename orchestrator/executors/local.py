@@ -372,10 +372,9 @@ class _Run:
         self.running: dict[str, _Running] = {}
         self.exited: list[tuple[str, int, float, bool]] = []  # reaped, state not written yet: (key, rc, seconds, timed out)
         self.total, self.ended = len(todo), 0
-        stages = {plan.by_key[key].stage_id for key in todo}
-        resources = {sid: plan.study.executor.resources_for(sid) for sid in stages}
-        self.cpus = {key: min(resources[plan.by_key[key].stage_id].cpus, executor.cpus) for key in todo}
-        self.time_min = {sid: r.time_min for sid, r in resources.items() if r.time_min}  # per stage id
+        resources = {key: plan.study.executor.resources_for(plan.by_key[key].stage_id, plan.by_key[key].point) for key in todo}
+        self.cpus = {key: min(r.cpus, executor.cpus) for key, r in resources.items()}
+        self.time_min = {key: r.time_min for key, r in resources.items() if r.time_min}
         self.order = {key: i for i, key in enumerate(todo)}
         self.unmet: dict[str, int] = {}  # waiting job -> how many of its dependencies have not succeeded
         self.dependents: dict[str, list[str]] = {}  # job -> the waiting jobs that depend on it
@@ -435,7 +434,7 @@ class _Run:
         proc = self.ex._launch(key, self.force, self.cpus[key])
         pid = proc.pid or 0  # set once started
         started = time.monotonic()
-        minutes = self.time_min.get(self.plan.by_key[key].stage_id)
+        minutes = self.time_min.get(key)
         deadline = started + minutes * self.ex.time_unit_s if minutes else None
         self.running[key] = _Running(proc, pid, started, parent_of(pid), deadline)  # from here on, a signal stops it
         self._write(key, "running", external_id=str(pid))
@@ -468,7 +467,7 @@ class _Run:
                 _signal_group(job.proc, signal.SIGKILL)
 
     def _minutes(self, key: str) -> int | None:
-        return self.time_min.get(self.plan.by_key[key].stage_id)
+        return self.time_min.get(key)
 
     def _release_dependents(self, key: str) -> None:
         for dep in self.dependents.pop(key, ()):
