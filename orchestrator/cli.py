@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         return cmd
 
     spec_command("validate", "check a spec; nothing runs", _validate)
+    spec_command(
+        "prefetch",
+        "download the models, tokenizers and datasets the spec's jobs load by name into the local caches "
+        "(run it where there is network, e.g. a login node; see README, Running on a cluster)",
+        _prefetch,
+    )
     sweep = spec_command("sweep", "show a spec's sweep points, then submit them like submit", _sweep)
     sweep.add_argument("--force", action="store_true", help="rerun jobs even if their outputs are committed")
     sweep.add_argument("--dry-run", action="store_true", help="show what would run; submit nothing")
@@ -180,8 +186,25 @@ def _paths(study: Study) -> StudyPaths:
 
 def _validate(args: argparse.Namespace) -> int:
     study, plan = _load(args)
+    _warn_cluster(plan)
     print(f"{args.spec}: ok - study {study.name!r}, {len(study.stages)} stages, {len(plan.jobs)} jobs")
     return 0
+
+
+def _warn_cluster(plan: Plan) -> None:
+    """SLURM: one line on stderr per resource left to the cluster's defaults (partition, account)."""
+    from orchestrator.cluster import resource_warnings
+
+    for line in resource_warnings(plan, os.environ):
+        print(line, file=sys.stderr)
+
+
+def _prefetch(args: argparse.Namespace) -> int:
+    from orchestrator.prefetch import prefetch
+    from orchestrator.stage import load_registry
+
+    study, plan = _load(args)
+    return prefetch(plan, load_registry(study.stage_package))
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -196,9 +219,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _reasons(plan: Plan, paths: StudyPaths) -> dict[str, str]:
     """Why each of the plan's jobs that is not cached in the study's store must run."""
+    from orchestrator.artifacts import open_store
     from orchestrator.executors.base import run_reasons
     from orchestrator.lineage import NOT_RUN
-    from orchestrator.runner import open_store
 
     if not paths.store.exists():
         return {job.key: NOT_RUN for job in plan.jobs}
@@ -207,11 +230,12 @@ def _reasons(plan: Plan, paths: StudyPaths) -> dict[str, str]:
 
 def _submit(args: argparse.Namespace) -> int:
     from orchestrator import views
-    from orchestrator.executors import Executor, LocalExecutor
+    from orchestrator.artifacts import open_store
+    from orchestrator.executors import Executor
     from orchestrator.executors.slurm import SlurmExecutor, require_slurm
-    from orchestrator.runner import open_store
 
     study, plan = _load(args)
+    _warn_cluster(plan)
     paths = _paths(study)
     executor: Executor
     if study.executor.backend == "slurm":
@@ -223,6 +247,8 @@ def _submit(args: argparse.Namespace) -> int:
         print(views.plan_table(plan, {j.key for j in plan.jobs if j.key not in reasons}, reasons=reasons))
         return 0
     else:
+        from orchestrator.executors.local import LocalExecutor
+
         executor = LocalExecutor(paths, open_store(paths.root), max_parallel=study.executor.max_parallel)
     report = executor.submit(plan, args.spec, force=args.force)
     if not args.dry_run:
@@ -255,18 +281,20 @@ def _status(args: argparse.Namespace) -> int:
     import shutil
 
     from orchestrator import views
-    from orchestrator.executors.slurm import query_states
+    from orchestrator.executors.slurm import QueueView, query_states
 
     paths = StudyPaths(args.store.resolve(), args.study)
     ids = [s.external_id for _, s in views.job_states(paths) if s and s.executor == "slurm" and s.external_id]
-    scheduler = query_states(ids) if ids and shutil.which("squeue") else {}
-    print(views.status_table(paths, scheduler))
+    scheduler = query_states(ids) if ids and shutil.which("squeue") else QueueView()
+    if scheduler.unreachable:
+        print(f"warning: {scheduler.unreachable}; below, each job's state as it last recorded it", file=sys.stderr)
+    print(views.status_table(paths, scheduler.states))
     return 0
 
 
 def _artifacts(args: argparse.Namespace) -> int:
     from orchestrator import views
-    from orchestrator.runner import open_store
+    from orchestrator.artifacts import open_store
 
     paths = StudyPaths(args.store.resolve(), args.study)
     store = open_store(paths.root)
@@ -280,8 +308,8 @@ def _artifacts(args: argparse.Namespace) -> int:
 
 
 def _plots(args: argparse.Namespace) -> int:
+    from orchestrator.artifacts import open_store
     from orchestrator.export import export_type
-    from orchestrator.runner import open_store
 
     paths = StudyPaths(args.store.resolve(), args.study)
     out = (args.out or paths.dir / "figures").resolve()

@@ -34,8 +34,11 @@ def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
         raise
 
 
-def atomic_write_json(path: Path, value: Any, *, durable: bool = True) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", durable=durable)
+def atomic_write_json(path: Path, value: Any, *, durable: bool = True, compact: bool = False) -> None:
+    """``compact``: one line, for files only programs read, thousands of records long (json's C
+    encoder runs only without indentation, about 10x faster)."""
+    indent = None if compact else 2
+    atomic_write_text(path, json.dumps(value, indent=indent, sort_keys=True, ensure_ascii=False) + "\n", durable=durable)
 
 
 def read_json(path: Path) -> Any:

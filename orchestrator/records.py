@@ -107,6 +107,7 @@ class JobState(BaseModel):
     executor: str | None = None
     external_id: str | None = None  # pid or SLURM job id
     message: str | None = None
+    attempt: int | None = None  # which attempt runs (or ran last) where resources.retries allows several; None: the first
 
 
 def now() -> str:
@@ -133,6 +134,16 @@ def read_state(paths: StudyPaths, key: str) -> JobState | None:
     return JobState.model_validate(read_json(path)) if path.exists() else None
 
 
+def recorded_attempt(paths: StudyPaths, key: str) -> int | None:
+    """The attempt a job's state records (the runner notes each retry there), to carry it into
+    the state that follows; None where there is none or it cannot be read."""
+    try:
+        state = read_state(paths, key)
+    except (OSError, ValueError):
+        return None
+    return state.attempt if state else None
+
+
 def write_plan(paths: StudyPaths, plan: Plan, spec_path: Path) -> None:
     """The submitted plan: what ``status`` and ``artifacts`` read later, without the spec file."""
     atomic_write_json(
@@ -145,6 +156,7 @@ def write_plan(paths: StudyPaths, plan: Plan, spec_path: Path) -> None:
             "submitted_at": now(),
             "jobs": [plan_entry(j) for j in plan.jobs],
         },
+        compact=True,  # thousands of jobs; `plan` and `status` show it to people
     )
 
 

@@ -16,6 +16,9 @@ these steps, and the order is what makes lineage trustworthy:
 5. Once the stage process and everything it started have exited, check that it did not write to
    its inputs, then hash and commit each output, and record the job: its outputs and the input
    versions it consumed. That record is the commit point for caching.
+6. A failed attempt (exit 1) runs again from step 3, in a fresh staging folder and under the same
+   lock, as often as ``resources.retries`` allows, after a backoff (``_attempts``); both
+   executors get this by calling ``run_job``.
 
 Exit codes: 0 done (or already done), 1 failed, 3 interrupted after a checkpoint (the executor may
 requeue it).
@@ -31,18 +34,19 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from orchestrator.artifacts import ArtifactError, ArtifactRef, ArtifactStore, LocalStore, Producer
+from orchestrator.artifacts import ArtifactError, ArtifactRef, ArtifactStore, Producer, open_store
 from orchestrator.artifacts.locking import LockTimeout, file_lock, holder
 from orchestrator.errors import OrchestratorError
 from orchestrator.lineage import NOT_RUN, LineageCheck
 from orchestrator.paths import StudyPaths, run_lock_path
 from orchestrator.provenance import code_provenance, stage_provenance, version_provenance
-from orchestrator.records import JobRecord, State, read_job_record, write_job_record, write_state
+from orchestrator.records import JobRecord, State, read_job_record, read_state, recorded_attempt, write_job_record, write_state
 from orchestrator.stage import ResolvedInput, StageDef, load_registry
 from orchestrator.stageproc import (
     EXIT_ABORTED,
@@ -55,6 +59,7 @@ from orchestrator.stageproc import (
     RunSignals,
     on_stop_signals,
     run_stage_process,
+    stage_processes,
 )
 from orchestrator.stageproc import install_stop_handlers as _install_stop_handlers
 from orchestrator.tracking import TrackingRun, open_run
@@ -72,12 +77,8 @@ __all__ = [
 ]
 
 
-def open_store(root: Path) -> ArtifactStore:
-    return LocalStore(root / "artifacts")
-
-
 def run_listed_job(list_path: Path, index: int, force: bool = False, max_requeues: int = 3) -> int:
-    """Run entry ``index`` of a JSON list of job records (a SLURM array task), logging into the
+    """Run the job at array ``index`` of a job list (JSON: array index -> job record; a SLURM array task), logging into the
     job's own log file and recording its state, as the local executor does for its jobs.
 
     At SLURM's time-limit signal (USR2) the exit code tells the batch script whether to requeue:
@@ -85,9 +86,11 @@ def run_listed_job(list_path: Path, index: int, force: bool = False, max_requeue
     fewer than ``max_requeues`` times (``SLURM_RESTART_COUNT``); otherwise the job is recorded as
     ``timeout``, with what to change, and exits with a code that does not requeue."""
     records = json.loads(list_path.read_text(encoding="utf-8"))
-    if not 0 <= index < len(records):
-        raise OrchestratorError(f"{list_path} has {len(records)} jobs; there is no index {index}")
-    entry = records[index]  # the record itself, or the path of its job.json
+    if isinstance(records, list):  # by position (lists written before per-task dependencies)
+        records = dict(enumerate(records))
+    entry = records.get(str(index), records.get(index))  # the record itself, or the path of its job.json
+    if entry is None:
+        raise OrchestratorError(f"{list_path} has no job at array index {index} (it has {', '.join(map(str, records))})")
     record = JobRecord.model_validate(entry) if isinstance(entry, dict) else read_job_record(Path(entry))
     paths = StudyPaths(record.root, record.study)
     record_path = write_job_record(paths, record)  # next to the job's log, as for local jobs
@@ -113,7 +116,8 @@ def run_listed_job(list_path: Path, index: int, force: bool = False, max_requeue
     state, rc, message = task_outcome(rc, "SIGUSR2" in stops.received, restarts, max_requeues, record.stage_id)
     if message:
         print(f"{record.label}: {message}", flush=True)
-    write_state(paths, record.key, state, exit_code=rc, executor="slurm", external_id=external, message=message)
+    attempt = recorded_attempt(paths, record.key) if record.resources.retries else None
+    write_state(paths, record.key, state, exit_code=rc, executor="slurm", external_id=external, message=message, attempt=attempt)
     return rc
 
 
@@ -188,8 +192,7 @@ def run_job(
                         return EXIT_OK
                     if problem != NOT_RUN:
                         print(f"{record.label}: runs again: {problem}", flush=True)
-                with attempt_dir(paths, record.key) as staging:
-                    return _attempt(record, paths, store, staging, code, stops)
+                return _attempts(record, paths, store, code, stops)
         except JobStopped as e:
             print(f"{record.label}: stopped by {e}; nothing was committed", flush=True)
             return EXIT_INTERRUPTED
@@ -198,11 +201,72 @@ def run_job(
                 signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
 
 
-def _attempt(
-    record: JobRecord, paths: StudyPaths, store: ArtifactStore, staging: Path, code: Mapping[str, Any] | None, stops: RunSignals
+def _attempts(
+    record: JobRecord, paths: StudyPaths, store: ArtifactStore, code: Mapping[str, Any] | None, stops: RunSignals
 ) -> int:
-    """One attempt, under the job's run lock, writing into ``staging`` (this attempt's alone)."""
+    """The job's attempts, under its run lock, each in a fresh staging folder (the checkpoint
+    folder persists): one, and as many again as ``resources.retries`` allows while attempts fail
+    (exit 1: the stage raised or was killed, or the commit failed), after ``retry_backoff_s``,
+    doubled before each further retry. An attempt stopped by a signal (exit 3 or 4, a time limit
+    included) is never retried, nor is an error raised before the stage ran (a stage version that
+    does not match the plan, a missing or damaged input): running again cannot change it."""
+    retries, attempt = record.resources.retries, 1
+    while True:
+        failure: list[str] = []
+        with attempt_dir(paths, record.key) as staging:
+            rc = _attempt(record, paths, store, staging, code, stops, failure=failure)
+        if rc != EXIT_FAILED or attempt > retries:
+            return rc
+        stops.finishing = False  # from here on a stop signal raises JobStopped (RunSignals.handle): nothing runs
+        if stops.received:  # one came while the attempt ended: it may be why it failed; stop, do not retry
+            raise JobStopped(stops.received[-1])
+        wait = retry_wait(record.resources.retry_backoff_s, attempt)
+        why = failure[-1] if failure else "exit 1"
+        print(
+            f"{record.label}: attempt {attempt + 1} of {retries + 1} in {wait:g} s (attempt {attempt} failed: {why})",
+            flush=True,
+        )
+        attempt += 1
+        _note_attempt(paths, record, attempt)
+        time.sleep(wait)  # a stop signal ends it (and the job, as interrupted) at once
+
+
+def retry_wait(backoff_s: float, failed: int) -> float:
+    """Seconds to wait after attempt number ``failed`` failed: ``backoff_s``, doubled for each
+    attempt before it (Snakemake's restart-times, with a growing pause)."""
+    return backoff_s * 2 ** (failed - 1)
+
+
+def _note_attempt(paths: StudyPaths, record: JobRecord, attempt: int) -> None:
+    """Record in the job's state which attempt runs, for ``status``: only where an executor
+    records the job as running (a bare ``run-job`` must not leave "running" behind). The
+    executor carries it into the job's final state. A state that cannot be written costs the
+    job nothing."""
+    try:
+        state = read_state(paths, record.key)
+        if state is not None and state.state == "running":
+            fields = state.model_dump(exclude={"state", "updated_at", "attempt"})
+            write_state(paths, record.key, "running", **fields, attempt=attempt)
+    except (OSError, ValueError) as e:
+        print(f"{record.label}: warning: could not record attempt {attempt} in its state: {e}", flush=True)
+
+
+def _attempt(
+    record: JobRecord,
+    paths: StudyPaths,
+    store: ArtifactStore,
+    staging: Path,
+    code: Mapping[str, Any] | None,
+    stops: RunSignals,
+    *,
+    failure: list[str] | None = None,
+) -> int:
+    """One attempt, under the job's run lock, writing into ``staging`` (this attempt's alone).
+    ``failure``: where a failed attempt (exit 1) appends why, for the retry's log line."""
+    failure = [] if failure is None else failure
     stage_def = _stage_def(record)
+    res = record.resources
+    processes = stage_processes(res.processes, res.gpu_count())
     inputs = resolve_inputs(store, record)
     checkpoint = paths.job(record.key).checkpoint
     checkpoint.mkdir(parents=True, exist_ok=True)
@@ -210,8 +274,8 @@ def _attempt(
     lineage = stage_provenance(record, store, (ArtifactRef(i.name, i.version) for i in _flatten(inputs)), code)
     print(f"{record.label}: running stage {record.stage} (key {record.key[:12]}, seed {record.seed})", flush=True)
 
-    def context(run: TrackingRun, stop: threading.Event) -> Context:
-        return Context(record.seed, record.label, checkpoint, staging, run, stop, lineage, gpus=record.resources.gpus)
+    def context(run: TrackingRun, stop: threading.Event) -> Context:  # (stageproc sets rank and world_size)
+        return Context(record.seed, record.label, checkpoint, staging, run, stop, lineage, gpus=res.gpu_count())
 
     def tracking() -> TrackingRun:
         run = open_run(record, paths)
@@ -220,10 +284,11 @@ def _attempt(
         return run
 
     params = stage_def.params.model_validate(record.params)
-    result, run = run_stage_process(stage_def, params, inputs, context, tracking, stops)
+    result, run = run_stage_process(stage_def, params, inputs, context, tracking, stops, processes=processes)
     if result.exit_code != EXIT_OK or result.metadata is None:
         run.finish(ok=False)
         if result.exit_code == EXIT_FAILED:
+            failure.append(result.message or "traceback above")
             print(f"{record.label}: FAILED ({result.message or 'traceback above'})", flush=True)
         return result.exit_code if result.exit_code in (EXIT_INTERRUPTED, EXIT_ABORTED) else EXIT_FAILED
     try:
@@ -233,6 +298,7 @@ def _attempt(
             run.log_output(store.get(ref), store.materialize(ref))
     except Exception as e:  # noqa: BLE001 - a failed commit is a failed job, with its reason in the log
         run.finish(ok=False)
+        failure.append(f"committing its outputs failed: {e}")
         print(f"{record.label}: FAILED while committing its outputs: {e}", flush=True)
         return EXIT_FAILED
     run.finish(ok=True)

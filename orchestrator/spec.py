@@ -60,10 +60,21 @@ class Resources(Strict):
     retry_backoff_s: float = Field(
         30.0, ge=0, description="wait before the first retry; doubled before each further one"
     )
-    nodes: int = Field(1, ge=1, description="slurm: nodes per job")
     processes: int | None = Field(
-        None, ge=1, description="processes running the stage together (DDP ranks) per job; default: gpus if > 1, else 1"
+        None, ge=1, description="processes running the stage together (DDP ranks, one node) per job; default: gpus if > 1, else 1"
     )
+
+    def gpu_count(self) -> int:
+        """GPUs per job, asked for with ``gpus`` or with a GPU ``gres`` (``gpu``, ``gpu:2``,
+        ``gpu:a100:2``; other generic resources do not count)."""
+        if self.gpus:
+            return self.gpus
+        for item in (self.gres or "").split(","):
+            parts = item.strip().split(":")
+            if parts[0] == "gpu":
+                last = parts[-1].split("(")[0]
+                return int(last) if len(parts) > 1 and last.isdigit() else 1
+        return 0
 
 
 
@@ -108,8 +119,9 @@ class ExecutorSpec(Strict):
     array_parallelism: int | None = Field(
         None, ge=1, description="slurm: tasks of one job array running at once (sbatch --array=...%N)"
     )
+    _resolved: dict[tuple[str, tuple[str, ...]], Resources] = PrivateAttr(default_factory=dict)
     sbatch_timeout_s: float = Field(
-        120.0, gt=0, description="slurm: how long one sbatch call may take before the submit gives up"
+        120.0, gt=0, description="slurm: how long one SLURM command of a submit (sbatch, squeue, scontrol) may take"
     )
 
     @field_validator("resources")
@@ -136,17 +148,19 @@ class ExecutorSpec(Strict):
 
     def resources_for(self, stage_id: str, point: Mapping[str, Any] | None = None) -> Resources:
         """A job's resources: ``default``, then its stage's, then every ``<stage>[...]`` key that
-        matches its matrix ``point``, in the spec's order (later keys win field by field)."""
+        matches its matrix ``point``, in the spec's order (later keys win field by field). Do not
+        modify the result: it is shared by every job with the same keys (thousands in a plan)."""
+        selectors = [(key, pairs) for key in self.resources for sid, pairs in [parse_selector(key)] if pairs and sid == stage_id]
+        matched = tuple(key for key, pairs in selectors if point is not None and selector_matches(pairs, point))
+        cached = self._resolved.get((stage_id, matched))
+        if cached is not None:
+            return cached
         base: dict[str, Any] = {}
-        for key, res in self.resources.items():
-            sid, pairs = parse_selector(key)
-            if key == "default" or (sid == stage_id and not pairs):
-                base.update(res.model_dump(exclude_unset=True))
-        for key, res in self.resources.items():
-            sid, pairs = parse_selector(key)
-            if pairs and sid == stage_id and point is not None and selector_matches(pairs, point):
-                base.update(res.model_dump(exclude_unset=True))
-        return Resources.model_validate(base)
+        for key in ("default", stage_id, *matched):
+            if key in self.resources:
+                base.update(self.resources[key].model_dump(exclude_unset=True))
+        resolved = self._resolved[(stage_id, matched)] = Resources.model_validate(base)
+        return resolved
 
 
 class TrackingSpec(Strict):

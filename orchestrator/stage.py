@@ -21,7 +21,7 @@ engine imports every stage module to plan a study, and planning must stay fast.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -115,6 +115,10 @@ class StageInterrupted(Exception):
 
 
 StageFn = Callable[[Any, Inputs, StageContext], "Mapping[str, Mapping[str, Any]] | None"]
+# ``prefetch(params) -> things fetched``: downloads what a job with these (validated) params loads by
+# name (models, tokenizers, datasets) into the local caches, so that jobs can run without network.
+# A generator yields one human-readable line per thing as soon as it is fetched (progress).
+PrefetchFn = Callable[[Any], Iterable[str]]
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,7 @@ class StageDef:
     version: str = "1"
     description: str = ""
     checkpoints: bool = False  # True: the stage watches ctx.stop_requested and checkpoints
+    prefetch: PrefetchFn | None = None  # see PrefetchFn; None: the stage loads nothing by name
 
 
 def stage(
@@ -143,11 +148,13 @@ def stage(
     outputs: Mapping[str, str],
     version: str = "1",
     checkpoints: bool = False,
+    prefetch: PrefetchFn | None = None,
 ) -> Callable[[StageFn], StageDef]:
     """Decorator turning a function into a :class:`StageDef` (it does not register it anywhere).
 
     ``checkpoints=True`` declares that the stage polls ``ctx.stop_requested``, saves a checkpoint
     and raises :class:`StageInterrupted`; other stages are stopped at once by SIGTERM/SIGUSR2.
+    ``prefetch``: what ``python -m orchestrator prefetch`` calls once per distinct params (see PrefetchFn).
     """
 
     def wrap(fn: StageFn) -> StageDef:
@@ -161,6 +168,7 @@ def stage(
             version=version,
             description=doc[0] if doc else "",
             checkpoints=checkpoints,
+            prefetch=prefetch,
         )
 
     return wrap

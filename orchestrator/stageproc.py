@@ -16,19 +16,46 @@ immediate stop), after it they are only noted while the runner commits and repor
 itself dies (even by SIGKILL), the kernel kills the stage (PR_SET_PDEATHSIG).
 
 The fork happens before the runner opens its tracking run, so no W&B threads are forked.
+
+Several processes per job (``executor.resources.<stage>.processes`` > 1: data-parallel training)
+---------------------------------------------------------------------------------------------------
+The runner forks N stage processes ("ranks") instead of one, all in one process group (rank 0's),
+each told its place by the torchrun environment protocol: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``LOCAL_WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT`` (a free port); ``OMP_NUM_THREADS``
+and ``MKL_NUM_THREADS``, when set, are divided among the ranks (``rank_environment``). A stage
+that uses torch.distributed (directly or through accelerate) finds its peers from that, and
+``ctx.rank`` / ``ctx.world_size`` say the same. The ranks are started here, not by ``torchrun``, so
+that a job stays one run: one run lock, one staging folder, one commit and one job record per job
+key, whatever the number of processes, and the guarantees above (late writers killed before the
+hash, stop signals phase by phase, death with the runner) hold for every rank:
+
+- only rank 0 talks to the runner: its metrics are relayed, its returned metadata is committed;
+  the other ranks' ``ctx.log`` is dropped and their ``ctx.output_dir`` raises (only rank 0
+  writes outputs; a stage guards its writes with ``ctx.rank == 0``);
+- stop signals go to the whole group, so every rank sees them (a checkpointing stage must agree
+  among its ranks on when to stop, and let rank 0 write the checkpoint);
+- a rank that fails (an exit code other than 0 and 3, or death by a signal) gets the others
+  killed at once: they could only wait for it in their next collective operation;
+- the job's exit code: the first rank to fail decides (1, or 4 if it was stopped without a
+  checkpoint); else 3 if any rank was interrupted after a checkpoint; else 0 (``ranks_outcome``).
+
+All ranks of a job run on one node (the job's one allocation); jobs spanning nodes are not
+supported yet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing.util
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +88,11 @@ class Context:
     world_size: int = 1
 
     def output_dir(self, name: str) -> Path:
+        if self.rank != 0:
+            raise RuntimeError(
+                f"output_dir({name!r}) called on rank {self.rank} of {self.world_size}: only rank 0 writes a job's "
+                "outputs; guard the writes with `if ctx.rank == 0`"
+            )
         path = self.staging / name
         path.mkdir(parents=True, exist_ok=True)
         return path
@@ -94,6 +126,19 @@ class _PipeRun(TrackingRun):
         self._file.close()
 
 
+class _NullRun(TrackingRun):
+    """The tracking run of ranks other than 0: what they log is dropped (rank 0 logs for the job)."""
+
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self, ok: bool) -> None:
+        pass
+
+
 class JobStopped(BaseException):
     """Raised in the stage's thread by a stop signal: unwinds the stage without committing anything."""
 
@@ -121,11 +166,15 @@ def run_stage_process(
     make_context: Callable[[TrackingRun, threading.Event], Context],
     open_run: Callable[[], TrackingRun],
     stops: RunSignals,
+    processes: int = 1,
 ) -> tuple[StageResult, TrackingRun]:
     """Fork, run ``stage_def`` in the child, forward its metrics to the run ``open_run`` opens in
     this process, and return how it ended (with that run, still open) once the child and every
     process it left in its group are gone. ``stops`` (installed by the caller) passes stop signals
-    on to the stage while it runs, and only notes them afterwards."""
+    on to the stage while it runs, and only notes them afterwards. ``processes`` > 1: as many
+    ranks (see the module's docstring)."""
+    if processes > 1:
+        return _run_ranks(stage_def, params, inputs, make_context, open_run, stops, processes)
     read_fd, write_fd = os.pipe()
     parent = os.getpid()
     # stop signals wait (blocked) across the fork, until each side has its handlers in place
@@ -141,7 +190,7 @@ def run_stage_process(
     os.close(write_fd)
     try:
         run = open_run()
-        metadata = _relay(read_fd, run)
+        metadata, error = _relay(read_fd, run)
         _, status = os.waitpid(pid, 0)
     except BaseException:
         _kill_group(pid)
@@ -154,12 +203,180 @@ def run_stage_process(
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
         return StageResult(EXIT_FAILED, None, f"the stage process was killed by {signal.Signals(-code).name}"), run
-    return StageResult(code, metadata if code == EXIT_OK else None), run
+    return StageResult(code, metadata if code == EXIT_OK else None, "" if code == EXIT_OK else error), run
 
 
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ several processes per job (ranks)
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def stage_processes(processes: int | None, gpus: int) -> int:
+    """How many processes run a job's stage: ``resources.processes``, else one per GPU when the
+    job asks for several, else 1."""
+    if processes is not None:
+        return processes
+    return gpus if gpus > 1 else 1
+
+
+def rank_environment(rank: int, world_size: int, port: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables rank ``rank`` of ``world_size`` (all on this node) gets: torchrun's protocol,
+    and its share of the job's ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` where ``environ`` sets them."""
+    env = {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    for var in THREAD_VARS:
+        value = environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            env[var] = str(max(1, int(value) // world_size))
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (rank 0's rendezvous port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rank_failed(code: int) -> bool:
+    """A rank's exit code (negative: killed by that signal) that fails the job or stops it without a
+    checkpoint: the other ranks cannot go on without it."""
+    return code not in (EXIT_OK, EXIT_INTERRUPTED)
+
+
+def ranks_outcome(ended: Sequence[tuple[int, int]], world_size: int) -> tuple[int, str]:
+    """The job's exit code and failure message from ``(rank, exit code)`` in the order the ranks
+    ended: the first rank that failed decides (exit 4 stays 4: stopped without a checkpoint; any
+    other failure is 1); what the others did after it is its consequence. Else 3 if a rank was
+    interrupted after a checkpoint, else 0."""
+    for rank, code in ended:
+        if code == EXIT_ABORTED:
+            return EXIT_ABORTED, ""
+        if rank_failed(code):
+            how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+            return EXIT_FAILED, f"rank {rank} of {world_size} {how}; the other ranks were stopped"
+    if any(code == EXIT_INTERRUPTED for _, code in ended):
+        return EXIT_INTERRUPTED, ""
+    return EXIT_OK, ""
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+@dataclass(frozen=True)
+class Rank:
+    """A stage process's place among its job's ranks; ``group``: rank 0's pid (0 for rank 0 itself)."""
+
+    rank: int
+    world_size: int
+    group: int
+    environ: Mapping[str, str]
+
+
+class _Ranks:
+    """Reaps each rank in a thread of its own, in the order they end; when one fails, kills the
+    whole group at once (the others would wait for it in their next collective operation)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.ended: list[tuple[int, int]] = []  # (rank, exit code), in the order they ended
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._reap, args=(rank, pid), name=f"stage-rank-{rank}", daemon=True)
+            for rank, pid in enumerate(self.pids)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _reap(self, rank: int, pid: int) -> None:
+        try:
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped elsewhere: its exit code is lost
+            code = EXIT_FAILED
+        with self._lock:
+            self.ended.append((rank, code))
+            if rank_failed(code) and len(self.ended) < len(self.pids):  # (an unreaped rank keeps the group id)
+                _kill_group(self.pids[0])
+
+    def wait(self) -> None:
+        for thread in self._threads:
+            thread.join()
+
+
+def _run_ranks(
+    stage_def: StageDef,
+    params: Any,
+    inputs: Mapping[str, Any],
+    make_context: Callable[[TrackingRun, threading.Event], Context],
+    open_run: Callable[[], TrackingRun],
+    stops: RunSignals,
+    processes: int,
+) -> tuple[StageResult, TrackingRun]:
+    """``run_stage_process`` with ``processes`` ranks in one process group (rank 0's): rank 0's
+    metrics and metadata come through the pipe, every rank's exit code through ``_Ranks``."""
+    port = free_port()
+    read_fd, write_fd = os.pipe()
+    parent = os.getpid()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    pids: list[int] = []
+    try:
+        for rank in range(processes):
+            info = Rank(rank, processes, pids[0] if pids else 0, rank_environment(rank, processes, port, os.environ))
+            pid = os.fork()
+            if pid == 0:  # a stage process: never returns
+                os.close(read_fd)
+                if rank > 0:
+                    os.close(write_fd)
+                _child(stage_def, params, inputs, make_context, write_fd if rank == 0 else None, parent, blocked, info)
+            pids.append(pid)
+            with contextlib.suppress(OSError):  # (the child does the same: whoever is first wins)
+                os.setpgid(pid, pids[0])
+    except BaseException:  # a fork failed: no rank runs on without the others
+        if pids:
+            _kill_group(pids[0])
+            for pid in pids:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        os.close(read_fd)
+        os.close(write_fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise
+    stops.stage = pids[0]
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    os.close(write_fd)
+    ranks = _Ranks(pids)
+    try:
+        run = open_run()
+        metadata, error = _relay(read_fd, run)
+        ranks.wait()
+    except BaseException:
+        _kill_group(pids[0])
+        ranks.wait()
+        raise
+    finally:
+        stops.stage, stops.finishing = None, True
+        _kill_group(pids[0])  # late writers the ranks left behind
+    code, message = ranks_outcome(ranks.ended, processes)
+    if error and code == EXIT_FAILED:
+        message = f"{message} (rank 0: {error})" if message else error
+    return StageResult(code, metadata if code == EXIT_OK else None, message), run
 
 
 class RunSignals:
@@ -212,10 +429,11 @@ def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _relay(fd: int, run: TrackingRun) -> dict[str, Any] | None:
+def _relay(fd: int, run: TrackingRun) -> tuple[dict[str, Any] | None, str]:
     """Pass the child's metrics on to ``run`` until the pipe closes; return the stage's metadata
-    (None if it sent none: it failed or was stopped)."""
+    (None if it sent none: it failed or was stopped) and the error it raised ("" if none)."""
     metadata: dict[str, Any] | None = None
+    error = ""
     with os.fdopen(fd, "r", encoding="utf-8") as pipe:
         for line in pipe:
             try:
@@ -226,7 +444,9 @@ def _relay(fd: int, run: TrackingRun) -> dict[str, Any] | None:
                 _log(run, item["metrics"], item.get("step"))
             elif "result" in item:
                 metadata = item["result"]
-    return metadata
+            elif "error" in item:
+                error = str(item["error"])
+    return metadata, error
 
 
 def _log(run: TrackingRun, metrics: Mapping[str, float], step: int | None) -> None:
@@ -243,28 +463,40 @@ def _child(
     params: Any,
     inputs: Mapping[str, Any],
     make_context: Callable[[TrackingRun, threading.Event], Context],
-    fd: int,
+    fd: int | None,
     parent: int,
     mask: set[int | signal.Signals],
+    rank: Rank | None = None,
 ) -> None:
     """The stage process: its own group, dies with the runner, runs the stage, reports, exits.
     Stop signals are blocked on entry; ``mask`` is the signal mask to restore once its own
-    handlers are in place (a signal that came in meanwhile is delivered then)."""
+    handlers are in place (a signal that came in meanwhile is delivered then). ``rank``: one of
+    several processes of the job (in rank 0's group, with its environment; ``fd`` None but for
+    rank 0)."""
     code = EXIT_FAILED
+    pipe: _PipeRun | _NullRun | None = None
     try:
         with contextlib.suppress(OSError):
-            os.setpgid(0, 0)
+            os.setpgid(0, rank.group if rank is not None else 0)
         _die_with_parent(parent)
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
-        pipe = _PipeRun(fd)
+        if rank is not None:
+            os.environ.update(rank.environ)
+        pipe = _PipeRun(fd) if fd is not None else _NullRun()
         stop = threading.Event()
         install_stop_handlers(stop, graceful=stage_def.checkpoints)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        code = _call_stage(stage_def, params, inputs, make_context(pipe, stop), pipe)
+        ctx = make_context(pipe, stop)
+        if rank is not None:
+            ctx = dataclasses.replace(ctx, rank=rank.rank, world_size=rank.world_size)
+        code = _call_stage(stage_def, params, inputs, ctx, pipe)
         pipe.finish(ok=code == EXIT_OK)
-    except BaseException:  # noqa: BLE001 - whatever happens, this process must not return into the runner
+    except BaseException as e:  # noqa: BLE001 - whatever happens, this process must not return into the runner
         traceback.print_exc()
+        with contextlib.suppress(Exception):  # why, in one line, for the runner's FAILED line and retries
+            if pipe is not None:
+                pipe.send({"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]})
     finally:
         with contextlib.suppress(Exception):
             # what multiprocessing runs when its own children exit: finalizers that release the
@@ -277,8 +509,8 @@ def _child(
         os._exit(code)
 
 
-def _call_stage(stage_def: StageDef, params: Any, inputs: Mapping[str, Any], ctx: Context, pipe: _PipeRun) -> int:
-    label = ctx.job_label
+def _call_stage(stage_def: StageDef, params: Any, inputs: Mapping[str, Any], ctx: Context, pipe: _PipeRun | _NullRun) -> int:
+    label = ctx.job_label if ctx.world_size == 1 else f"{ctx.job_label} (rank {ctx.rank} of {ctx.world_size})"
     try:
         metadata = stage_def.fn(params, inputs, ctx) or {}
     except StageInterrupted as e:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from orchestrator.artifacts import ArtifactNotFound, ArtifactRef, ArtifactStore, ArtifactVersion
 from orchestrator.errors import BadArgument
@@ -94,7 +97,7 @@ def job_states(paths: StudyPaths) -> list[tuple[dict[str, object], JobState | No
 def status_table(paths: StudyPaths, scheduler: dict[str, tuple[str, str]] | None = None) -> str:
     """One row per job: state (the scheduler's word for queued jobs, with the pending reason), log."""
     scheduler = scheduler or {}
-    rows, counts = [], Counter[str]()
+    rows, counts, errors = [], Counter[str](), []
     for job, state in job_states(paths):
         name = state.state if state else "unknown"
         where = ""
@@ -105,10 +108,46 @@ def status_table(paths: StudyPaths, scheduler: dict[str, tuple[str, str]] | None
             where = f"{state.executor} {state.external_id}" + (f" {sched}" if sched else "") + (f" ({reason})" if reason else "")
         counts[name] += 1
         log = paths.job(str(job["key"])).log
-        rows.append([job["label"], name, where or "-", log if log.exists() else "-"])
+        shown = attempt_text(name, state.attempt) if state and name == state.state else name
+        rows.append([job["label"], shown, where or "-", log if log.exists() else "-"])
+        if name in ("failed", "timeout"):
+            errors.append(f"  {job['label']}: {last_error_line(log) or 'no error line in its log'}")
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     submitted = read_plan(paths)["submitted_at"]
-    return f"study {paths.study} (submitted {submitted}): {summary}\n" + table(["job", "state", "where", "log"], rows)
+    text = f"study {paths.study} (submitted {submitted}): {summary}\n" + table(["job", "state", "where", "log"], rows)
+    return text + ("\n\nlast error of each failed job:\n" + "\n".join(errors) if errors else "")
+
+
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure|Warning)\b.*$")
+
+
+def last_error_line(log: Path, tail_bytes: int = 65536) -> str | None:
+    """The line of a job log that says why its last attempt failed: the exception a traceback ends
+    with, else the runner's own FAILED/error line; None without either."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    fallback = None
+    for line in reversed(lines):
+        text = line.strip()
+        if EXCEPTION_LINE.match(text):
+            return text
+        if fallback is None and ("FAILED" in text or text.startswith("error:") or "slurmstepd: error" in text):
+            fallback = text
+        if ": running stage " in text:  # the start of the last attempt
+            break
+    return fallback
+
+
+def attempt_text(state: str, attempt: int | None) -> str:
+    """A state with its attempts where there were several (resources.retries): "running (attempt 2)",
+    "failed (3 attempts)"."""
+    if not attempt or attempt < 2:
+        return state
+    return f"{state} (attempt {attempt})" if state == "running" else f"{state} ({attempt} attempts)"
 
 
 # A job that the scheduler ended without the runner recording an outcome (cancelled by a failed

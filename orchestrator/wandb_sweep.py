@@ -271,7 +271,7 @@ def agent_resources(study: Study, jobs: Sequence[Job]) -> Resources:
 def agent_options(study: str, resources: Resources, agents: int, log_dir: Path) -> dict[str, str]:
     from orchestrator.executors.slurm import Submission, sbatch_options
 
-    sub = Submission(AGENT_STAGE, tuple(str(i) for i in range(agents)), (), resources)
+    sub = Submission(AGENT_STAGE, tuple((i, str(i)) for i in range(agents)), (), resources, array=agents > 1)
     opts = sbatch_options(sub, study, log_dir)  # --requeue, --signal, --open-mode=append, --kill-on-invalid-dep
     opts["array"] = f"0-{agents - 1}"
     opts["output"] = str(log_dir / "%x-%A_%a.out")
@@ -373,8 +373,8 @@ def submit_agents(
 ) -> int:
     """Create the W&B sweep, queue the shared upstream, then the agent array after it. Every check
     comes first: a refused sweep creates nothing and submits nothing."""
+    from orchestrator.artifacts import open_store
     from orchestrator.executors.slurm import require_slurm
-    from orchestrator.runner import open_store
     from orchestrator.tracking.wandb import import_wandb, load_api_key
 
     if agents < 1:
@@ -451,13 +451,13 @@ class _AgentJob:
         SlurmExecutor(self.paths, self.store, template=template, dry_run=True, echo=echo).submit(self.upstream, self.spec)
         script = self.script(self.path("<sweep-id>"))
         pending = {j.key for j in self.upstream.jobs} - cached_keys(self.upstream, self.store, force=False)
-        deps = dependency_arg(["<upstream>"]) if pending else []
+        deps = dependency_arg(["afterok:<upstream>"]) if pending else []
         echo(f"\n# {self.agents} W&B agents, one SLURM array (after the shared upstream):")
         echo(f"$ {shlex.join(['sbatch', '--parsable', *deps, str(script)])}")
         echo(script.read_text(encoding="utf-8").rstrip())
 
     def queue(self, wandb: Any, run: Callable[..., subprocess.CompletedProcess[str]]) -> None:
-        from orchestrator.executors.slurm import SlurmError, SlurmExecutor, dependency_arg, latest_submission
+        from orchestrator.executors.slurm import SlurmError, SlurmExecutor, afterok, dependency_arg, latest_submission
         from orchestrator.tracking.wandb import redact
 
         t = self.prepared.study.tracking
@@ -471,21 +471,21 @@ class _AgentJob:
         self.echo(f"created W&B sweep {path}")
         template = self.prepared.study.executor.template
         executor = SlurmExecutor(self.paths, self.store, template=template, echo=self.echo, run=run)
-        record = latest_submission(self.paths) if executor.submit(self.upstream, self.spec).submitted else None
-        up_ids: dict[str, str] = dict(record["ids"]) if record else {}  # type: ignore[call-overload]
-        cmd = ["sbatch", "--parsable", *dependency_arg(list(up_ids.values())), str(self.script(path))]
+        upstream = (latest_submission(self.paths) or []) if executor.submit(self.upstream, self.spec).submitted else []
+        up_ids = [str(sub["id"]) for sub in upstream if sub.get("id")]
+        cmd = ["sbatch", "--parsable", *dependency_arg(afterok(up_ids)), str(self.script(path))]
         result = run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             if up_ids:
-                run(["scancel", *up_ids.values()], capture_output=True, text=True)
+                run(["scancel", *up_ids], capture_output=True, text=True)
             raise SlurmError(
                 f"sbatch failed for the W&B agents (exit {result.returncode}): {result.stderr.strip()}\n"
                 f"command: {shlex.join(cmd)}\ncancelled the {len(up_ids)} upstream submissions of this sweep; "
                 f"the W&B sweep {path} has no agents"
             )
         agent_id = result.stdout.strip().split(";")[0]
-        _save(self.paths, self.folder, record, up_ids, agent_id, sweep_id, path)
-        after = f" after {','.join(up_ids.values())}" if up_ids else ""
+        _save(self.paths, self.folder, upstream, up_ids, agent_id, sweep_id, path)
+        after = f" after {','.join(up_ids)}" if up_ids else ""
         self.echo(f"sbatch {AGENT_STAGE}: array {agent_id} of {self.agents}{after}")
         self.echo(
             f"queued {self.agents} W&B agents for sweep {path}; follow with: python -m orchestrator status "
@@ -496,26 +496,21 @@ class _AgentJob:
 def _save(
     paths: StudyPaths,
     folder: Path,
-    upstream: Mapping[str, Any] | None,
-    up_ids: Mapping[str, str],
+    upstream: list[dict[str, Any]],
+    up_ids: list[str],
     agent_id: str,
     sweep_id: str,
     path: str,
 ) -> None:
     """A submission record in the SlurmExecutor's format (so ``cancel`` cancels agents too)."""
-    up = upstream or {"order": [], "keys": {}, "after": {}}
-    order = [*up["order"], AGENT_STAGE]  # type: ignore[misc]
+    from orchestrator.executors.slurm import afterok, track_submission
+
+    agents = {"stage": AGENT_STAGE, "id": agent_id, "array": True, "tasks": [], "after": afterok(up_ids)}
     atomic_write_json(
         folder / "submission.json",
-        {
-            "order": order,
-            "ids": {**up_ids, AGENT_STAGE: agent_id},
-            "keys": {**up["keys"], AGENT_STAGE: []},  # type: ignore[dict-item]
-            "after": {**up["after"], AGENT_STAGE: list(up_ids)},  # type: ignore[dict-item]
-            "wandb_sweep": {"id": sweep_id, "path": path},
-        },
+        {"submissions": [*upstream, agents], "wandb_sweep": {"id": sweep_id, "path": path}, "submitted_at": now()},
     )
-    atomic_write_json(paths.dir / "slurm" / "latest.json", {"dir": str(folder)})
+    track_submission(paths, folder)
 
 
 def _describe(prepared: Prepared, agents: int, echo: Callable[[str], None]) -> None:
@@ -692,7 +687,7 @@ def _run_point(
     frozen: Path, config: Mapping[str, Any], run: Any, pre: _Preemption, echo: Callable[[str], None]
 ) -> tuple[int, dict[str, float]]:
     from orchestrator import views
-    from orchestrator.runner import open_store
+    from orchestrator.artifacts import open_store
 
     if pre.signal is not None:  # stopped while the run was starting
         return EXIT_INTERRUPTED, {}

@@ -237,7 +237,20 @@ def _urielplus_version() -> str:
         return "unknown"
 
 
-@stage("language_distance", params=LanguageDistanceParams, outputs={"metrics": "metrics"}, version="1")
+def prefetch_language_distance(params: LanguageDistanceParams) -> Iterator[str]:
+    """urielplus copies its data into its package folder on first use: do that now, where the
+    environment is writable (``prefetch`` hook; nothing is downloaded)."""
+    load_urielplus()
+    yield f"URIEL+ data (urielplus {_urielplus_version()}, {_urielplus_folder() / 'database'})"
+
+
+@stage(
+    "language_distance",
+    params=LanguageDistanceParams,
+    outputs={"metrics": "metrics"},
+    version="1",
+    prefetch=prefetch_language_distance,
+)
 def language_distance_stage(
     params: LanguageDistanceParams, inputs: Inputs, ctx: StageContext
 ) -> dict[str, dict[str, Any]]:

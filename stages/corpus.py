@@ -351,16 +351,36 @@ def read_files_source(params: CorpusParams, lang: str) -> tuple[list[Doc], dict[
 # Hugging Face datasets source
 
 
-def read_hf_source(params: CorpusParams, lang: str, seed: int) -> tuple[list[Doc], dict[str, Any]]:
-    """The first ``max_docs_per_language`` usable documents of the seeded shuffle of a HF dataset."""
+def load_hf_split(params: CorpusParams, lang: str) -> tuple[Any, str | None, str | None]:
+    """``datasets.load_dataset`` of one language (the config and data_files templates filled in), and
+    the config and data_files it used."""
     import datasets
-    import numpy as np
 
     name = params.hf_config.replace("{lang}", lang) if params.hf_config else None
     data_files = params.hf_data_files.replace("{lang}", lang) if params.hf_data_files else None
     ds = datasets.load_dataset(
         params.hf_path, name=name, data_files=data_files, split=params.hf_split, revision=params.hf_revision
     )
+    return ds, name, data_files
+
+
+def prefetch_corpus(params: CorpusParams) -> Iterator[str]:
+    """source=hf: every language's split, downloaded and prepared as the stage loads it (``prefetch`` hook)."""
+    from stages.hub import dataset_origin
+
+    if params.source != "hf":
+        return
+    for lang in params.languages:
+        ds, name, data_files = load_hf_split(params, lang)
+        what = " ".join(str(x) for x in (params.hf_path, name, data_files) if x)
+        yield f"dataset {what} split {params.hf_split}: {len(ds):,} rows ({dataset_origin()})"
+
+
+def read_hf_source(params: CorpusParams, lang: str, seed: int) -> tuple[list[Doc], dict[str, Any]]:
+    """The first ``max_docs_per_language`` usable documents of the seeded shuffle of a HF dataset."""
+    import numpy as np
+
+    ds, name, data_files = load_hf_split(params, lang)
     for col, pname in ((params.hf_text_column, "hf_text_column"), (params.hf_id_column, "hf_id_column")):
         if col is not None and col not in ds.column_names:
             raise ValueError(f"{pname}: no column {col!r} in {params.hf_path} ({lang}): {ds.column_names}")
@@ -462,7 +482,7 @@ def _make_reader(
     return (lambda lang: read_hf_source(params, lang, seed)), {"hf_path": params.hf_path}
 
 
-@stage("corpus", params=CorpusParams, outputs={"corpus": "corpus"}, version="1")
+@stage("corpus", params=CorpusParams, outputs={"corpus": "corpus"}, version="1", prefetch=prefetch_corpus)
 def corpus_stage(params: CorpusParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Collect raw text per language and split it into train/test by document."""
     seed = effective_seed(ctx.seed, params.seed)

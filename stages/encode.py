@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -321,16 +321,6 @@ def encode_sentences(
     return out, stats
 
 
-def pick_device(choice: str) -> Any:
-    import torch
-
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("device=cuda but CUDA is not available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def load_any_model(path: Path | str) -> Any:
     """A masked LM from a directory or hub name; a bare encoder (AutoModel) when it has no MLM head."""
     from transformers import AutoModel
@@ -394,6 +384,20 @@ def _load_variant(params: EncodeParams, model_dir: Path, seed: int) -> tuple[Any
     return load_any_model(model_dir), load_tokenizer(tokenizer_src), "input model"
 
 
+def prefetch_encode(params: EncodeParams) -> Iterator[str]:
+    """variant=base with a base_model: that model and its tokenizer (``prefetch`` hook)."""
+    from stages.hub import fetch_model, fetch_tokenizer
+    from stages.mlm import load_tokenizer
+
+    if params.variant != "base" or params.base_model is None:
+        return
+    yield fetch_model(params.base_model, load_any_model)
+    try:
+        yield fetch_tokenizer(params.base_model, load_tokenizer)
+    except (OSError, ValueError, TypeError):  # as the stage: it then uses the input model's tokenizer
+        yield f"no tokenizer in {params.base_model}: encode uses the input model's"
+
+
 @stage(
     "encode",
     params=EncodeParams,
@@ -404,11 +408,13 @@ def _load_variant(params: EncodeParams, model_dir: Path, seed: int) -> tuple[Any
     },
     outputs={"encodings": "encodings"},
     version="2",  # 2: max_length defaults to the model's limit; <lang>.lengths.npy; truncated counts
+    prefetch=prefetch_encode,
 )
 def encode_stage(params: EncodeParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Pooled hidden states of every layer for every sentence of a parallel corpus, per language."""
     import numpy as np
 
+    from stages.device import pick_device
     from stages.gating import HeadGates
     from stages.mlm import configure_threads
     from stages.parallel import ID_KEY, ids_digest, read_parallel
@@ -420,7 +426,7 @@ def encode_stage(params: EncodeParams, inputs: Inputs, ctx: StageContext) -> dic
     mask, mask_language = _mask_for(params, inputs)
     seed = effective_seed(ctx.seed, params.seed)
     configure_threads()
-    device = pick_device(params.device)
+    device = pick_device(ctx.gpus, ctx.job_label, params.device)
     model, tokenizer, origin = _load_variant(params, Path(model_in.path), seed)
     model = model.to(device).eval()
     gates = HeadGates(model, mask) if mask is not None else None

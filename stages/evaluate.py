@@ -514,7 +514,7 @@ def cross_eval_stage(params: CrossEvalParams, inputs: Inputs, ctx: StageContext)
     masks = mask_inputs(inputs)
     seed = params.eval_seed
     cols = list(params.languages) if params.languages else dataset_languages(data_in.path)
-    model, _ = load_eval_model(model_in.path)
+    model, _ = load_eval_model(model_in.path, ctx.gpus, ctx.job_label)
     shape = (int(model.config.num_hidden_layers), int(model.config.num_attention_heads))
     for lang, mask, _ in masks:
         if mask.shape != shape:

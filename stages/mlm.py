@@ -192,13 +192,17 @@ def check_model_fits(model: Any, block_size: int, max_token_id: int | None = Non
 
 
 def configure_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads to ``n`` or to the CPUs this process may use (SLURM-aware)."""
+    """Set torch's intra-op threads to ``n`` or to the CPUs this process may use (SLURM-aware).
+
+    ``OMP_NUM_THREADS`` counts per process; the task's CPUs (``SLURM_CPUS_PER_TASK``, else this
+    process's affinity) are shared by the ``LOCAL_WORLD_SIZE`` processes of a job on this node."""
     import torch
 
     if n is None:
-        env = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("OMP_NUM_THREADS")
+        slurm, omp = os.environ.get("SLURM_CPUS_PER_TASK"), os.environ.get("OMP_NUM_THREADS")
         try:
-            n = int(env) if env else len(os.sched_getaffinity(0))
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+            n = int(slurm) // local if slurm else int(omp) if omp else len(os.sched_getaffinity(0)) // local
         except (AttributeError, ValueError):
             n = os.cpu_count() or 1
     n = max(1, n)

@@ -396,14 +396,14 @@ class _MetaTokenizer:
         return self._len
 
 
-def load_eval_model(model_dir: Path) -> tuple[Any, Any]:
-    """The model of a ``model`` artifact in eval mode on the best device, and that device."""
-    import torch
-
+def load_eval_model(model_dir: Path, gpus: int = 0, job_label: str = "") -> tuple[Any, Any]:
+    """The model of a ``model`` artifact in eval mode on the best device, and that device (checked
+    against the ``gpus`` the job asked for and named in the job log: ``stages.device``)."""
+    from stages.device import pick_device
     from stages.mlm import configure_threads, load_model
 
     configure_threads()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(gpus, job_label)
     model = load_model(model_dir).to(device)
     model.eval()
     return model, device
@@ -496,7 +496,7 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
 
     model_in, data_in = get_input(inputs, "model"), get_input(inputs, "dataset")
     seed = params.eval_seed
-    model, _ = load_eval_model(model_in.path)
+    model, _ = load_eval_model(model_in.path, ctx.gpus, ctx.job_label)
     tokenizer = eval_tokenizer(model_in.path, data_in.path)
     batches = eval_batches_for(
         data_in.path,

@@ -22,6 +22,7 @@ would not be the trained one. The generic class reloads ``tokenizer.json`` exact
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -231,12 +232,21 @@ def evaluate_on_test(tokenizer: Any, corpus_dir: Path, max_chars: int = EVAL_CHA
     return out
 
 
+def prefetch_tokenizer(params: TokenizerParams) -> Iterator[str]:
+    """The pretrained tokenizer this stage copies, if any (``prefetch`` hook)."""
+    from stages.hub import fetch_tokenizer
+
+    if params.pretrained is not None:
+        yield fetch_tokenizer(params.pretrained, _load_pretrained)
+
+
 @stage(
     "tokenizer",
     params=TokenizerParams,
     inputs={"corpus": Input(type="corpus", optional=True)},
     outputs={"tokenizer": "tokenizer"},
     version="1",
+    prefetch=prefetch_tokenizer,
 )
 def tokenizer_stage(params: TokenizerParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Train an XLM-R-like tokenizer on the corpus (or copy a pretrained one)."""

@@ -46,6 +46,25 @@ The best model so far lives in ``<checkpoint_dir>/best/``.
 
 Output ``model`` (type ``model``): ``save_pretrained`` files of the chosen model, the tokenizer
 files, and ``metrics.json``.
+
+Several processes (``executor.resources.train.processes`` > 1; one per GPU by default when the job
+asks for several): data-parallel training (DDP through accelerate: NCCL on GPUs, gloo on CPUs),
+with the same recipe and the same **global** batch of ``batch_size`` chunks per step:
+
+- every rank builds the model from the same seed (DDP also broadcasts rank 0's weights) and
+  resumes from the same checkpoint;
+- every rank draws the whole step's batch and masks (same seed), then trains on its contiguous
+  share of the rows; the loss is the sum over its masked tokens divided by the step's masked
+  tokens (times the ranks, which DDP's gradient averaging undoes), so the gradient is the one of
+  the whole batch. Without dropout the run equals the one-process run up to float rounding;
+  dropout draws differ per rank (``step_seed`` with the rank), so with dropout it does not;
+- ``train/loss`` is the whole step's loss (all-reduced), logged by rank 0 (the engine drops the
+  other ranks' metrics); the lr schedule steps once per step (``split_batches``);
+- every rank evaluates the full test halves (same weights, same deterministic masks: the same
+  numbers, at no extra wall time over rank 0 alone, and no rank waits in a collective meanwhile);
+- stop requests are agreed among ranks (an all-reduce before each step and each evaluation batch),
+  so that all stop at the same step; rank 0 writes checkpoints and the best model, the others wait
+  for it; rank 0 alone writes the output.
 """
 
 from __future__ import annotations
@@ -55,7 +74,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -194,11 +213,21 @@ class TrainOrder:
         return np.stack(rows).astype(np.int64)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The torch seed of training step ``step`` (masks and dropout)."""
+def step_seed(seed: int, step: int, rank: int | None = None) -> int:
+    """The torch seed of training step ``step`` (masks and dropout); with ``rank``: the dropout seed
+    of that rank's share of the step (several processes)."""
     import numpy as np
 
-    return int(np.random.SeedSequence([int(seed) % 2**32, 1, step]).generate_state(1, np.uint64)[0] % 2**63)
+    words = [int(seed) % 2**32, 1, step] if rank is None else [int(seed) % 2**32, 2, step, rank]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] % 2**63)
+
+
+def shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous rows ``[start, stop)`` of a step's batch that ``rank`` trains on (the first
+    ``rows % world_size`` ranks get one more, as ``numpy.array_split``; a rank may get none)."""
+    base, extra = divmod(rows, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 @dataclass
@@ -299,6 +328,29 @@ class TrainRun:
     def unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def main(self) -> bool:
+        """Whether this process writes (rank 0; the only one without several processes)."""
+        return bool(self.accelerator.is_main_process)
+
+    def checkpoint(self, state: TrainState, reason: str) -> Path:
+        """Rank 0 writes ``train_state/``; every rank waits until it has."""
+        path = self.save_checkpoint(state, reason) if self.main else self.ckpt_dir / STATE_DIR
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def stop_agreed(self, requested: bool) -> bool:
+        """``requested`` on any rank (one all-reduce; every rank must call this equally often), so
+        that all ranks stop at the same point; with one process, ``requested`` itself."""
+        if self.accelerator.num_processes == 1:
+            return requested
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if requested else 0.0], device=self.accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
     def save_checkpoint(self, state: TrainState, reason: str) -> Path:
         """Write ``train_state/`` atomically (a complete previous copy survives a crash)."""
         import torch
@@ -340,6 +392,8 @@ class TrainRun:
                 f"{expected.total_steps} steps and seed {expected.seed}; delete it to start over"
             )
         device = self.accelerator.device
+        if device.type == "cpu":  # accelerate's CPU ranks run on "cpu:<n>", which torch.load cannot map to
+            device = torch.device("cpu")
         self.unwrapped.load_state_dict(torch.load(path / "model.pt", map_location=device))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
@@ -405,8 +459,8 @@ def _run_eval(
     p = trainer.params
     out: dict[str, dict[str, Any]] = {}
     for lang, batches in eval_sets.items():
-        try:
-            chunks = mlm.evaluate_chunks(trainer.model, batches, autocast=trainer.accelerator.autocast,
+        try:  # (the unwrapped model: no DDP buffer broadcast per batch; one process: the same model)
+            chunks = mlm.evaluate_chunks(trainer.unwrapped, batches, autocast=trainer.accelerator.autocast,
                                          should_stop=should_stop)
         except mlm.EvalStopped as e:
             raise _Stop() from e
@@ -431,8 +485,11 @@ def _evaluate_step(trainer: TrainRun, state: TrainState, eval_sets: dict[str, di
                    ctx: StageContext) -> None:
     """Evaluate both test halves at ``state.step``, log, record, and keep the model if it is the best
     after step 0 **by the selection half** (the reporting half is measured, never used to choose)."""
-    select = _run_eval(trainer, eval_sets[SELECT], ctx.stop_requested.is_set)
-    report = _run_eval(trainer, eval_sets[REPORT], ctx.stop_requested.is_set)
+    def should_stop() -> bool:
+        return trainer.stop_agreed(ctx.stop_requested.is_set())
+
+    select = _run_eval(trainer, eval_sets[SELECT], should_stop)
+    report = _run_eval(trainer, eval_sets[REPORT], should_stop)
     select_mean, report_mean = mean_loss(select), mean_loss(report)
     record = {"step": state.step, "mean_loss": report_mean, "languages": report,
               "select_mean_loss": select_mean, "select": select}
@@ -442,7 +499,8 @@ def _evaluate_step(trainer: TrainRun, state: TrainState, eval_sets: dict[str, di
             step=state.step)
     if state.step > 0 and (state.best_loss is None or select_mean < state.best_loss):
         state.best_loss, state.best_step = select_mean, state.step
-        trainer.save_best()
+        if trainer.main:
+            trainer.save_best()
 
 
 def _train_step(trainer: TrainRun, order: TrainOrder, collator: Any, special: Any, pad_id: int | None,
@@ -456,22 +514,41 @@ def _train_step(trainer: TrainRun, order: TrainOrder, collator: Any, special: An
     torch.manual_seed(step_seed(state.seed, state.step))
     attention = (ids != pad_id).long() if pad_id is not None else torch.ones_like(ids)
     inputs, labels = collator.torch_mask_tokens(ids.clone(), special_tokens_mask=torch.isin(ids, special))
+    world = acc.num_processes
+    weight = 1.0
+    if world > 1:  # this rank's rows of the whole step's batch and masks
+        masked = int((labels != mlm.IGNORE_INDEX).sum())  # in the whole batch: the same on every rank
+        start, stop = shard_rows(len(ids), acc.process_index, world)
+        if start == stop:  # no rows for this rank (a short last batch): one row, weighted 0, keeps DDP in step
+            start, stop, weight = 0, 1, 0.0
+        inputs, attention, labels = inputs[start:stop], attention[start:stop], labels[start:stop]
+        torch.manual_seed(step_seed(state.seed, state.step, acc.process_index))  # this rank's dropout
     batch = {"input_ids": inputs.to(acc.device), "attention_mask": attention.to(acc.device),
              "labels": labels.to(acc.device)}
     trainer.model.train()
     with acc.autocast():
-        loss, _ = mlm.mlm_loss(trainer.model, batch)
+        if world == 1:
+            loss, _ = mlm.mlm_loss(trainer.model, batch)
+        else:  # sum over this rank's masked tokens / the step's, times the ranks (DDP averages gradients)
+            loss_sum, _ = mlm.mlm_loss(trainer.model, batch, reduction="sum")
+            loss = loss_sum * (weight * world / max(masked, 1))
     acc.backward(loss)
     if trainer.params.max_grad_norm is not None:
         acc.clip_grad_norm_(trainer.model.parameters(), trainer.params.max_grad_norm)
     trainer.optimizer.step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+    if world > 1:  # the whole step's loss: the mean over ranks of their shares as weighted above
+        import torch.distributed as dist
+
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        return float(total) / world
     return float(loss.detach())
 
 
 def _interrupt(trainer: TrainRun, state: TrainState, ctx: StageContext) -> StageInterrupted:
-    path = trainer.save_checkpoint(state, "stop requested")
+    path = trainer.checkpoint(state, "stop requested")
     ctx.log({"train/checkpoint_step": float(state.step)}, step=state.step)
     return StageInterrupted(f"train: stop requested; checkpoint at step {state.step}/{state.total_steps} in {path}")
 
@@ -488,7 +565,7 @@ def _loop(trainer: TrainRun, state: TrainState, order: TrainOrder, collator: Any
     special = torch.tensor(mlm.special_token_ids(tokenizer), dtype=torch.long)
     pad_id = tokenizer.pad_token_id
     bar = tqdm(total=state.total_steps, initial=state.step, desc=f"train[{ctx.job_label}]", unit="step",
-               mininterval=2.0, leave=False)
+               mininterval=2.0, leave=False, disable=not trainer.main)
     try:
         while True:
             if _eval_due(state.step, state.total_steps, p.eval_every) and state.last_eval_step != state.step:
@@ -498,7 +575,7 @@ def _loop(trainer: TrainRun, state: TrainState, order: TrainOrder, collator: Any
                     raise _interrupt(trainer, state, ctx) from None
             if state.step >= state.total_steps:
                 break
-            if ctx.stop_requested.is_set():
+            if trainer.stop_agreed(ctx.stop_requested.is_set()):
                 raise _interrupt(trainer, state, ctx)
             loss = _train_step(trainer, order, collator, special, pad_id, state)
             state.step += 1
@@ -513,7 +590,7 @@ def _loop(trainer: TrainRun, state: TrainState, order: TrainOrder, collator: Any
                 state.loss_sum, state.loss_count = 0.0, 0
             if p.checkpoint_every is not None and state.step % p.checkpoint_every == 0 \
                     and state.step < state.total_steps:
-                trainer.save_checkpoint(state, f"every {p.checkpoint_every} steps")
+                trainer.checkpoint(state, f"every {p.checkpoint_every} steps")
     finally:
         bar.close()
 
@@ -565,6 +642,24 @@ def _write_outputs(trainer: TrainRun, state: TrainState, tokenizer: Any, languag
     return metrics
 
 
+def check_ranks(world_size: int, cuda_devices: int | None, job_label: str) -> None:
+    """Refuse more ranks than the GPUs this job sees (``cuda_devices``; None: CPU ranks, any number)."""
+    if cuda_devices is not None and world_size > cuda_devices:
+        stage_id = job_label.split("[", 1)[0]
+        raise ValueError(
+            f"train: {world_size} processes but {cuda_devices} visible GPU(s): one process per GPU; set "
+            f"executor.resources.{stage_id}.processes to at most {cuda_devices} or ask for {world_size} gpus"
+        )
+
+
+def prefetch_train(params: TrainParams) -> Iterator[str]:
+    """The pretrained checkpoint this stage fine-tunes, if any (``prefetch`` hook)."""
+    from stages.hub import fetch_model
+
+    if params.pretrained is not None:
+        yield fetch_model(params.pretrained)
+
+
 @stage(
     "train",
     params=TrainParams,
@@ -573,21 +668,25 @@ def _write_outputs(trainer: TrainRun, state: TrainState, tokenizer: Any, languag
     outputs={"model": "model"},
     version="2",  # 2: best checkpoint chosen on the selection half; reported numbers on the reporting half
     checkpoints=True,
+    prefetch=prefetch_train,
 )
 def train_stage(params: TrainParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Fine-tune a masked LM on every language; per-language perplexity before and after."""
     import torch
     from accelerate import Accelerator  # type: ignore[import-untyped]
     from accelerate.state import AcceleratorState  # type: ignore[import-untyped]
+    from accelerate.utils import DataLoaderConfiguration  # type: ignore[import-untyped]
     from transformers import DataCollatorForLanguageModeling, get_scheduler
 
     from stages import mlm
+    from stages.device import announce, check_gpus
 
+    check_gpus(ctx.gpus, ctx.job_label)  # before anything is loaded: a CPU torch on a GPU node fails now
     dataset = get_input(inputs, "dataset")
     tok_input = get_input(inputs, "tokenizer")
     base = optional_input(inputs, "base")
     source = model_source(params, base.path if base else None)
-    threads = mlm.configure_threads()
+    threads = mlm.configure_threads()  # (this rank's share of the job's CPUs)
     tokenizer = mlm.load_tokenizer(tok_input.path)
     if tokenizer.mask_token_id is None:
         raise ValueError("train: the tokenizer has no mask token")
@@ -595,11 +694,21 @@ def train_stage(params: TrainParams, inputs: Inputs, ctx: StageContext) -> dict[
     order = TrainOrder([mlm.load_split(dataset.path, lang, "train", mmap=True) for lang in languages],
                        params.batch_size, ctx.seed)
     total = params.max_steps if params.max_steps is not None else params.epochs * order.steps_per_epoch
-    mixed = resolve_mixed_precision(params.mixed_precision, torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=mixed)
+    cuda = torch.cuda.is_available()
+    mixed = resolve_mixed_precision(params.mixed_precision, cuda)
+    check_ranks(ctx.world_size, torch.cuda.device_count() if cuda else None, ctx.job_label)
+    # cpu=True makes accelerate set up gloo among CPU ranks (without it, a CPU-only torch would join
+    # the ranks but train each alone); split_batches: the lr schedule steps once per (global) step
+    accelerator = Accelerator(mixed_precision=mixed, cpu=ctx.world_size > 1 and not cuda,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    announce(accelerator.device)
+    finished = False
     try:
-        if accelerator.num_processes > 1:
-            raise ValueError("train runs in one process (one device); launch it without torchrun/accelerate")
+        if accelerator.num_processes != ctx.world_size:
+            raise ValueError(
+                f"train: the environment makes {accelerator.num_processes} processes, the job {ctx.world_size}: "
+                "set executor.resources.train.processes instead of launching with torchrun/accelerate"
+            )
         model = _build_model(source, tok_input.path, order.block_size, ctx.seed)
         meta_vocab = mlm.read_dataset_meta(dataset.path).get("vocab_size")
         mlm.check_model_fits(model, order.block_size, None if meta_vocab is None else int(meta_vocab) - 1)
@@ -612,7 +721,8 @@ def train_stage(params: TrainParams, inputs: Inputs, ctx: StageContext) -> dict[
         resume = _existing_dir(trainer.ckpt_dir / STATE_DIR)
         if resume is not None:
             state = trainer.load_checkpoint(resume, state)
-            print(f"train: resuming from step {state.step}/{total} ({resume})", flush=True)
+            if trainer.main:
+                print(f"train: resuming from step {state.step}/{total} ({resume})", flush=True)
         eval_sets: dict[str, dict[str, list[Any]]] = {
             half: {
                 lang: mlm.language_eval_batches(dataset.path, lang, tokenizer, params.eval_batch_size,
@@ -625,9 +735,18 @@ def train_stage(params: TrainParams, inputs: Inputs, ctx: StageContext) -> dict[
         collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=params.mlm_probability)
         ctx.log({"train/total_steps": float(total), "train/chunks": float(order.size),
                  "train/threads": float(threads)}, step=state.step)
-        _loop(trainer, state, order, collator, tokenizer, eval_sets, ctx)
+        try:
+            _loop(trainer, state, order, collator, tokenizer, eval_sets, ctx)
+        except StageInterrupted:
+            finished = True  # every rank stopped at the same step, after rank 0's checkpoint
+            raise
+        finished = True
+        if not trainer.main:
+            return {}  # rank 0 writes the output (the engine commits rank 0's alone)
         metrics = _write_outputs(trainer, state, tokenizer, languages, order, ctx.output_dir("model"))
     finally:
+        if finished and accelerator.num_processes > 1:  # (never after an error: a peer may be gone)
+            accelerator.state.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)
     if not params.keep_checkpoint:
         for name in (STATE_DIR, BEST_DIR):

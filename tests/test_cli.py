@@ -79,7 +79,7 @@ def test_slurm_without_slurm_fails_clearly_and_submits_nothing(toy_spec: Path, t
     assert (
         "nothing submitted" in dry.stdout and "00-emit.sbatch" in dry.stdout and "#SBATCH --array               0-2" in dry.stdout
     )
-    assert "--dependency=afterok:<emit>" in dry.stdout and "--dependency=afterok:<scale>" in dry.stdout
+    assert "--dependency=aftercorr:<emit>" in dry.stdout and "--dependency=afterok:<scale>" in dry.stdout
 
 
 def test_no_command_prints_help(tmp_path: Path) -> None:

@@ -11,10 +11,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT, TOY_SPEC
@@ -23,13 +25,16 @@ from orchestrator.artifacts import LocalStore
 from orchestrator.errors import OrchestratorError
 from orchestrator.executors.slurm import (
     DEFAULT_TEMPLATE,
+    Dep,
     Submission,
     dependency_arg,
     render_command,
     render_directives,
     render_script,
     sbatch_options,
+    submitted_ids,
 )
+from orchestrator.paths import StudyPaths
 from orchestrator.spec import Resources
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm_array.sbatch"
@@ -41,11 +46,12 @@ ODD = 'it\'s "odd" $(touch /tmp/xls-pwned) `id` ; rm -rf ~ \n second line $HOME'
 def golden_script() -> str:
     sub = Submission(
         "prune",
-        ("a", "b", "c"),
-        ("train",),
+        ((0, "a"), (1, "b"), (4, "c")),
+        (Dep(0, corr=True), Dep(1)),
         Resources(cpus=4, mem_gb=16, time_min=90, gpus=1, partition="gpu", account="proj x", extra={"mail-type": "FAIL"}),
+        array=True,
     )
-    opts = sbatch_options(sub, "demo", Path("/scratch/my study/slurm"))
+    opts = sbatch_options(sub, "demo", Path("/scratch/my study/slurm"), parallelism=2)
     return render_script(
         DEFAULT_TEMPLATE.read_text(),
         directives=render_directives(opts),
@@ -89,8 +95,9 @@ def test_template_placeholders() -> None:
     assert out == "#SBATCH --comment '{{command}}'\nrun"
 
 
-def test_dependency_argument_for_several_ids() -> None:
-    assert dependency_arg(["12", "13", "14_2"]) == ["--dependency=afterok:12:13:14_2"]
+def test_dependency_argument_for_several_conditions() -> None:
+    conditions = [Dep(0).render("12"), Dep(1, (2, 5)).render("14"), Dep(2, corr=True).render("15")]
+    assert dependency_arg(conditions) == ["--dependency=afterok:12,afterok:14_2:14_5,aftercorr:15"]
     assert dependency_arg([]) == []
 
 
@@ -134,7 +141,8 @@ def wait_until_done(
             text=True,
             cwd=ROOT,
         )
-        rows = {ln.split()[0]: ln.split()[1] for ln in out.stdout.splitlines()[3:] if ln.strip()}
+        table = out.stdout.split("\n\n")[0]  # the failed jobs' last errors follow, after a blank line
+        rows = {ln.split()[0]: ln.split()[1] for ln in table.splitlines()[3:] if ln.strip()}
         if rows and not transient & set(rows.values()):
             return rows
         time.sleep(1)
@@ -168,14 +176,14 @@ def test_real_cluster_runs_study_with_arrays_and_dependencies(odd_dir: Path) -> 
     assert "sbatch scale: job" in out.stdout and "after" in out.stdout
     final = wait_until_done(store, "toy")
     assert set(final.values()) == {"succeeded"}, final
-    sub = json.loads(next((store / "studies" / "toy" / "slurm").glob("*/submission.json")).read_text())
-    assert sub["order"] == ["emit", "scale", "total"] and sub["after"]["total"] == ["scale"]
-    assert len(sub["keys"]["emit"]) == 3  # one array of 3, not 3 sbatch calls
-    # dependency order: every scale job started after every emit job finished
+    subs = json.loads(next((store / "studies" / "toy" / "slurm").glob("*/submission.json")).read_text())["submissions"]
+    assert [s["stage"] for s in subs] == ["emit", "scale", "total"]
+    assert [s["after"] for s in subs] == [[], ["aftercorr:<emit>"], ["afterok:<scale>"]]  # scale[x] waits for emit[x] only
+    assert len(subs[0]["tasks"]) == 3  # one array of 3, not 3 sbatch calls
+    # dependency order: each scale job started after its own emit job, total after every scale job
     metrics = {lbl: _first_metric_time(store, "toy", lbl) for lbl in final}
-    assert min(metrics[f"scale[language={x}]"] for x in ["en", "de", "fr"]) >= max(
-        metrics[f"emit[language={x}]"] for x in ["en", "de", "fr"]
-    )
+    assert all(metrics[f"scale[language={x}]"] > metrics[f"emit[language={x}]"] for x in ["en", "de", "fr"])
+    assert metrics["total"] > max(metrics[f"scale[language={x}]"] for x in ["en", "de", "fr"])
     again = submit(spec, store)
     assert "7 of 7 jobs cached" in again.stdout and "nothing to submit" in again.stdout
 
@@ -242,8 +250,7 @@ def test_failed_sbatch_reports_stderr_and_cancels_what_it_queued(odd_dir: Path) 
     assert out.returncode == 1
     assert "sbatch failed for stage 'total'" in out.stderr and "invalid partition" in out.stderr.lower()
     assert "cancelled the 2 submissions already queued" in out.stderr
-    sub = json.loads(next((store / "studies" / "toy" / "slurm").glob("*/submission.json")).read_text())
-    ids = ",".join(sub["ids"].values())
+    ids = ",".join(submitted_ids(StudyPaths(store, "toy")))
     time.sleep(1)
     queued = subprocess.run(["squeue", "-h", "-j", ids, "-t", "PENDING,RUNNING"], capture_output=True, text=True).stdout
     assert queued.strip() == ""
@@ -267,8 +274,7 @@ def test_cancel_command(odd_dir: Path) -> None:
     final = wait_until_done(store, "slow", transient=frozenset({"queued", "running", "pending"}))
     assert set(final.values()) <= {"cancelled", "interrupted", "failed"}
     time.sleep(3)  # a job that requeued itself after the TERM would be back in the queue by now
-    sub = json.loads(next((store / "studies" / "slow" / "slurm").glob("*/submission.json")).read_text())
-    ids = ",".join(sub["ids"].values())
+    ids = ",".join(submitted_ids(StudyPaths(store, "slow")))
     queued = subprocess.run(["squeue", "-h", "-j", ids], capture_output=True, text=True).stdout
     assert queued.strip() == "" and states(store, "slow") == final
 
@@ -281,8 +287,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(odd_dir: Path) -> None:
     )
     store = odd_dir / "store"
     assert submit(spec, store).returncode == 0
-    sub = json.loads(next((store / "studies" / "count" / "slurm").glob("*/submission.json")).read_text())
-    (job_id,) = sub["ids"].values()
+    (job_id,) = submitted_ids(StudyPaths(store, "count"))
     deadline = time.monotonic() + 30
     while states(store, "count")["count"] != "running" and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -399,7 +404,7 @@ def test_a_time_limit_within_the_checkpoint_signal_lead_is_refused_on_slurm(tmp_
         cwd=ROOT,
     )
     assert local.returncode == 0, local.stderr
-    sub = Submission("emit", ("a",), (), Resources(time_min=10, signal_lead_s=300, max_requeues=1))
+    sub = Submission("emit", ((0, "a"),), (), Resources(time_min=10, signal_lead_s=300, max_requeues=1), array=False)
     assert sbatch_options(sub, "s", tmp_path)["signal"] == "B:USR2@300"
     assert "--max-requeues 1 " in render_command("python", tmp_path / "l.json", 1)
 
@@ -441,8 +446,41 @@ def test_slurm_jobs_get_their_cpus_as_thread_counts_and_keep_their_output_across
     assert submit(spec, store).returncode == 0
     assert wait_until_done(store, "threads") == {"emit": "succeeded"}
     assert value(store, "threads", "emit")["threads"] == "2"
-    script = next((store / "studies" / "threads" / "slurm").glob("*/00-emit.sbatch")).read_text()
+    script = next((store / "studies" / "threads" / "slurm").glob("*/000-emit.sbatch")).read_text()
     assert "#SBATCH --open-mode           append" in script
+
+
+@cluster
+def test_failed_slurm_jobs_are_retried_inside_their_allocation(odd_dir: Path) -> None:
+    """resources.retries on SLURM: the runner runs a failed attempt again within the same task
+    (no requeue, no new sbatch); a job that fails twice succeeds on its third attempt, one that
+    always fails ends failed after retries + 1 attempts, and each state records its attempts.
+    The runner's own state records are polled (not `status`, whose scheduler query this is not about)."""
+    from orchestrator.views import status_table
+
+    spec = odd_dir / "flaky.yaml"
+    spec.write_text(
+        "name: flaky\nlanguages: [en]\nstage_package: toystages\n"
+        "executor: {backend: slurm, resources: {flaky: {retries: 2, retry_backoff_s: 0.2}}}\n"
+        "stages:\n  flaky: {matrix: {fail_times: [2, -1]}}\n"
+    )
+    store = odd_dir / "store"
+    out = submit(spec, store)
+    assert out.returncode == 0, out.stdout + out.stderr
+    deadline = time.monotonic() + 120
+    while {"none", "queued", "running"} & set((final := states(store, "flaky")).values()):
+        assert time.monotonic() < deadline, final
+        time.sleep(0.5)
+    assert final == {"flaky[fail_times=2]": "succeeded", "flaky[fail_times=-1]": "failed"}, final
+    for label, state in final.items():
+        record = json.loads(_state_path(store, "flaky", label).read_text())
+        assert record["state"] == state and record["executor"] == "slurm" and record["attempt"] == 3, record
+        log = (_job_dir(store, "flaky", label) / "job.log").read_text()
+        assert log.count("running stage flaky") == 3
+        assert "attempt 3 of 3 in 0.4 s (attempt 2 failed: RuntimeError: flaky failed on purpose (run 2))" in log
+    assert value(store, "flaky", "flaky[fail_times=2]")["value"] == 3  # the run that succeeded
+    status = status_table(StudyPaths(store, "flaky"))
+    assert "succeeded (3 attempts)" in status and "failed (3 attempts)" in status, status
 
 
 def test_status_query_degrades_without_accounting() -> None:
@@ -457,7 +495,7 @@ def test_status_query_degrades_without_accounting() -> None:
             )
         return subprocess.CompletedProcess(cmd, 1, "", "Slurm accounting storage is disabled")
 
-    assert query_states(["7_0", "7_1", "8"], run=fake) == {
+    assert query_states(["7_0", "7_1", "8"], run=fake).states == {
         "7_0": ("PENDING", "Dependency"),
         "7_1": ("RUNNING", ""),
         "8": ("PENDING", "DependencyNeverSatisfied"),
@@ -483,7 +521,7 @@ def test_real_cluster_runs_a_sweep_with_shared_upstream(odd_dir: Path) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "jobs per stage: emit 3, scale 6, total 2, summary 1" in out.stdout
-    assert "queued 12 jobs in 4 sbatch submissions" in out.stdout
+    assert "queued 12 jobs in 6 sbatch submissions" in out.stdout  # emit, scale x2 (one per factor), total x2, summary
     final = wait_until_done(store, "toy")
     assert set(final.values()) == {"succeeded"} and len(final) == 12
     assert value(store, "toy", "total[factor=3]")["value"] == 27
@@ -502,7 +540,7 @@ def test_slurm_and_local_submits_of_one_study_run_each_job_once(odd_dir: Path) -
     env = {"TOYSTAGES_RUNLOG": str(runlog)}
     queued = submit(spec, store, env=env)
     assert queued.returncode == 0, queued.stdout + queued.stderr
-    ids = ",".join(json.loads(next((store / "studies" / "lin" / "slurm").glob("*/submission.json")).read_text())["ids"].values())
+    ids = ",".join(submitted_ids(StudyPaths(store, "lin")))
     local = subprocess.run(
         [sys.executable, "-m", "orchestrator", "submit", str(spec), "--executor", "local", "--store", str(store)],
         cwd=odd_dir, capture_output=True, text=True, env={**os.environ, **env}, timeout=120,
@@ -515,3 +553,150 @@ def test_slurm_and_local_submits_of_one_study_run_each_job_once(odd_dir: Path) -
     counted = runs(runlog)
     assert len(counted) == 6 and set(counted.values()) == {1}, counted
     assert torn_versions(store) == []
+
+
+# ------------------------------------------------------------------ cluster scale (issue 14, points 2, 3, 8)
+def _local_states(spec: Path, store: Path, env: dict[str, str]) -> dict[str, str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "submit", str(spec), "--executor", "local", "--store", str(store)],
+        cwd=spec.parent, capture_output=True, text=True, env={**os.environ, **env}, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    return states(store, spec.stem)
+
+
+@cluster
+def test_a_failed_job_cancels_only_its_own_dependents_as_the_local_executor_skips_them(odd_dir: Path) -> None:
+    """emit -> scale -> again, per language, -> total: scale[de] fails. Every job of another
+    language still runs on SLURM (before: the whole of `again` was cancelled with it)."""
+    from test_slurm_layout import CHAIN
+
+    spec = odd_dir / "chain.yaml"
+    spec.write_text(CHAIN.replace("name: toy", "name: chain"))
+    env = {"TOYSTAGES_FAIL": "de"}
+    out = submit(spec, odd_dir / "slurm-store", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    on_slurm = wait_until_done(odd_dir / "slurm-store", "chain")
+    local = _local_states(spec, odd_dir / "local-store", env)
+    assert on_slurm["again[language=de]"] == "cancelled" and on_slurm["again[language=fr]"] == "succeeded"
+    assert on_slurm == {label: {"skipped": "cancelled"}.get(state, state) for label, state in local.items()}
+
+
+@cluster
+def test_a_stage_bigger_than_max_array_size_is_split_and_throttled(odd_dir: Path) -> None:
+    """MaxArraySize (1001 on the test cluster, SLURM's default) bounds array indices: a stage of
+    1,002 jobs becomes two arrays instead of "Invalid job array specification". Queued held."""
+    limit = int(re.search(r"MaxArraySize\s*=\s*(\d+)", subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout)[1])  # type: ignore[index]
+    spec = odd_dir / "wide.yaml"
+    spec.write_text(
+        f"name: wide\nlanguages: [en]\nstage_package: toystages\nstages:\n  emit:\n    matrix: {{value: {list(range(limit + 1))}}}\n"
+        "executor:\n  array_parallelism: 7\n  resources: {default: {extra: {hold: ''}}}\n"
+    )
+    store = odd_dir / "store"
+    out = submit(spec, store)
+    ids = submitted_ids(StudyPaths(store, "wide"))
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"queued {limit + 1} jobs in 2 sbatch submissions" in out.stdout
+        tasks = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i"], capture_output=True, text=True).stdout.split()
+        assert len(tasks) == limit + 1
+        shown = subprocess.run(["scontrol", "show", "job", ids[0]], capture_output=True, text=True).stdout
+        assert "ArrayTaskThrottle=7" in shown
+    finally:
+        subprocess.run(["scancel", *ids], capture_output=True)
+
+
+@cluster
+def test_a_submit_that_would_overflow_max_job_count_is_refused_before_queuing(odd_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue's real length (squeue) against a MaxJobCount set just above it (the test cluster's
+    own, 10,000, cannot be reached in a test): nothing is queued, and the message says why."""
+    from orchestrator.executors import slurm
+    from orchestrator.plan import build_plan
+    from orchestrator.runner import open_store
+    from orchestrator.spec import load_study
+
+    held = len(subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout.split())
+    limit = min(held + 3, 70)  # the queue is counted for a submit of a tenth of MaxJobCount or more: 7 of 70
+    monkeypatch.setattr(slurm, "cluster_limits", lambda run, timeout_s: slurm.ClusterLimits(max_job_count=limit))
+    spec = odd_dir / "toy.yaml"
+    spec.write_text(TOY_SPEC)
+    study, registry = load_study(spec, [f"storage.root={odd_dir / 'store'}"])
+    paths = StudyPaths((odd_dir / "store").resolve(), "toy")
+    executor = slurm.SlurmExecutor(paths, open_store(paths.root), echo=lambda line: None)
+    with pytest.raises(slurm.SlurmError, match=rf"queues 7 jobs, and the cluster holds at most MaxJobCount={limit} \(it holds \d+ now"):
+        executor.submit(build_plan(study, registry), spec)
+    assert submitted_ids(paths) == []
+
+
+@pytest.fixture
+def frozen_controller() -> object:
+    """SIGSTOP slurmctld on demand (a controller that hangs: overloaded, or its node stuck), and
+    SIGCONT it whatever happens."""
+    pid = int(subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True, check=True).stdout.split()[0])
+
+    class Freezer:
+        def freeze(self) -> None:
+            os.kill(pid, signal.SIGSTOP)
+
+    try:
+        yield Freezer()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@cluster
+def test_a_hung_controller_times_sbatch_out_and_status_warns_instead_of_hanging(
+    odd_dir: Path, frozen_controller: Any
+) -> None:
+    from orchestrator.executors import slurm
+    from orchestrator.plan import build_plan
+    from orchestrator.runner import open_store
+    from orchestrator.spec import load_study
+
+    spec = odd_dir / "toy.yaml"
+    spec.write_text(TOY_SPEC + "executor: {sbatch_timeout_s: 2, resources: {default: {extra: {hold: ''}}}}\n")
+    queued = submit(spec, odd_dir / "queued")  # a study with jobs in the queue, for status
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    ids = submitted_ids(StudyPaths(odd_dir / "queued", "toy"))
+    calls: list[str] = []
+
+    def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        if cmd[0] == "sbatch" and "sbatch" not in calls:
+            frozen_controller.freeze()  # after the limits were read: the first sbatch meets a hung controller
+        calls.append(cmd[0])
+        return subprocess.run(cmd, **kw)
+
+    study, registry = load_study(spec, [f"storage.root={odd_dir / 'store'}"])
+    paths = StudyPaths((odd_dir / "store").resolve(), "toy")
+    executor = slurm.SlurmExecutor(paths, open_store(paths.root), echo=lambda line: None, run=run)
+    t0 = time.monotonic()
+    with pytest.raises(slurm.SlurmError, match=r"sbatch failed for stage 'emit' did not return within 2 s \(executor.sbatch_timeout_s\)"):
+        executor.submit(build_plan(study, registry), spec)
+    assert time.monotonic() - t0 < 10 and submitted_ids(paths) == []
+    t0 = time.monotonic()
+    status = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "status", "toy", "--store", str(odd_dir / "queued")],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    os.kill(int(subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True).stdout.split()[0]), signal.SIGCONT)
+    subprocess.run(["scancel", *ids], capture_output=True)
+    assert status.returncode == 0 and took < 12, (took, status.stderr)
+    assert "warning: the SLURM controller did not answer squeue within 5 s" in status.stderr
+    assert re.search(r"^emit\[language=en\] +queued +slurm", status.stdout, re.MULTILINE)
+
+
+@cluster
+def test_status_shows_the_last_error_line_of_each_failed_job(odd_dir: Path) -> None:
+    spec = odd_dir / "toy.yaml"
+    spec.write_text(TOY_SPEC)
+    store = odd_dir / "store"
+    assert submit(spec, store, env={"TOYSTAGES_FAIL": "fr"}).returncode == 0
+    wait_until_done(store, "toy")
+    status = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "status", "toy", "--store", str(store)], capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    assert status.split("\n\n")[1].splitlines() == [
+        "last error of each failed job:",
+        "  scale[language=fr]: RuntimeError: scale failed on purpose for fr",
+    ]

@@ -28,7 +28,7 @@ def test_valid_toy_spec_loads_with_references_resolved(toy_spec: Path) -> None:
     study, registry = load_study(toy_spec)
     assert study.name == "toy"
     assert study.stages["emit"].matrix == {"language": ["en", "de", "fr"]}
-    assert registry.names() == ["chart", "count", "emit", "scale", "total"]
+    assert registry.names() == ["chart", "count", "emit", "flaky", "scale", "total"]
     assert study.executor.backend == "local" and study.tracking.backend == "local"
 
 
@@ -62,7 +62,7 @@ def test_valid_toy_spec_loads_with_references_resolved(toy_spec: Path) -> None:
         (
             "  total:\n",
             "  total:\n    stage: totl\n",
-            "stages.total.stage: no stage named 'totl'; registered stages: chart, count, emit, scale, total",
+            "stages.total.stage: no stage named 'totl'; registered stages: chart, count, emit, flaky, scale, total",
         ),
         (
             "      language: ${languages}\n    params:",
@@ -205,3 +205,21 @@ def test_a_resources_point_that_matches_no_job_is_refused(tmp_path: Path, key: s
     with pytest.raises(SpecError) as e:
         build_plan(*load_study(spec))
     assert any(expected in str(i) for i in e.value.issues), [str(i) for i in e.value.issues]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [({}, 0), ({"gpus": 2}, 2), ({"gres": "gpu"}, 1), ({"gres": "gpu:4"}, 4), ({"gres": "gpu:a100:2"}, 2), ({"gres": "tmpdisk:100,gpu:3"}, 3), ({"gres": "tmpdisk:100"}, 0)],
+)
+def test_gpus_asked_for_with_gres_count_as_gpus(fields: dict[str, object], expected: int) -> None:
+    from orchestrator.spec import Resources
+
+    assert Resources.model_validate(fields).gpu_count() == expected
+
+
+def test_resources_layer_in_fixed_order_whatever_the_order_of_the_keys(tmp_path: Path) -> None:
+    text = TOY_SPEC + 'executor:\n  resources:\n    "emit[language=de]": {cpus: 4}\n    emit: {cpus: 2}\n    default: {cpus: 1, mem_gb: 2}\n'
+    study, _ = load_study(write(tmp_path, text))
+    assert study.executor.resources_for("emit", {"language": "de"}).model_dump(include={"cpus", "mem_gb"}) == {"cpus": 4, "mem_gb": 2.0}
+    assert study.executor.resources_for("emit", {"language": "en"}).cpus == 2
+    assert study.executor.resources_for("scale", {"language": "de"}).cpus == 1

@@ -547,6 +547,11 @@ def test_submit_creates_the_sweep_then_queues_upstream_then_agents_after_it(
     sbatch: list[list[str]] = []
 
     def run(cmd: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        if cmd[0] == "scontrol":  # the cluster's limits
+            return subprocess.CompletedProcess(cmd, 0, "MaxArraySize = 1001\n", "")
+        if cmd[0] == "squeue":  # what is queued: all of the ids asked for (-j), pending
+            ids = cmd[cmd.index("-j") + 1].split(",") if "-j" in cmd else []
+            return subprocess.CompletedProcess(cmd, 0, "".join(f"{i}|PENDING|None\n" for i in ids), "")
         sbatch.append(cmd)
         return subprocess.CompletedProcess(cmd, 0, f"{100 + len(sbatch)}\n", "")
 
@@ -562,7 +567,8 @@ def test_submit_creates_the_sweep_then_queues_upstream_then_agents_after_it(
     assert sbatch[1] == ["sbatch", "--parsable", "--dependency=afterok:101", str(folder / ws.SCRIPT_FILE)]
     assert "--forward-signals me/test/abcd1234 &" in (folder / ws.SCRIPT_FILE).read_text()
     record = json.loads((folder / "submission.json").read_text())
-    assert record["ids"] == {"emit": "101", "wandb-agent": "102"} and record["wandb_sweep"]["path"] == "me/test/abcd1234"
+    assert [(sub["stage"], sub["id"]) for sub in record["submissions"]] == [("emit", "101"), ("wandb-agent", "102")]
+    assert record["wandb_sweep"]["path"] == "me/test/abcd1234"
     assert cancel_study(StudyPaths(root, "toy"), run=run) == ["101", "102"]  # `cancel` stops the agents too
     assert "created W&B sweep me/test/abcd1234" in out and any("array 102 of 2 after 101" in m for m in out)
     # a failing sbatch for the agents cancels the upstream it queued
@@ -673,10 +679,10 @@ def test_real_cluster_runs_the_upstream_once_then_fake_agents_run_their_points(t
     out = cli("sweep", str(spec), "--wandb-agents", "2", cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     [folder] = (tmp_path / ".orchestrator" / "studies" / "toy" / ws.SWEEP_DIR).iterdir()
-    ids = json.loads((folder / "submission.json").read_text())["ids"]
+    ids = [sub["id"] for sub in json.loads((folder / "submission.json").read_text())["submissions"]]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-j", ",".join(ids.values())], capture_output=True, text=True).stdout
+        queued = subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True, text=True).stdout
         if not queued.strip():
             break
         time.sleep(0.5)
@@ -711,7 +717,7 @@ def test_real_cluster_time_limit_signal_preempts_the_run_and_the_requeued_agent_
     out = cli("sweep", str(spec), "--wandb-agents", "1", cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     [folder] = (tmp_path / ".orchestrator" / "studies" / "pre" / ws.SWEEP_DIR).iterdir()
-    agents = json.loads((folder / "submission.json").read_text())["ids"]["wandb-agent"]
+    agents = json.loads((folder / "submission.json").read_text())["submissions"][-1]["id"]
     study, registry = load_study(spec, ["sweep={method: grid, parameters: {count.steps: {value: 25}}}"])
     [job] = build_plan(study, registry).jobs
     paths = StudyPaths((tmp_path / ".orchestrator").resolve(), "pre")

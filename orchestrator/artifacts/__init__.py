@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .base import (
     ArtifactError,
     ArtifactNotFound,
@@ -34,4 +36,10 @@ __all__ = [
     "Producer",
     "check_name",
     "file_lock",
+    "open_store",
 ]
+
+
+def open_store(root: Path) -> ArtifactStore:
+    """The artifact store under a storage root (``storage.root``)."""
+    return LocalStore(root / "artifacts")

@@ -11,6 +11,9 @@ the jobs it starts, which would otherwise each compute it again.
 A failed job stops its dependents (independent jobs go on). A job that runs longer than its
 ``resources.time_min`` is stopped like an interrupted one (SIGTERM to its process group, so a
 stage can checkpoint, then SIGKILL after ``grace_s``) and recorded as ``timeout``, a failure.
+A job's ``resources.retries`` are run by the runner inside the job's process, so one progress
+line and one time limit cover all of its attempts; the last attempt's number is carried into
+the job's final state.
 
 Stopping: while a submit's loop runs, SIGINT (Ctrl-C), SIGTERM (``kill``, ``timeout``, schedulers,
 container runtimes) and SIGHUP (a closed terminal) all do the same: SIGTERM to every running job's
@@ -56,7 +59,7 @@ from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
 from orchestrator.procutil import alive, parent_of, set_parent_death_signal
 from orchestrator.provenance import code_provenance
-from orchestrator.records import JobState, State, now, read_state, write_state
+from orchestrator.records import JobState, State, now, read_state, recorded_attempt, write_state
 from orchestrator.runner import EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobStopped
 
 POLL_S = 0.5  # upper bound on a wait: job exits, signals and time limits wake the loop at once
@@ -272,7 +275,8 @@ def _record_orphaned(job: _JobStart, rc: int) -> None:
     with contextlib.suppress(OSError, ValueError):  # ValueError: a state file that is not one
         current = read_state(job.paths, job.key)
         if current is not None and current.state == "running" and current.external_id == pid:
-            write_state(job.paths, job.key, state, exit_code=rc, executor=LocalExecutor.name, external_id=pid, message=message)
+            fields = {"executor": LocalExecutor.name, "external_id": pid, "message": message, "attempt": current.attempt}
+            write_state(job.paths, job.key, state, exit_code=rc, **fields)
 
 
 # -------------------------------------------------------------------------- the submit's loop
@@ -374,7 +378,8 @@ class _Run:
         self.total, self.ended = len(todo), 0
         resources = {key: plan.study.executor.resources_for(plan.by_key[key].stage_id, plan.by_key[key].point) for key in todo}
         self.cpus = {key: min(r.cpus, executor.cpus) for key, r in resources.items()}
-        self.time_min = {key: r.time_min for key, r in resources.items() if r.time_min}
+        self.time_min = {key: r.time_min for key, r in resources.items() if r.time_min}  # all of a job's attempts together
+        self.retries = {key for key, r in resources.items() if r.retries}  # the runner retries inside the job's process
         self.order = {key: i for i, key in enumerate(todo)}
         self.unmet: dict[str, int] = {}  # waiting job -> how many of its dependencies have not succeeded
         self.dependents: dict[str, list[str]] = {}  # job -> the waiting jobs that depend on it
@@ -479,13 +484,19 @@ class _Run:
         while self.exited:
             self._finished(*self.exited.pop(0))
 
+    def _attempt(self, key: str) -> int | None:
+        """The last attempt of a job that may retry, as its runner noted it (None: the first)."""
+        return recorded_attempt(self.ex.paths, key) if key in self.retries else None
+
     def _finished(self, key: str, rc: int, seconds: float, timed_out: bool) -> None:
         job = self.plan.by_key[key]
         self.ended += 1
+        attempt = self._attempt(key)
+        attempts = f", {attempt} attempts" if attempt else ""
         if rc == 0:  # also a job that finished in its grace after its time ran out: its outputs are committed
             self.report.succeeded.append(key)
-            self.ex.echo(f"[{self.ended}/{self.total}] done    {job.label} ({seconds:.1f}s)")
-            self._write(key, "succeeded", exit_code=0)
+            self.ex.echo(f"[{self.ended}/{self.total}] done    {job.label} ({seconds:.1f}s{attempts})")
+            self._write(key, "succeeded", exit_code=0, attempt=attempt)
             return
         log = self.ex.paths.job(key).log
         self.report.failed[key] = log
@@ -493,11 +504,11 @@ class _Run:
         if timed_out:
             self.ex.echo(
                 f"[{self.ended}/{self.total}] TIMEOUT  {job.label} (ran past its time_min of {self._minutes(key)} min, "
-                f"exit {rc}); log: {log}; to give it longer, raise executor.resources.{job.stage_id}.time_min"
+                f"exit {rc}{attempts}); log: {log}; to give it longer, raise executor.resources.{job.stage_id}.time_min"
             )
         else:
-            self.ex.echo(f"[{self.ended}/{self.total}] {state.upper()}  {job.label} (exit {rc}); log: {log}")
-        self._write(key, state, exit_code=rc)
+            self.ex.echo(f"[{self.ended}/{self.total}] {state.upper()}  {job.label} (exit {rc}{attempts}); log: {log}")
+        self._write(key, state, exit_code=rc, attempt=attempt)
         self._skip_dependents(key)
 
     def _skip_dependents(self, key: str) -> None:
@@ -534,16 +545,17 @@ class _Run:
             if job.still_running():
                 _signal_group(job.proc, signal.SIGKILL)
                 job.proc.join()
+            attempt = self._attempt(key)
             if job.proc.exitcode == 0:  # it ended (and committed) just before it could be stopped
                 self.report.succeeded.append(key)
-                self._write(key, "succeeded", exit_code=0)
+                self._write(key, "succeeded", exit_code=0, attempt=attempt)
                 continue
             if job.timed_out:
                 self.report.failed[key] = self.ex.paths.job(key).log
             else:
                 self.report.cancelled.append(key)
             state: State = "timeout" if job.timed_out else "cancelled"
-            self._write(key, state, exit_code=job.proc.exitcode, message=f"stopped by {cause}")
+            self._write(key, state, exit_code=job.proc.exitcode, message=f"stopped by {cause}", attempt=attempt)
         self.running.clear()
 
     def _await_stopped(self, jobs: list[_Running], deadline: float, stop: _StopSignals) -> None:

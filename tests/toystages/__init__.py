@@ -1,7 +1,9 @@
 """Tiny, fast stages for engine tests (not part of the package): numbers in, numbers out.
 
 ``emit`` writes a value, ``scale`` multiplies one upstream value, ``total`` sums many,
-``flaky`` fails on demand. Each writes ``value.json`` so tests can follow data through lineage.
+``flaky`` fails on demand (its first ``fail_times`` runs of a job, counted in the job's checkpoint
+folder, which persists across attempts; -1: every run). Each writes ``value.json`` so tests can
+follow data through lineage.
 ``emit`` can also be held (``hold_while``: it waits while that file exists, so a test decides
 when it ends) and made deaf to SIGTERM (``ignore_sigterm``: a hung stage that only SIGKILL stops).
 """
@@ -12,7 +14,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from orchestrator.stage import Input, Registry, StageInterrupted, StageParams, stage
@@ -36,6 +38,11 @@ class TotalParams(StageParams):
     label: str = "sum"
 
 
+class FlakyParams(StageParams):
+    fail_times: int = -1  # fail this many runs of the job, then succeed; -1: fail every run
+    language: str = "en"
+
+
 def _read(inp: Any) -> float:
     return json.loads((inp.path / "value.json").read_text())["value"]
 
@@ -47,7 +54,20 @@ def _write(ctx: Any, name: str, value: float, **extra: Any) -> Mapping[str, Mapp
     return {name: {"value": value}}
 
 
-@stage("emit", params=EmitParams, outputs={"number": "number"})
+def fetch_emit(params: EmitParams) -> Iterator[str]:
+    """emit's prefetch hook: 'fetches' one item per language, appending each call to the file named by
+    $TOYSTAGES_PREFETCH_LOG; fails for the language named by $TOYSTAGES_PREFETCH_FAIL."""
+    if os.environ.get("TOYSTAGES_PREFETCH_FAIL") == params.language:
+        raise OSError(f"cannot reach the toy hub for {params.language}\nsecond line")
+    log = os.environ.get("TOYSTAGES_PREFETCH_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{params.language} {params.value}\n")
+    yield f"toy data {params.language}"
+    yield f"toy value {params.value}"
+
+
+@stage("emit", params=EmitParams, outputs={"number": "number"}, prefetch=fetch_emit)
 def emit(params: EmitParams, inputs: Any, ctx: Any) -> Mapping[str, Mapping[str, Any]]:
     """Write params.value."""
     if params.ignore_sigterm:
@@ -71,6 +91,17 @@ def total(params: TotalParams, inputs: Any, ctx: Any) -> Mapping[str, Mapping[st
     """Sum every upstream value."""
     values = [_read(i) for i in inputs["numbers"]]
     return _write(ctx, "total", sum(values), parts=len(values))
+
+
+@stage("flaky", params=FlakyParams, outputs={"number": "number"})
+def flaky(params: FlakyParams, inputs: Any, ctx: Any) -> Mapping[str, Mapping[str, Any]]:
+    """Fail the job's first params.fail_times runs (every run for -1); then write how many runs it took."""
+    counter = ctx.checkpoint_dir / "runs"
+    runs = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(runs))
+    if params.fail_times < 0 or runs <= params.fail_times:
+        raise RuntimeError(f"flaky failed on purpose (run {runs})")
+    return _write(ctx, "number", runs, language=params.language)
 
 
 class CountParams(StageParams):
@@ -102,4 +133,4 @@ def chart(params: TotalParams, inputs: Any, ctx: Any) -> None:
 
 
 def registry() -> Registry:
-    return Registry([emit, scale, total, count, chart])
+    return Registry([emit, scale, total, count, chart, flaky])
