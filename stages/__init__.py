@@ -2,6 +2,7 @@
 
 ``registry()`` is the one entry point the engine uses; stage modules import heavy libraries
 (torch, transformers, datasets) inside their functions only, so building the registry is cheap.
+What the stages hand to each other (the files of each artifact type) is laid out in :mod:`stages.formats`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ def registry() -> Registry:
         dataset,
         encode,
         evaluate,
+        mask_stats,
         parallel,
         prune,
         report,
@@ -34,7 +36,7 @@ def registry() -> Registry:
             train.TRAIN,
             prune.PRUNE,
             evaluate.CROSS_EVAL,
-            evaluate.MASK_STATS,
+            mask_stats.MASK_STATS,
             report.REPORT,
             parallel.PARALLEL,
             encode.ENCODE,

@@ -17,10 +17,7 @@ from orchestrator.stage import Inputs, ResolvedInput
 
 T = TypeVar("T")
 
-# the splits of a dataset artifact (stage tokenize): train, and the two halves of the test documents
-TEST_HALVES: tuple[str, str] = ("select", "report")
-SPLITS: tuple[str, str, str] = ("train", *TEST_HALVES)
-META_FILE = "meta.json"
+META_FILE = "meta.json"  # the metadata file of the corpus, dataset, parallel-corpus and encodings artifacts
 
 
 def dumps_line(obj: Any) -> str:
@@ -100,27 +97,6 @@ def get_input(inputs: Inputs, name: str) -> ResolvedInput:
     if value is None:
         raise ValueError(f"input {name!r} is missing: connect a {name!r} artifact to this stage")
     return value
-
-
-def corpus_languages(corpus_dir: Path) -> list[str]:
-    """The languages of a ``corpus`` artifact, in the order the corpus stage wrote them."""
-    meta_path = corpus_dir / META_FILE
-    if meta_path.is_file():
-        langs = read_json(meta_path).get("languages")
-        if isinstance(langs, list) and all(isinstance(x, str) for x in langs):
-            return list(langs)
-    langs = sorted(p.name for p in corpus_dir.iterdir() if (p / "train.jsonl").is_file())
-    if not langs:
-        raise ValueError(f"{corpus_dir} is not a corpus artifact: no <lang>/train.jsonl inside")
-    return langs
-
-
-def corpus_split_path(corpus_dir: Path, lang: str, split: str) -> Path:
-    """Path of one split of one language in a ``corpus`` artifact (must exist)."""
-    path = corpus_dir / lang / f"{split}.jsonl"
-    if not path.is_file():
-        raise ValueError(f"corpus artifact {corpus_dir} has no {lang}/{split}.jsonl")
-    return path
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:

@@ -48,9 +48,8 @@ from pydantic import Field, field_validator
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageParams, stage
 from stages._io import get_input, write_json
 from stages.corpus import DEFAULT_LANGUAGES
-
-TOKEN_OVERLAP_FILE = "token_overlap.json"
-LANGUAGE_DISTANCE_FILE = "language_distance.json"
+from stages.formats.metrics import LANGUAGE_DISTANCE_JSON, TOKEN_OVERLAP_JSON
+from stages.formats.parallel import read_parallel
 
 # ISO 639-1 -> the ISO 639-3 code URIEL uses for the language (individual languages, not macrolanguages)
 ISO3: dict[str, str] = {
@@ -105,7 +104,6 @@ def token_overlap(
 def token_overlap_stage(params: TokenOverlapParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Share of each language's subwords that also occur in the reference sentence, averaged."""
     from stages.mlm import load_tokenizer
-    from stages.parallel import read_parallel
 
     tok_in, par_in = get_input(inputs, "tokenizer"), get_input(inputs, "parallel")
     languages, rows = read_parallel(par_in.path)
@@ -119,7 +117,7 @@ def token_overlap_stage(params: TokenOverlapParams, inputs: Inputs, ctx: StageCo
         value, used[lang] = token_overlap(tokenizer, ref_texts, [r[lang] for r in rows])
         overlap[lang] = value if math.isfinite(value) else None
     result = {"reference": params.reference, "languages": languages, "overlap": overlap, "n": len(rows)}
-    write_json(ctx.output_dir("metrics") / TOKEN_OVERLAP_FILE, result)
+    write_json(ctx.output_dir("metrics") / TOKEN_OVERLAP_JSON, result)
     ctx.log({f"overlap/{k}": v for k, v in overlap.items() if v is not None})
     return {"metrics": {**result, "sentences_used": used}}
 
@@ -266,7 +264,7 @@ def language_distance_stage(
     )
     result = {"method": method, "languages": list(params.languages), "syntactic": matrix,
               "reference": params.reference}
-    write_json(ctx.output_dir("metrics") / LANGUAGE_DISTANCE_FILE, result)
+    write_json(ctx.output_dir("metrics") / LANGUAGE_DISTANCE_JSON, result)
     ref = params.languages.index(params.reference)
     ctx.log({f"syntactic/{params.reference}-{lang}": v for lang, v in zip(params.languages, matrix[ref], strict=True)
              if v is not None and lang != params.reference})

@@ -29,16 +29,8 @@ Each half is chunked on its own, so no chunk straddles the two.
 Over-long corpora are capped with a seeded random subset of chunks (kept in corpus order); the test
 cap ``max_test_chunks_per_language`` is shared evenly: each half keeps at most ``ceil(cap / 2)``.
 
-Output ``dataset`` (type ``dataset``)::
-
-    <lang>/train.npy   int32 [n_chunks, block_size] input ids (labels = input_ids: the consumer's job)
-    <lang>/select.npy  the selection half of the test documents (model selection, pruning)
-    <lang>/report.npy  the reporting half of the test documents (reported perplexities)
-    meta.json          block_size, vocab_size, special token ids, doc_boundary, splits, test_split
-                       (the rule), counts per language and split (train, select, report)
-
-There is no ``test.npy`` any more (version 1 wrote one): a reader that needs held-out text must say
-which half it means.
+Output ``dataset`` (type ``dataset``): ``<lang>/{train,select,report}.npy`` and ``meta.json``, laid out,
+written and read by :mod:`stages.formats.dataset`. There is no ``test.npy`` any more (version 1 wrote one).
 """
 
 from __future__ import annotations
@@ -52,18 +44,9 @@ from typing import Any, Literal, TypeVar
 from pydantic import Field
 
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageInterrupted, StageParams, stage
-from stages._io import (
-    META_FILE,
-    SPLITS,
-    TEST_HALVES,
-    corpus_languages,
-    corpus_split_path,
-    effective_seed,
-    get_input,
-    progress,
-    read_jsonl,
-    write_json,
-)
+from stages._io import effective_seed, get_input, progress
+from stages.formats.corpus import corpus_languages, read_texts
+from stages.formats.dataset import SPLITS, TEST_HALVES, write_dataset_meta, write_split
 
 T = TypeVar("T")
 
@@ -130,12 +113,6 @@ def _batched(texts: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _doc_texts(path: Path) -> Iterator[str]:
-    """The texts of a corpus split file, streamed."""
-    for rec in read_jsonl(path):
-        yield str(rec["text"])
-
-
 def token_stream(tokenizer: Any, texts: Iterable[str], doc_boundary: str, desc: str) -> tuple[Any, int]:
     """All ``texts`` (documents) tokenized and concatenated (int32), and the number of documents."""
     import numpy as np
@@ -187,8 +164,8 @@ def _zero_chunk_error(lang: str, split: str, n_tokens: int, block_size: int) -> 
 def language_split_texts(corpus_dir: Path, lang: str) -> Iterator[tuple[str, Iterable[str]]]:
     """``(chunk split, document texts)`` of one language: the train documents (streamed), then the
     selection and reporting halves of the test documents (:func:`split_test_documents`)."""
-    yield "train", _doc_texts(corpus_split_path(corpus_dir, lang, "train"))
-    test = list(_doc_texts(corpus_split_path(corpus_dir, lang, "test")))
+    yield "train", read_texts(corpus_dir, lang, "train")
+    test = list(read_texts(corpus_dir, lang, "test"))
     if len(test) < 2:
         raise ValueError(
             f"tokenize: {lang} has {len(test)} test document(s); the test documents are split alternately into a "
@@ -215,7 +192,7 @@ def tokenize_language(
             raise _zero_chunk_error(lang, split, len(stream), params.block_size)
         cap = params.max_chunks_per_language if split == "train" else params.max_test_chunks_per_language
         kept = cap_chunks(chunks, split_cap(cap, split), seed, lang, split)
-        np.save(out / lang / f"{split}.npy", np.ascontiguousarray(kept, dtype=np.int32))
+        write_split(out, lang, split, kept)
         unk = tokenizer.unk_token_id
         counts[split] = {
             "docs": n_docs,
@@ -278,7 +255,7 @@ def tokenize_stage(params: TokenizeParams, inputs: Inputs, ctx: StageContext) ->
         counts[lang] = tokenize_language(tokenizer, corpus.path, lang, params, seed, out)
         ctx.log({f"{lang}/{split}_{k}": float(v) for split, c in counts[lang].items() for k, v in c.items()})
     meta = dataset_meta(tokenizer, params, languages, counts)
-    write_json(out / META_FILE, meta)
+    write_dataset_meta(out, meta)
     return {"dataset": meta}
 
 

@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-MASK_JSON = "head_mask.json"
+from stages.formats import masks as head_mask_artifact
+
+MASK_JSON = "head_mask.json"  # a saved subnetwork's own copy of its mask (a head-mask artifact has mask.json)
 MASK_NPY = "head_mask.npy"
 _PROJECTION_RE = re.compile(r"(?:^|\.)layers?\.(\d+)\.attention\.output\.dense$")
 
@@ -222,12 +224,13 @@ def write_head_mask(out_dir: Path | str, mask: Any, **extra: Any) -> None:
 
 
 def load_head_mask(path: Path | str) -> np.ndarray:
-    """A head mask from a directory (``head_mask.npy``/``mask.npy``/their ``.json``) or a file."""
+    """A head mask from a directory (a saved subnetwork's ``head_mask.npy``, a ``head-mask`` artifact's
+    ``mask.npy`` (:mod:`stages.formats.masks`), or their ``.json``) or a file."""
     import json
 
     p = Path(path)
     candidates: Sequence[Path] = (
-        [p] if p.is_file() else [p / MASK_NPY, p / "mask.npy", p / MASK_JSON, p / "mask.json"]
+        [p] if p.is_file() else [p / MASK_NPY, p / head_mask_artifact.MASK_NPY, p / MASK_JSON, p / head_mask_artifact.MASK_JSON]
     )
     for c in candidates:
         if c.is_file():

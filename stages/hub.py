@@ -54,7 +54,7 @@ def fetch_tokenizer(name: str, load: Callable[[str], Any] | None = None) -> str:
 
 def dataset_origin() -> str:
     """Where ``datasets`` keeps what it downloaded and prepared."""
-    from datasets import config  # type: ignore[import-untyped]
+    from datasets import config
 
     how = "offline: found in the cache" if config.HF_DATASETS_OFFLINE else "hub"
     return f"{how} {config.HF_DATASETS_CACHE}"

@@ -10,7 +10,7 @@ one-call forms (:func:`linear_cka`, :func:`debiased_cka`, :func:`rsa`, :func:`is
 the two, for tests and one-off use.
 
 Nothing here draws random numbers, reads artifacts or knows which pairs are compared: floors and
-intervals are :mod:`stages.resampling`'s, the loop over layers and pairs :mod:`stages.pairwise`'s.
+intervals are :mod:`stages.resampling`'s and :mod:`stages.halfsamples`'s, the loop over layers and pairs :mod:`stages.pairwise`'s.
 numpy is imported inside the functions, so importing this module (the engine does, to build the
 stage registry) stays cheap.
 
@@ -62,13 +62,11 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
 
-Measure = Literal["cka", "cka_debiased", "rsa", "isomorphism"]
-MEASURES: tuple[Measure, ...] = ("cka", "cka_debiased", "rsa", "isomorphism")
 ISO_VARIANTS = ("paper", "authors_code")
 
 

@@ -3,10 +3,9 @@
 Cheap to import: numpy and the standard library at module level, torch/transformers inside the
 functions, so that a stage module may import this one at module level.
 
-Data: a ``dataset`` artifact (stage ``tokenize``) holds ``<lang>/{train,select,report}.npy`` (int32
-``[n_chunks, block_size]`` token ids, no labels) and ``meta.json``. ``select`` and ``report`` are the
-two halves of the language's test documents (``stages.dataset``): decisions (best checkpoint, head
-importance, pruning threshold) are taken on ``select``, reported numbers are measured on ``report``.
+Data: ``dataset`` artifacts (stage ``tokenize``), read through :mod:`stages.formats.dataset` (``load_split``,
+``dataset_languages``: re-exported here). Decisions (best checkpoint, head importance, pruning threshold)
+are taken on the ``select`` half of the test documents, reported numbers are measured on ``report``.
 
 Evaluation masking is **deterministic** (docs/methods.md, section 4): :func:`eval_batches` masks chunk
 ``i`` of language ``lang`` with its own generator seeded by ``(seed, lang, i)`` (numpy's PCG64 via a
@@ -19,11 +18,11 @@ selected with probability ``mlm_probability``; a selected token becomes ``<mask>
 Training masking uses transformers' ``DataCollatorForLanguageModeling`` (fresh random masks each
 step; see ``stages.train``).
 
-Spread: :func:`evaluate_chunks` keeps each chunk's summed loss and masked-token count, so that
-:func:`bootstrap_perplexity_interval` can put a percentile-bootstrap interval on a perplexity
-without another forward pass: resample the chunks with replacement, recompute
-``exp(sum(loss) / sum(tokens))``. The resamples are seeded by ``(eval_seed, language)`` only, so two
-models evaluated on one language are resampled identically (paired intervals).
+Spread: :func:`evaluate_chunks` keeps each chunk's summed loss and masked-token count
+(:class:`stages.perplexity.ChunkLosses`), from which a percentile-bootstrap interval of the perplexity
+needs no other forward pass (:mod:`stages.perplexity`); the resamples are seeded by
+:func:`bootstrap_seed`, ``(eval_seed, language)`` only, so two models evaluated on one language are
+resampled identically (paired intervals).
 
 :func:`mlm_loss` runs the vocabulary projection only on the masked positions (about 15% of the
 tokens): for XLM-R base the 250k-word projection is the dominant cost of a forward pass, and the
@@ -32,12 +31,9 @@ loss is identical to ``model(**batch).loss`` (the LM head works token by token).
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,12 +41,13 @@ import numpy as np
 from pydantic import Field
 
 from orchestrator.stage import StageParams
-from stages._io import META_FILE, SPLITS
+from stages.formats.dataset import dataset_languages as dataset_languages
+from stages.formats.dataset import load_split
+from stages.perplexity import DEFAULT_BOOTSTRAP_RESAMPLES, DEFAULT_INTERVAL_LEVEL, ChunkLosses
+from stages.perplexity import bootstrap_perplexity_interval as bootstrap_perplexity_interval
 
 DEFAULT_EVAL_SEED = 1234  # the study's seed (docs/methods.md, Introduction); every stage evaluating perplexity uses it
 EvalSplit = Literal["select", "report"]
-DEFAULT_BOOTSTRAP_RESAMPLES = 1000
-DEFAULT_INTERVAL_LEVEL = 0.95
 BOOTSTRAP_WORD = 0x626F6F74  # "boot": a seed word no chunk index reaches, so bootstrap and masks never share a stream
 
 
@@ -81,52 +78,6 @@ class EvalParams(StageParams):
 
 IGNORE_INDEX = -100
 EVAL_KEYS = ("input_ids", "attention_mask", "labels")
-
-
-# --------------------------------------------------------------------------------------------------
-# Dataset artifacts
-# --------------------------------------------------------------------------------------------------
-
-
-def read_dataset_meta(dataset_dir: Path) -> dict[str, Any]:
-    """The ``meta.json`` of a dataset artifact ({} when absent)."""
-    path = Path(dataset_dir) / META_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def dataset_languages(dataset_dir: Path) -> list[str]:
-    """The languages of a dataset artifact: ``meta.json``'s order, else the sorted ``<lang>/`` dirs."""
-    dataset_dir = Path(dataset_dir)
-    langs = read_dataset_meta(dataset_dir).get("languages")
-    if isinstance(langs, list) and langs and all(isinstance(x, str) for x in langs):
-        return list(langs)
-    found = sorted(p.name for p in dataset_dir.iterdir() if p.is_dir() and (p / "train.npy").is_file())
-    if not found:
-        raise ValueError(f"{dataset_dir} is not a dataset artifact: no <lang>/train.npy inside")
-    return found
-
-
-def load_split(dataset_dir: Path, lang: str, split: str, *, mmap: bool = False) -> np.ndarray:
-    """The ``[n_chunks, block_size]`` token ids of one language and split (``mmap``: memory-mapped).
-
-    ``split`` is ``train``, ``select`` or ``report``. A dataset of the tokenize stage's version 1
-    (one ``test.npy``, no halves) is refused with what to do.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"dataset split must be 'train', 'select' or 'report', not {split!r}")
-    path = Path(dataset_dir) / lang / f"{split}.npy"
-    if not path.is_file() and split != "train" and (path.parent / "test.npy").is_file():
-        raise ValueError(
-            f"dataset {dataset_dir} has no {lang}/{split}.npy, only the {lang}/test.npy of an older tokenize "
-            "stage that did not split the test documents into selection and reporting halves; re-run the "
-            "tokenize stage (version 2 or later) and the stages after it"
-        )
-    if not path.is_file():
-        raise ValueError(f"dataset {dataset_dir} has no {lang}/{split}.npy")
-    arr = np.load(path, mmap_mode="r" if mmap else None)
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: expected [n_chunks, block_size], got shape {arr.shape}")
-    return arr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,70 +347,9 @@ def chunk_loss_sums(model: Any, batch: Mapping[str, Any]) -> tuple[np.ndarray, n
     return sums.cpu().numpy(), counts.cpu().numpy().astype(np.int64)
 
 
-def _perplexity(loss: float) -> float:
-    """exp(loss), infinite beyond float range."""
-    return math.exp(loss) if loss < 700 else math.inf
-
-
-@dataclass(frozen=True)
-class ChunkLosses:
-    """What :func:`evaluate_chunks` measures: each evaluated chunk's summed masked-token loss and
-    masked-token count, in chunk order."""
-
-    loss_sum: np.ndarray  # float64 [n_chunks]
-    tokens: np.ndarray  # int64 [n_chunks]
-
-    def summary(self) -> dict[str, float]:
-        """``{"loss": token-weighted mean, "perplexity": exp(loss), "tokens"}``."""
-        total = int(self.tokens.sum())
-        if total == 0:
-            raise ValueError("evaluate: the batches contain no masked tokens")
-        mean = float(self.loss_sum.sum()) / total
-        return {"loss": mean, "perplexity": _perplexity(mean), "tokens": float(total)}
-
-    def perplexity_interval(
-        self, seed: Sequence[int] | int, resamples: int = DEFAULT_BOOTSTRAP_RESAMPLES, level: float = DEFAULT_INTERVAL_LEVEL
-    ) -> tuple[float, float]:
-        """:func:`bootstrap_perplexity_interval` of these chunks."""
-        return bootstrap_perplexity_interval(self.loss_sum, self.tokens, seed=seed, resamples=resamples, level=level)
-
-
 def bootstrap_seed(seed: int, language: str | None = None) -> list[int]:
     """The seed words of a language's bootstrap resamples: ``[seed, crc32(language), "boot"]``."""
     return [*eval_seed(seed, language), BOOTSTRAP_WORD]
-
-
-def bootstrap_perplexity_interval(
-    loss_sum: np.ndarray,
-    tokens: np.ndarray,
-    *,
-    seed: Sequence[int] | int,
-    resamples: int = DEFAULT_BOOTSTRAP_RESAMPLES,
-    level: float = DEFAULT_INTERVAL_LEVEL,
-) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the perplexity ``exp(sum(loss_sum) / sum(tokens))``.
-
-    Each of ``resamples`` resamples draws ``n`` chunks with replacement (numpy generator seeded with
-    ``seed``) and recomputes the token-weighted perplexity; the interval is the ``(1 - level) / 2``
-    and ``(1 + level) / 2`` quantiles. Chunks are the resampled unit: chunks cut from one document
-    are not independent, so the interval is, if anything, too narrow. Resamples without a masked
-    token are left out.
-    """
-    loss_sum = np.asarray(loss_sum, dtype=np.float64).reshape(-1)
-    tokens = np.asarray(tokens, dtype=np.float64).reshape(-1)
-    if loss_sum.shape != tokens.shape:
-        raise ValueError(f"loss_sum has {loss_sum.size} chunks, tokens {tokens.size}; pass one value per chunk")
-    if tokens.sum() <= 0:
-        raise ValueError("bootstrap: the chunks contain no masked tokens")
-    if resamples < 1 or not 0.0 < level < 1.0:
-        raise ValueError(f"bootstrap needs resamples >= 1 and 0 < level < 1, got {resamples} and {level}")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, loss_sum.size, size=(resamples, loss_sum.size))
-    tok = tokens[idx].sum(axis=1)
-    ok = tok > 0
-    ppl = np.exp(np.minimum(loss_sum[idx].sum(axis=1)[ok] / tok[ok], 700.0))
-    lo, hi = np.quantile(ppl, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    return float(lo), float(hi)
 
 
 def model_device(model: Any) -> Any:

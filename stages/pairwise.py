@@ -4,7 +4,8 @@
 once and then every pair is compared (:func:`evaluate_layer`), so memory holds one layer's
 representations and caches at a time, and the floors' permutations and the half-samples, drawn once
 (:class:`MeasureConfig`), serve every layer and every model. The measures are
-:mod:`stages.measures`'s, the floors and intervals :mod:`stages.resampling`'s; this module decides
+:mod:`stages.measures`'s, the floors :mod:`stages.resampling`'s and the intervals :mod:`stages.halfsamples`'s
+(one layer's floors are computed by :mod:`stages.pairwise_floors`); this module decides
 what is computed once and what per pair, and keeps each model's half-sample values so that
 :func:`spread_difference` can pair them with the full model's.
 
@@ -32,8 +33,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.stage import StageInterrupted
+from stages.formats.names import FLOOR_KINDS, MEASURES
+from stages.halfsamples import (
+    GramStats,
+    HalfSamples,
+    gram_stats,
+    half_sample_interval,
+    isomorphism_interval,
+    rdm_stats,
+    subset_cka,
+    subset_rsa,
+)
 from stages.measures import (
-    MEASURES,
     cka_pair,
     cka_stats,
     eigenvector_similarity,
@@ -42,24 +53,8 @@ from stages.measures import (
     reusable_buffer,
     rsa_pair,
 )
-from stages.resampling import (
-    FLOOR_KINDS,
-    FLOOR_MEASURES,
-    Gram,
-    GramStats,
-    HalfSamples,
-    RdmStats,
-    cka_from_cross,
-    gram_from_stats,
-    gram_stats,
-    half_sample_interval,
-    isomorphism_interval,
-    length_matched_permutation,
-    rdm_stats,
-    shuffled_cka,
-    subset_cka,
-    subset_rsa,
-)
+from stages.pairwise_floors import FloorPerms, layer_floors
+from stages.resampling import FLOOR_MEASURES, Gram, RdmStats, gram_from_stats, length_matched_permutation
 
 if TYPE_CHECKING:
     import numpy as np
@@ -142,7 +137,6 @@ def pair_measures(a: RepStats, b: RepStats, cfg: MeasureConfig) -> dict[str, flo
 
 
 Interval = tuple[float, float] | None
-FloorPerms = Sequence["np.ndarray"]  # one language's length-matched permutations of its rows
 
 
 @dataclass
@@ -172,98 +166,6 @@ class LayerResult:
     floors: list[dict[str, dict[str, float]]]  # measure -> floor kind -> mean over the permutations
     spread: list[dict[str, Interval]]  # measure -> (lo, hi) or None
     samples: list[dict[str, np.ndarray]] = field(default_factory=list)  # measure -> value per half-sample / subset
-
-
-def _permute_into(m: np.ndarray, perm: np.ndarray, work: Workspace, slot: int) -> np.ndarray:
-    """``m[perm][:, perm]`` of a square matrix, written into two scratch buffers (of ``m``'s dtype)
-    from slot ``slot``."""
-    import numpy as np
-
-    rows = np.take(m, perm, axis=0, out=work.get("scratch", slot, m.shape, m.dtype))
-    return np.take(rows, perm, axis=1, out=work.get("scratch", slot + 1, m.shape, m.dtype))
-
-
-def _single(mats: Sequence[np.ndarray | None], work: Workspace, first: int) -> list[np.ndarray | None]:
-    """float32 copies of ``mats`` in the workspace (slots from ``first``): the length-matched floors
-    gather and multiply n x n matrices, which float32 does about 3x faster than float64, with a relative
-    error near 1e-6 on each cross term (the floors are controls, read to 2-3 digits)."""
-    import numpy as np
-
-    out: list[np.ndarray | None] = []
-    for i, m in enumerate(mats):
-        if m is None:
-            out.append(None)
-            continue
-        buf = work.get("single", first + i, m.shape, np.float32)
-        np.copyto(buf, m, casting="same_kind")
-        out.append(buf)
-    return out
-
-
-def _permuted_values(
-    grams: Sequence[Gram] | None,
-    ks: Sequence[np.ndarray | None],
-    zs: Sequence[np.ndarray | None] | None,
-    i: int,
-    j: int,
-    rho: np.ndarray,
-    kb: np.ndarray | None,
-    zb: np.ndarray | None,
-) -> dict[str, float]:
-    """CKA, debiased CKA and RSA of representation i against j with j's rows permuted by ``rho``
-    (``ks``, ``zs``: the Gram matrices and RDMs as compared; ``kb``, ``zb``: j's, already permuted)."""
-    import numpy as np
-
-    out: dict[str, float] = {}
-    k_i = ks[i] if grams is not None else None
-    if grams is not None and k_i is not None and kb is not None:
-        cross = float(np.dot(k_i.reshape(-1), kb.reshape(-1)))
-        out["cka"], out["cka_debiased"] = cka_from_cross(grams[i], grams[j], cross, grams[j].diag[rho])
-    if zs is not None:
-        z_i = zs[i]
-        out["rsa"] = math.nan if z_i is None or zb is None else 0.5 * float(np.dot(z_i.reshape(-1), zb.reshape(-1)))
-    return out
-
-
-def _floors(
-    grams: Sequence[Gram] | None,
-    rdms: Sequence[RdmStats | None] | None,
-    perms: Sequence[FloorPerms | None],
-    order: np.ndarray,
-    cfg: MeasureConfig,
-    work: Workspace,
-) -> list[dict[str, dict[str, float]]]:
-    """The floors of every pair (i, j), i < j: j's rows permuted. ``shuffled`` is exact; for
-    ``length_matched`` each permutation of j (given in corpus order, applied in the matrices' ``order``)
-    is gathered once, in float32 (:func:`_single`), and compared with every i < j."""
-    import numpy as np
-
-    pairs = list(itertools.combinations(range(len(perms)), 2))
-    index = {pair: p for p, pair in enumerate(pairs)}
-    matched: list[dict[str, list[float]]] = [{meas: [] for meas in cfg.floor_measures} for _ in pairs]
-    ks = _single([g.k for g in grams], work, 0) if grams is not None else []
-    zs = _single([None if r is None else r.z for r in rdms], work, len(perms)) if rdms is not None else None
-    inverse = np.argsort(order)
-    for j in range(1, len(perms)):
-        k_j, z_j = (ks[j] if ks else None), (zs[j] if zs is not None else None)
-        for perm in perms[j] or ():
-            rho = inverse[np.asarray(perm)[order]]  # the permutation in the matrices' row order
-            kb = _permute_into(k_j, rho, work, 0) if k_j is not None else None
-            zb = _permute_into(z_j, rho, work, 2) if z_j is not None else None
-            for i in range(j):
-                values = _permuted_values(grams, ks, zs, i, j, rho, kb, zb)
-                for meas, found in matched[index[(i, j)]].items():
-                    found.append(values[meas])
-    result: list[dict[str, dict[str, float]]] = []
-    for (i, j), samples in zip(pairs, matched, strict=True):  # samples: measure -> length-matched values
-        shuffled: dict[str, float] = {}
-        if grams is not None:
-            shuffled["cka"], shuffled["cka_debiased"] = shuffled_cka(grams[i], grams[j])
-        if rdms is not None:
-            shuffled["rsa"] = 0.0 if rdms[i] is not None and rdms[j] is not None else math.nan
-        result.append({meas: {"length_matched": float(np.mean(v)) if v else math.nan, "shuffled": shuffled[meas]}
-                       for meas, v in samples.items()})
-    return result
 
 
 def _pair_samples(
@@ -298,7 +200,7 @@ def spread_interval(
 ) -> Interval:
     """The interval of ``point`` from its ``samples`` (:func:`_pair_samples`; for a difference between two
     models, the differences of their samples): half-sampling, or the isomorphism subsets (see
-    :mod:`stages.resampling`, Spread). ``difference``: the isomorphism interval is not cut at 0."""
+    :mod:`stages.halfsamples`, Spread). ``difference``: the isomorphism interval is not cut at 0."""
     if measure == "isomorphism":
         return isomorphism_interval(point, samples, m=cfg.iso_size(n), n=n, confidence=cfg.confidence,
                                     distance=not difference)
@@ -317,7 +219,7 @@ def _spreads(
     cfg: MeasureConfig,
 ) -> tuple[list[dict[str, Interval]], list[dict[str, np.ndarray]]]:
     """The intervals of every pair (i, j), i < j, and the samples they come from (see
-    :mod:`stages.resampling`, Spread)."""
+    :mod:`stages.halfsamples`, Spread)."""
     hs = cfg.half
     if hs is None:
         return [{} for _ in values], [{} for _ in values]
@@ -366,7 +268,7 @@ def evaluate_layer(
     rdms = [None if r.rsa is None else RdmStats(r.rsa) for r in reps] if reps is not None and "rsa" in want else None
     floors: list[dict[str, dict[str, float]]] = [{} for _ in pairs]
     if perms is not None and cfg.floor_measures:
-        floors = _floors(grams, rdms, perms, order, cfg, work)
+        floors = layer_floors(grams, rdms, perms, order, cfg, work)
     intervals, samples = _spreads(values, pairs, grams, rdms, reps, n, cfg)
     return LayerResult(values, floors, intervals, samples)
 

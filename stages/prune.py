@@ -25,15 +25,9 @@ the language's test documents (``split="select"``, the default; ``stages.dataset
 mask is chosen without looking at the reporting half on which ``cross_eval`` reports it. The half
 used is recorded as ``eval_split`` in mask.json.
 
-Output ``mask`` (type ``head-mask``)::
-
-    mask.npy            float32 [L, H], 1 = head kept, 0 = head masked (the last accepted mask)
-    mask.json           {"language", "mask" (nested list), "heads_kept", "total_heads", "num_layers",
-                         "num_heads", "hidden_size", "num_parameters", "threshold", "eval_split", ...}
-    importance.npy      float32 [steps, L, H]: the normalised importance that chose each step's heads
-                        (masked heads 0); step i was computed under the mask before step i
-    importance_raw.npy  float32 [steps, L, H]: the same before normalisation
-    trajectory.json     [{"step", "heads_kept", "perplexity", "accepted"}, ...]; step 0 = start mask
+Output ``mask`` (type ``head-mask``): ``mask.npy``, ``mask.json``, ``importance.npy``, ``importance_raw.npy``
+and ``trajectory.json``, laid out and written by :mod:`stages.formats.masks`. The model, its tokenizer and
+the masked batches come from :mod:`stages.eval_model`, shared with ``cross_eval``.
 """
 
 from __future__ import annotations
@@ -41,15 +35,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, stage
-from stages._io import get_input, read_json, write_json
-from stages.mlm import EvalParams, EvalSplit
+from stages._io import get_input
+from stages.eval_model import eval_batches_for, eval_tokenizer, load_eval_model, model_facts
+from stages.formats.masks import write_mask_dir
+from stages.mlm import EvalParams
 
 # --------------------------------------------------------------------------------------------------
 # Pure algorithm (numpy only)
@@ -315,149 +310,6 @@ def _gate_tensor(gates: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# Head-mask artifacts
-# --------------------------------------------------------------------------------------------------
-
-MASK_NPY = "mask.npy"
-MASK_JSON = "mask.json"
-IMPORTANCE_NPY = "importance.npy"
-IMPORTANCE_RAW_NPY = "importance_raw.npy"
-TRAJECTORY_JSON = "trajectory.json"
-
-
-def write_mask_dir(out: Path, result: PruneResult, info: Mapping[str, Any]) -> dict[str, Any]:
-    """Write a ``head-mask`` artifact (layout in the module docstring); return the mask.json dict."""
-    mask = np.asarray(result.mask, dtype=np.float32)
-    np.save(out / MASK_NPY, mask)
-    np.save(out / IMPORTANCE_NPY, np.asarray(result.importances, dtype=np.float32))
-    np.save(out / IMPORTANCE_RAW_NPY, np.asarray(result.raw_importances, dtype=np.float32))
-    write_json(out / TRAJECTORY_JSON, [s.as_dict() for s in result.trajectory])
-    doc = {
-        **info,
-        "mask": mask.tolist(),
-        "num_layers": int(mask.shape[0]),
-        "num_heads": int(mask.shape[1]),
-        "heads_kept": int((mask > 0.5).sum()),
-        "total_heads": int(mask.size),
-    }
-    write_json(out / MASK_JSON, doc)
-    return doc
-
-
-def read_mask_dir(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """The mask (float32 [L, H]) and the mask.json dict of a ``head-mask`` artifact directory."""
-    path = Path(path)
-    info = read_json(path / MASK_JSON) if (path / MASK_JSON).is_file() else {}
-    if (path / MASK_NPY).is_file():
-        mask = np.asarray(np.load(path / MASK_NPY), dtype=np.float32)
-    elif "mask" in info:
-        mask = np.asarray(info["mask"], dtype=np.float32)
-    else:
-        raise ValueError(f"{path} is not a head-mask artifact: no {MASK_NPY} or {MASK_JSON} with a mask")
-    if mask.ndim != 2:
-        raise ValueError(f"{path}: head mask must be [layers, heads], got shape {mask.shape}")
-    return mask, info
-
-
-# --------------------------------------------------------------------------------------------------
-# Model side shared by prune and cross_eval
-# --------------------------------------------------------------------------------------------------
-
-
-def eval_tokenizer(model_dir: Path, dataset_dir: Path) -> Any:
-    """The tokenizer saved with the model; else a stand-in built from the dataset's meta.json ids
-    (everything :func:`stages.mlm.language_eval_batches` needs)."""
-    from stages.mlm import load_tokenizer, read_dataset_meta
-
-    try:
-        return load_tokenizer(model_dir)
-    except (OSError, ValueError, TypeError) as e:
-        meta = read_dataset_meta(dataset_dir)
-        if meta.get("mask_token_id") is None or meta.get("vocab_size") is None:
-            raise ValueError(
-                f"cannot load a tokenizer from the model {model_dir} ({e}) and the dataset's meta.json has no "
-                "mask_token_id/vocab_size to mask with"
-            ) from e
-        return _MetaTokenizer(meta)
-
-
-class _MetaTokenizer:
-    """The ids of a tokenizer as recorded in a dataset's meta.json."""
-
-    def __init__(self, meta: Mapping[str, Any]) -> None:
-        self.mask_token_id = int(meta["mask_token_id"])
-        self.pad_token_id = meta.get("pad_token_id")
-        names = ("pad", "mask", "bos", "eos", "unk", "cls", "sep")
-        ids = (meta.get(f"{n}_token_id") for n in names)
-        self.all_special_ids = sorted({int(i) for i in ids if i is not None})
-        self._len = int(meta["vocab_size"])
-
-    def __len__(self) -> int:
-        return self._len
-
-
-def load_eval_model(model_dir: Path, gpus: int = 0, job_label: str = "") -> tuple[Any, Any]:
-    """The model of a ``model`` artifact in eval mode on the best device, and that device (checked
-    against the ``gpus`` the job asked for and named in the job log: ``stages.device``)."""
-    from stages.device import pick_device
-    from stages.mlm import configure_threads, load_model
-
-    configure_threads()
-    device = pick_device(gpus, job_label)
-    model = load_model(model_dir).to(device)
-    model.eval()
-    return model, device
-
-
-def count_parameters(model: Any) -> int:
-    """Number of parameters of a model (tied weights counted once)."""
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def model_facts(model: Any) -> dict[str, Any]:
-    """Shape facts of a model that downstream stages (mask_stats) need."""
-    cfg = model.config
-    return {
-        "num_layers": int(cfg.num_hidden_layers),
-        "num_heads": int(cfg.num_attention_heads),
-        "hidden_size": int(cfg.hidden_size),
-        "num_parameters": count_parameters(model),
-    }
-
-
-def eval_batches_for(
-    dataset_dir: Path,
-    lang: str,
-    tokenizer: Any,
-    model: Any,
-    batch_size: int,
-    seed: int,
-    max_chunks: int | None,
-    mlm_probability: float,
-    split: EvalSplit,
-) -> list[dict[str, Any]]:
-    """Deterministically masked batches of one test half (``split``) of ``lang``, checked against
-    the model's shapes."""
-    from stages.mlm import check_model_fits, language_eval_batches, load_split
-
-    chunks = load_split(dataset_dir, lang, split, mmap=True)
-    if len(chunks) == 0:
-        raise ValueError(f"dataset {dataset_dir} has no {lang} {split} chunks; re-run the tokenize stage with more test text")
-    used = chunks if max_chunks is None else chunks[:max_chunks]
-    check_model_fits(model, int(chunks.shape[1]), int(np.max(used)))
-    return language_eval_batches(
-        dataset_dir,
-        lang,
-        tokenizer,
-        batch_size,
-        seed,
-        max_chunks=max_chunks,
-        mlm_probability=mlm_probability,
-        split=split,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------------
 
@@ -489,7 +341,7 @@ class PruneParams(EvalParams):
 )
 def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Iteratively prune attention heads for one language until perplexity exceeds P0 * threshold."""
-    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    from tqdm.auto import tqdm
 
     from stages.gating import HeadGates
     from stages.mlm import evaluate
@@ -570,7 +422,8 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
         "eval_chunks": int(sum(len(b["input_ids"]) for b in batches)),
         **facts,
     }
-    write_mask_dir(ctx.output_dir("mask"), result, meta)
+    trajectory = [step.as_dict() for step in result.trajectory]
+    write_mask_dir(ctx.output_dir("mask"), result.mask, result.importances, result.raw_importances, trajectory, meta)
     ctx.log(
         {
             "heads_kept_final": float(meta["heads_kept"]),

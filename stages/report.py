@@ -58,9 +58,10 @@ no software versions in PNG/PDF metadata, no timestamps on the page).
 
 matplotlib is imported only while the stage runs (the engine imports this module to plan studies).
 
-The stage is assembled from pure modules, one room per concern: :mod:`stages.report_reading` (the
-inputs read into a study view), :mod:`stages.report_plan` (what each figure draws, or why it
-cannot), :mod:`stages.report_text` (warnings, the reading, key-number tables),
+The stage is assembled from pure modules, one room per concern: :mod:`stages.report_inputs` (the
+inputs read once), :mod:`stages.report_reading` (what is read of them: key names, extras, matrices),
+:mod:`stages.report_plan` (what each figure draws, or why it cannot), :mod:`stages.report_text`
+(warnings, the reading), :mod:`stages.report_tables` (key-number tables),
 :mod:`stages.report_provenance` (where each number comes from), :mod:`stages.report_page` (the
 page's blocks, rendered as Markdown and HTML) and :mod:`stages.figures` (the drawing). This module
 holds the parameters, the assembly of the page and figures.json, and the stage: only it touches the
@@ -77,20 +78,14 @@ from pydantic import Field
 
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageParams, stage
 from stages._io import write_json
+from stages.formats.names import MEASURES
+from stages.report_inputs import INPUT_ORDER, ReportInputs, load_report_inputs
 from stages.report_page import Block, Bullets, Drawn, Heading, Notes, Para, Table, render_html, render_markdown, sentence
 from stages.report_plan import Missing, Planned, plan_figures
 from stages.report_provenance import lineage_rows, provenance_blocks, source_records, upstream_closure
-from stages.report_reading import (
-    INPUT_ORDER,
-    MEASURES,
-    Study,
-    bootstrap_text,
-    difference_label,
-    load_study,
-    measure_label,
-    sim_view,
-)
-from stages.report_text import language_rows, reading_lines, similarity_rows, summary_lines, warnings_of
+from stages.report_reading import bootstrap_text, difference_label, measure_label, sim_view
+from stages.report_tables import language_rows, similarity_rows, summary_lines
+from stages.report_text import reading_lines, warnings_of
 
 
 class ReportParams(StageParams):
@@ -122,7 +117,7 @@ class ReportParams(StageParams):
     )
 
 
-def check_params(study: Study, params: ReportParams) -> None:
+def check_params(study: ReportInputs, params: ReportParams) -> None:
     """The measure and layer must exist in similarity.json (when it is an input)."""
     doc = study.docs.get("similarity")
     if doc is None:
@@ -206,7 +201,7 @@ def report_stage(params: ReportParams, inputs: Inputs, ctx: StageContext) -> dic
     """The study's figures (PNG + PDF) and a report page (HTML + Markdown) with each figure's lineage."""
     from stages import figures as F
 
-    study = load_study(inputs, getattr(ctx, "provenance", None))
+    study = load_report_inputs(inputs, getattr(ctx, "provenance", None))
     if not study.sources:
         raise ValueError("report: no input is connected; connect at least one of " + ", ".join(INPUT_ORDER))
     check_params(study, params)
@@ -217,7 +212,7 @@ def report_stage(params: ReportParams, inputs: Inputs, ctx: StageContext) -> dic
     with F.style():
         for plan in plans:
             if isinstance(plan, Planned):
-                fig = getattr(F, plan.fn)(*plan.args, **plan.kwargs)
+                fig = plan.fn(*plan.args, **plan.kwargs)
                 records = source_records(study, plan.sources)
                 drawn.append(Drawn(plan, F.save(fig, out, plan.name), records,
                                    upstream_closure(study.provenance, [r["ref"] for r in records])))
@@ -235,7 +230,7 @@ def report_stage(params: ReportParams, inputs: Inputs, ctx: StageContext) -> dic
     }}
 
 
-def page_data(study: Study, params: ReportParams, drawn: list[Drawn], missing: list[Missing]) -> PageData:
+def page_data(study: ReportInputs, params: ReportParams, drawn: list[Drawn], missing: list[Missing]) -> PageData:
     sim = study.docs.get("similarity")
     view = sim_view(sim, params.measure, params.layer) if sim else None
     tables = [("Per language (brackets: intervals where the inputs record them):", _table(*language_rows(study)))]
@@ -249,7 +244,7 @@ def page_data(study: Study, params: ReportParams, drawn: list[Drawn], missing: l
                     tables, drawn, gaps, missing, study.provenance, lineage_rows(study))
 
 
-def figures_index(data: PageData, study: Study) -> dict[str, Any]:
+def figures_index(data: PageData, study: ReportInputs) -> dict[str, Any]:
     """figures.json: every figure's files, title, caption, sources and upstream jobs; the rest of the page's
     findings; the provenance."""
     return {

@@ -1,9 +1,11 @@
 """The report's figure plan: for each figure, what to draw, or why it cannot be drawn.
 
-Each builder is a pure function of the study (:class:`stages.report_reading.Study`), the report's
-choice of measure and layer, and the languages' colours. It returns a :class:`Planned` (a function
-of :mod:`stages.figures` and its arguments, with the title, the caption and the inputs the data
-come from) or a :class:`Missing` (the reason). Planning is kept apart from drawing: what a figure
+Each builder is a pure function of the inputs (:class:`stages.report_inputs.ReportInputs`), the report's
+choice of measure and layer, and the languages' colours. It returns a :class:`Planned` (a figure
+function of :mod:`stages.figures`, the function itself, and its arguments, with the title, the caption
+and the inputs the data come from) or a :class:`Missing` (the reason). A builder imports its figure
+function when it runs (matplotlib is imported with it: never when the engine plans a study), so a
+renamed figure fails as soon as the plan is made. Planning is kept apart from drawing: what a figure
 shows, what its caption says and what an older input lacked are decided here from data alone, and
 the stage draws every plan the same way (:func:`stages.figures.style`, :func:`stages.figures.save`)
 and lists every Missing with its reason.
@@ -18,16 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from stages.formats.names import FULL, LENGTH_FLOOR, SHUFFLED_FLOOR, SUBNETWORK
+from stages.report_inputs import ReportChoice, ReportInputs
 from stages.report_reading import (
-    FULL,
-    LENGTH_FLOOR,
-    SHUFFLED_FLOOR,
-    SUBNETWORK,
-    ReportChoice,
     SimView,
-    Study,
     bootstrap_text,
     cross_eval_matrix,
     curves,
@@ -38,8 +36,10 @@ from stages.report_reading import (
     in_order,
     interval_text,
     jaccard_chance,
+    layer_matrices,
     measure_label,
     model_intervals,
+    normalisation_text,
     random_masks,
     relative_matrix,
     reordered,
@@ -48,25 +48,28 @@ from stages.report_reading import (
     spread_curves,
 )
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 RANDOM_ROW = "random ({} size)"  # row label of a language's size-matched random masks in the cross-eval heatmap
 
 
 # --------------------------------------------------------------------------------------------------
-# Figure plan: each builder says what to draw (a function of stages.figures and its arguments),
-# or why it cannot
+# Figure plan: each builder says what to draw (a figure function and its arguments), or why it cannot
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Planned:
-    """A figure to draw: ``stages.figures.<fn>(*args, **kwargs)``. ``gaps``: what an older input
-    lacked, so the figure is drawn without it (also listed under "Not shown")."""
+    """A figure to draw: ``fn(*args, **kwargs)``, ``fn`` a figure function of :mod:`stages.figures` (the
+    function itself: a renamed figure fails when the plan is made, not when it is drawn). ``gaps``: what
+    an older input lacked, so the figure is drawn without it (also listed under "Not shown")."""
 
     name: str
     title: str
     caption: str
     sources: tuple[str, ...]  # input names the data come from
-    fn: str
+    fn: Callable[..., Figure]
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     gaps: tuple[str, ...] = ()
@@ -81,10 +84,10 @@ class Missing:
     reason: str
 
 
-Builder = Callable[[Study, ReportChoice, dict[str, str]], "Planned | Missing"]
+Builder = Callable[[ReportInputs, ReportChoice, dict[str, str]], "Planned | Missing"]
 
 
-def _absent(study: Study, name: str, title: str, *needed: str) -> Missing | None:
+def _absent(study: ReportInputs, name: str, title: str, *needed: str) -> Missing | None:
     lacking = [n for n in needed if not study.has(n)]
     if not lacking:
         return None
@@ -96,7 +99,9 @@ def _split_gap(doc: Mapping[str, Any], file: str) -> tuple[str, ...]:
     return () if doc.get("eval_split") else (f"{file} does not record its test split (an older version).",)
 
 
-def fig_perplexity(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_perplexity(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.finetuning import perplexity_before_after
+
     name, title = "perplexity_before_after", "Perplexity before and after fine-tuning"
     if (m := _absent(study, name, title, "model")) is not None:
         return m
@@ -114,12 +119,14 @@ def fig_perplexity(study: Study, params: ReportChoice, colors: dict[str, str]) -
                + (f" on the {doc['selection_split']} split" if doc.get("selection_split") else "") + ")."
                + (f" Thin black lines: {interval_text(doc)}." if iv_before or iv_after else "")
                + f" {split_note(doc)}")
-    return Planned(name, title, caption, ("model",), "perplexity_before_after", (langs, before, after),
+    return Planned(name, title, caption, ("model",), perplexity_before_after, (langs, before, after),
                    {"intervals_before": iv_before, "intervals_after": iv_after, "split": doc.get("eval_split")},
                    gaps)
 
 
-def fig_training_curve(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_training_curve(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.finetuning import training_curve
+
     name, title = "training_curve", "Eval perplexity during fine-tuning"
     if (m := _absent(study, name, title, "model")) is not None:
         return m
@@ -135,7 +142,7 @@ def fig_training_curve(study: Study, params: ReportChoice, colors: dict[str, str
             if doc.get("selection_split") else ".")
     else:
         caption += " Test split not recorded: these evaluations also chose the checkpoint."
-    return Planned(name, title, caption, ("model",), "training_curve", (history, langs, doc.get("best_step")),
+    return Planned(name, title, caption, ("model",), training_curve, (history, langs, doc.get("best_step")),
                    {"colors": colors})
 
 
@@ -154,7 +161,9 @@ def _random_rows(doc: Mapping[str, Any], cols: Sequence[str], order: Sequence[st
             [[None if j is None else std[i][j] for j in idx] for i in pick])
 
 
-def fig_cross_eval(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_cross_eval(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.subnetworks import cross_eval_heatmap
+
     name, title = "cross_eval_perplexity", "Cross-language perplexity of the subnetworks"
     if (m := _absent(study, name, title, "cross_eval")) is not None:
         return m
@@ -171,11 +180,13 @@ def fig_cross_eval(study: Study, params: ReportChoice, colors: dict[str, str]) -
     if rnd is None:
         gaps += ("cross_eval.json has no size-matched random masks (an older version): no random-mask rows and no "
                  "comparison with them.",)
-    return Planned(name, title, caption, ("cross_eval",), "cross_eval_heatmap", (rows + r_rows, cols, values + r_mean),
+    return Planned(name, title, caption, ("cross_eval",), cross_eval_heatmap, (rows + r_rows, cols, values + r_mean),
                    {"spread": spread if rnd else None, "split": doc.get("eval_split")}, gaps)
 
 
-def fig_cross_eval_relative(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_cross_eval_relative(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.subnetworks import cross_eval_heatmap
+
     name, title = "cross_eval_relative", "Cross-language perplexity relative to the full model"
     if (m := _absent(study, name, title, "cross_eval")) is not None:
         return m
@@ -184,11 +195,13 @@ def fig_cross_eval_relative(study: Study, params: ReportChoice, colors: dict[str
     caption = ("The cross-language perplexity divided by the full model's perplexity on the same eval language "
                "(column): 1 = no loss; red = the subnetwork is worse than the full model. The colour bar spans the "
                f"data, with white at 1. {split_note(doc)}")
-    return Planned(name, title, caption, ("cross_eval",), "cross_eval_heatmap", (rows, cols, values),
+    return Planned(name, title, caption, ("cross_eval",), cross_eval_heatmap, (rows, cols, values),
                    {"relative": True, "split": doc.get("eval_split")})
 
 
-def fig_cross_eval_vs_random(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_cross_eval_vs_random(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.subnetworks import cross_eval_heatmap
+
     name, title = "cross_eval_vs_random", "Subnetworks relative to size-matched random masks"
     if (m := _absent(study, name, title, "cross_eval")) is not None:
         return m
@@ -202,11 +215,13 @@ def fig_cross_eval_vs_random(study: Study, params: ReportChoice, colors: dict[st
                f"the mean perplexity of random masks with as many heads in each layer ({rnd.seeds} seeds). Below 1 "
                "(blue): the pruned heads do better than random heads of the same sizes; the outlined cell is the "
                f"language pruning chose the heads on. The colour bar spans the data, with white at 1. {split_note(doc)}")
-    return Planned(name, title, caption, ("cross_eval",), "cross_eval_heatmap", (rows, cols, values),
+    return Planned(name, title, caption, ("cross_eval",), cross_eval_heatmap, (rows, cols, values),
                    {"relative": True, "baseline": "size-matched random masks", "split": doc.get("eval_split")})
 
 
-def fig_jaccard(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_jaccard(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.subnetworks import jaccard_heatmap
+
     name, title = "jaccard_kept_heads", "Overlap of the subnetworks (Jaccard of kept heads)"
     if (m := _absent(study, name, title, "mask_stats")) is not None:
         return m
@@ -226,11 +241,13 @@ def fig_jaccard(study: Study, params: ReportChoice, colors: dict[str, str]) -> P
     else:
         gaps = ("mask_stats.json has no chance Jaccard (an older version): the Jaccard matrix is drawn without the "
                 "comparison with random masks of the same sizes.",)
-    return Planned(name, title, caption, ("mask_stats",), "jaccard_heatmap",
+    return Planned(name, title, caption, ("mask_stats",), jaccard_heatmap,
                    ([labels[i] for i in idx], [[matrix[i][j] for j in idx] for i in idx]), kwargs, gaps)
 
 
-def fig_masked_per_layer(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_masked_per_layer(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.subnetworks import masked_per_layer
+
     name, title = "masked_per_layer", "Proportion of heads masked per layer"
     if (m := _absent(study, name, title, "mask_stats")) is not None:
         return m
@@ -238,11 +255,13 @@ def fig_masked_per_layer(study: Study, params: ReportChoice, colors: dict[str, s
     caption = ("Per layer (1 = first transformer layer): masked heads / heads in the layer, averaged over "
                "languages (black) and for each language (thin lines, each with its own marker and nudged sideways "
                "so that identical lines stay visible; the legend names a line identical to an earlier one).")
-    return Planned(name, title, caption, ("mask_stats",), "masked_per_layer",
+    return Planned(name, title, caption, ("mask_stats",), masked_per_layer,
                    (stats["masked_per_layer"], stats.get("masked_per_layer_by_language")), {"colors": colors})
 
 
-def fig_trajectories(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_trajectories(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.subnetworks import pruning_trajectories
+
     name, title = "pruning_trajectories", "Pruning trajectories"
     if (m := _absent(study, name, title, "masks")) is not None:
         return m
@@ -256,23 +275,13 @@ def fig_trajectories(study: Study, params: ReportChoice, colors: dict[str, str])
                "rejected step that ended pruning (perplexity above the threshold); the last accepted point is "
                "the subnetwork. Dashed: the threshold (unpruned perplexity x threshold factor)."
                + (f" Test split: {split}." if split else "") + normalisation_text(with_traj[0].info))
-    return Planned(name, title, caption, ("masks",), "pruning_trajectories", (trajectories, thresholds),
+    return Planned(name, title, caption, ("masks",), pruning_trajectories, (trajectories, thresholds),
                    {"colors": colors})
 
 
-def normalisation_text(info: Mapping[str, Any]) -> str:
-    """How the pruning run normalised head importance, as mask.json records it."""
-    over = info.get("normalize_over")
-    if over is None:
-        return " Importance normalisation: not recorded."
-    steps = [what for what, on in (("each layer's L2 norm", info.get("normalize_layers")),
-                                   ("a global min-max", info.get("normalize_global"))) if on]
-    heads = "all heads" if over == "all" else "the heads still kept"
-    how = " then ".join(steps) if steps else "none"
-    return f" Importance normalisation: {how}, over {heads} (normalize_over={over})."
+def fig_cka_heatmaps(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.similarity import cka_layer_heatmaps
 
-
-def fig_cka_heatmaps(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
     name, title = "cka_layer_by_layer", "CKA: full model vs subnetwork, layer x layer"
     if (m := _absent(study, name, title, "similarity")) is not None:
         return m
@@ -284,24 +293,8 @@ def fig_cka_heatmaps(study: Study, params: ReportChoice, colors: dict[str, str])
     order = [lang for lang in colors if lang in lbl] + [k for k in lbl if k not in colors]
     caption = (f"For each language, {label} between every layer of the full model (rows) and every layer of "
                "that language's subnetwork (columns), on that language's sentences (0 = embeddings).")
-    return Planned(name, title, caption, ("similarity",), "cka_layer_heatmaps",
+    return Planned(name, title, caption, ("similarity",), cka_layer_heatmaps,
                    ({lang: lbl[lang] for lang in order}, doc["layers"]), {"measure": label}, gaps)
-
-
-def layer_matrices(doc: Mapping[str, Any], measure: str) -> tuple[dict[str, Any], str, tuple[str, ...]]:
-    """(full x subnetwork layer matrices, their measure, what an older similarity.json lacked) for the
-    report's ``measure``: biased CKA (``layer_by_layer``, measure ``layer_by_layer_measure``) for ``cka``;
-    for any other measure debiased CKA (``layer_by_layer_debiased``, similarity version 3: the matrices
-    are CKA only, and biased CKA is far above 0 for unrelated representations), else biased with a gap."""
-    biased = doc.get("layer_by_layer") or {}
-    biased_measure = str(doc.get("layer_by_layer_measure") or "cka")
-    if measure == "cka":
-        return biased, biased_measure, ()
-    if doc.get("layer_by_layer_debiased"):
-        return doc["layer_by_layer_debiased"], "cka_debiased", ()
-    gap = (f"similarity.json has no debiased layer-by-layer matrices (an older version): the full x subnetwork "
-           f"layer heatmaps show {measure_label(biased_measure)}, not {measure_label(measure)}.")
-    return biased, biased_measure, (gap,) if biased else ()
 
 
 FLOOR_SENTENCE = ("Dotted, in each language's colour: the length-matched floor, the same measure between sentences "
@@ -323,7 +316,9 @@ def _similarity_gaps(doc: Mapping[str, Any], measure: str, floors: Mapping[str, 
     return tuple(gaps)
 
 
-def fig_curves(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_curves(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.similarity import similarity_curves
+
     measure = params.measure
     name, title = f"{measure}_curves", f"Layer-by-layer {measure} with the reference language"
     if (m := _absent(study, name, title, "similarity")) is not None:
@@ -340,7 +335,7 @@ def fig_curves(study: Study, params: ReportChoice, colors: dict[str, str]) -> Pl
                f"per hidden layer (0 = embeddings), on n = {doc.get('n')} parallel sentences: one panel per model "
                f"({', '.join(data)}; for the subnetworks each language goes through its own subnetwork); "
                f"controls dashed.{extras}{_iso_note(doc, measure)}")
-    return Planned(name, title, caption, ("similarity",), "similarity_curves",
+    return Planned(name, title, caption, ("similarity",), similarity_curves,
                    (doc["layers"], doc["reference"], data),
                    {"measure": measure_label(measure), "colors": colors, "floors": floors or None,
                     "spreads": spreads or None}, _similarity_gaps(doc, measure, floors, spreads))
@@ -351,7 +346,9 @@ def _iso_note(doc: Mapping[str, Any], measure: str) -> str:
     return f" Isomorphism method: {method}." if measure == "isomorphism" and method else ""
 
 
-def fig_differences(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_differences(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.similarity import similarity_differences
+
     measure = params.measure
     name, title = f"{measure}_differences", f"{measure}: subnetworks minus full model"
     if (m := _absent(study, name, title, "similarity")) is not None:
@@ -378,7 +375,7 @@ def fig_differences(study: Study, params: ReportChoice, colors: dict[str, str]) 
         gaps += (f"similarity.json has no paired intervals of the differences for {measure} (an older version): "
                  "the difference bars carry approximate intervals, the two models' half-widths added in quadrature, "
                  "wider than paired ones.",)
-    return Planned(name, title, caption, ("similarity",), "similarity_differences",
+    return Planned(name, title, caption, ("similarity",), similarity_differences,
                    ({lang: diffs[lang][0] for lang in order},),
                    {"reference": view.reference, "measure": measure_label(measure), "where": view.where,
                     "intervals": intervals or None, "floor_differences": floor or None,
@@ -396,7 +393,9 @@ def _difference_interval_text(view: SimView, doc: Mapping[str, Any]) -> str:
             f"interval{mean})")
 
 
-def fig_vs_distance(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_vs_distance(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.similarity import similarity_vs_distance
+
     measure = params.measure
     name, title = f"{measure}_vs_syntactic_distance", f"{measure} vs syntactic distance"
     if (m := _absent(study, name, title, "similarity", "language_distance")) is not None:
@@ -416,13 +415,15 @@ def fig_vs_distance(study: Study, params: ReportChoice, colors: dict[str, str]) 
                f"with {ref} ({view.where}); Pearson r per model with its {view.confidence:.0%} confidence interval "
                "(Fisher z) and the number of languages n in the legend."
                + (f" Vertical lines: the {bootstrap_text(sim)}." if intervals else ""))
-    return Planned(name, title, caption, ("similarity", "language_distance"), "similarity_vs_distance",
+    return Planned(name, title, caption, ("similarity", "language_distance"), similarity_vs_distance,
                    (distance, data), {"reference": ref, "measure": measure_label(measure), "where": view.where,
                                       "method": dist.get("method"), "intervals": intervals or None,
                                       "confidence": view.confidence})
 
 
-def fig_token_overlap(study: Study, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+def fig_token_overlap(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> Planned | Missing:
+    from stages.figures.similarity import token_overlap_bars
+
     name, title = "token_overlap", "Token overlap with the reference language"
     if (m := _absent(study, name, title, "token_overlap")) is not None:
         return m
@@ -433,7 +434,7 @@ def fig_token_overlap(study: Study, params: ReportChoice, colors: dict[str, str]
     overlap = {lang: doc["overlap"][lang] for lang in order}
     caption = (f"Per parallel sentence, |token types of {ref} ∩ token types of the language| / |token types of "
                f"the language| (special tokens excluded), averaged over n = {doc.get('n')} sentences.")
-    return Planned(name, title, caption, ("token_overlap",), "token_overlap_bars", (overlap,),
+    return Planned(name, title, caption, ("token_overlap",), token_overlap_bars, (overlap,),
                    {"reference": ref, "n": doc.get("n"), "colors": colors})
 
 
@@ -444,5 +445,5 @@ BUILDERS: tuple[Builder, ...] = (
 )
 
 
-def plan_figures(study: Study, params: ReportChoice, colors: dict[str, str]) -> list[Planned | Missing]:
+def plan_figures(study: ReportInputs, params: ReportChoice, colors: dict[str, str]) -> list[Planned | Missing]:
     return [build(study, params, colors) for build in BUILDERS]

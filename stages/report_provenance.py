@@ -17,17 +17,17 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from stages.report_inputs import INPUT_ORDER, ReportInputs
 from stages.report_page import Block, Bullets, Heading, Para, Table
-from stages.report_reading import INPUT_ORDER, Study
 
 
-def source_records(study: Study, names: Sequence[str]) -> list[dict[str, Any]]:
+def source_records(study: ReportInputs, names: Sequence[str]) -> list[dict[str, Any]]:
     """The artifact versions behind ``names`` (input names), for captions and figures.json."""
     return [{"input": n, "ref": s.ref, "job_key": s.job_key, "point": dict(s.point)}
             for n in names for s in study.sources.get(n, [])]
 
 
-def lineage_rows(study: Study) -> list[list[str]]:
+def lineage_rows(study: ReportInputs) -> list[list[str]]:
     rows = []
     for name in INPUT_ORDER:
         for s in study.sources.get(name, []):

@@ -1,14 +1,15 @@
-"""The report's view of its inputs: each artifact's JSON read once into a :class:`Study`, and
+"""What the report reads of its inputs (:class:`stages.report_inputs.ReportInputs`): the key names of every
+upstream JSON file, the readers of their optional extras, the shaping of their matrices, and
 similarity.json at the report's measure and layer (:class:`SimView`).
 
-Everything the report draws or says comes through here, so the key names of every upstream format
-live in this module and nowhere else. Each reader is small and returns plain Python (lists, dicts,
-tuples), and treats a key it does not find as the mark of an input written by an older version of
-its stage, not as an error: the extra is None or empty, which the figure plan
-(:mod:`stages.report_plan`) turns into a "Not shown" line and the text (:mod:`stages.report_text`)
-into a sentence saying what is unknown. A connected input without its file is an error (a
-mis-wired input). Matrices come out in the study's order of languages (:meth:`Study.languages`),
-the full model's row last; a cross_eval.json written with its axes swapped is transposed.
+Everything the report draws or says comes through here, so the key names of every upstream format live
+in this module and nowhere else. Each reader is small and returns plain Python (lists, dicts, tuples),
+and treats a key it does not find as the mark of an input written by an older version of its stage, not
+as an error: the extra is None or empty, which the figure plan (:mod:`stages.report_plan`) turns into a
+"Not shown" line and the text (:mod:`stages.report_text`) into a sentence saying what is unknown.
+Matrices come out in the study's order of languages
+(:meth:`stages.report_inputs.ReportInputs.languages`), the full model's row last; a cross_eval.json
+written with its axes swapped is transposed.
 
 Extras read when present: similarity.json ``floors``, ``spread``, ``spread_difference`` (``subnetwork-full``),
 ``bootstrap``, ``encodings`` (encode's ``max_length`` and ``truncated`` per artifact read) and
@@ -26,132 +27,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from orchestrator.stage import Inputs, ResolvedInput
-from stages._io import optional_input, read_json
+from stages.formats.names import FLOOR_KINDS, FULL, LENGTH_FLOOR, SHUFFLED_FLOOR, SUBNETWORK
+from stages.report_inputs import ReportInputs
 
-FULL = "full"
-SUBNETWORK = "subnetwork"
-BASE = "base"
-RANDOM = "random"
-MEASURES = ("cka", "cka_debiased", "rsa", "isomorphism")
 # how the figures name a measure (isomorphism is a distance: lower = more alike)
 MEASURE_LABELS = {"cka": "biased linear CKA", "cka_debiased": "debiased CKA", "rsa": "RSA",
                   "isomorphism": "isomorphism distance"}
-MODEL_LABELS = {FULL: "full fine-tuned model", SUBNETWORK: "language subnetworks", BASE: "base model (control)",
-                RANDOM: "random-init model (control)"}
-LENGTH_FLOOR, SHUFFLED_FLOOR = "length_matched", "shuffled"
-FLOOR_KINDS = (LENGTH_FLOOR, SHUFFLED_FLOOR)
 FLOOR_LABELS = {LENGTH_FLOOR: "the length-matched floor", SHUFFLED_FLOOR: "the shuffled-row floor"}
 # where train's metrics.json keeps the interval of each perplexity, next to it (before[lang], after[lang])
 MODEL_INTERVAL_KEY = "perplexity_interval"
 PAIRED = f"{SUBNETWORK}-{FULL}"  # similarity.json spread_difference key of subnetwork minus full model
 
 Interval = tuple[float, float]
-
-# the one JSON file each single-artifact input must hold
-FILES: dict[str, str] = {
-    "model": "metrics.json",
-    "cross_eval": "cross_eval.json",
-    "mask_stats": "mask_stats.json",
-    "similarity": "similarity.json",
-    "token_overlap": "token_overlap.json",
-    "language_distance": "language_distance.json",
-}
-INPUT_ORDER = ("model", "masks", "cross_eval", "mask_stats", "similarity", "token_overlap", "language_distance")
-# where the study's order of languages is read from, first found first
-ORDER_SOURCES = ("model", "similarity", "token_overlap", "language_distance", "cross_eval", "mask_stats")
-
-
-class ReportChoice(Protocol):
-    """What the figure plan and the text read of the report's parameters (:class:`stages.report.ReportParams`
-    has both): the similarity measure, and the layer (None: the mean over layers)."""
-
-    @property
-    def measure(self) -> str: ...
-
-    @property
-    def layer(self) -> int | None: ...
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading the inputs
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MaskData:
-    """One language's head-mask artifact as the report needs it."""
-
-    language: str
-    info: dict[str, Any]
-    trajectory: list[dict[str, Any]] | None
-    heads_kept: int
-    total_heads: int
-    source: ResolvedInput
-
-
-@dataclass
-class Study:
-    """Every input that is present: the resolved artifact versions and their parsed JSON, and the
-    provenance the engine passed (empty from an older engine)."""
-
-    sources: dict[str, list[ResolvedInput]] = field(default_factory=dict)
-    docs: dict[str, Any] = field(default_factory=dict)
-    masks: list[MaskData] = field(default_factory=list)
-    provenance: Mapping[str, Any] = field(default_factory=dict)
-
-    def has(self, name: str) -> bool:
-        return bool(self.sources.get(name))
-
-    def languages(self) -> list[str]:
-        """Every language any input mentions, in the study's order: that of the first input (in
-        :data:`ORDER_SOURCES` order) that lists it."""
-        seen: list[str] = []
-        for name in ORDER_SOURCES:
-            doc = self.docs.get(name) or {}
-            seen += list(doc.get("languages") or doc.get("cols") or [])
-        seen += [m.language for m in self.masks]
-        return [x for x in dict.fromkeys(seen) if x != FULL]
-
-
-def load_study(inputs: Inputs, provenance: Mapping[str, Any] | None = None) -> Study:
-    """Read every present input (a missing file in a present input is an error: a mis-wired input)."""
-    study = Study(provenance=dict(provenance or {}))
-    for name, file in FILES.items():
-        item = optional_input(inputs, name)
-        if item is None:
-            continue
-        path = Path(item.path) / file
-        if not path.is_file():
-            raise ValueError(f"input {name!r} ({item.ref}) has no {file}: connect it to the output of the "
-                             f"stage that writes {file}")
-        study.sources[name] = [item]
-        study.docs[name] = read_json(path)
-    masks = inputs.get("masks")
-    items = [masks] if isinstance(masks, ResolvedInput) else list(masks or [])
-    study.masks = [read_mask(item) for item in items]
-    if study.masks:
-        study.sources["masks"] = items
-    langs = [m.language for m in study.masks]
-    if len(set(langs)) != len(langs):
-        raise ValueError(f"two head masks for the same language: {langs}")
-    return study
-
-
-def read_mask(item: ResolvedInput) -> MaskData:
-    """Language, mask.json, trajectory and head counts of one ``head-mask`` artifact."""
-    from stages.prune import read_mask_dir
-
-    mask, info = read_mask_dir(item.path)
-    lang = item.point.get("language") or info.get("language") or item.metadata.get("language")
-    if not lang:
-        raise ValueError(f"head mask {item.ref} does not say its language (matrix point, mask.json, metadata)")
-    traj_path = Path(item.path) / "trajectory.json"
-    trajectory = read_json(traj_path) if traj_path.is_file() else None
-    return MaskData(str(lang), info, trajectory, int((mask > 0.5).sum()), int(mask.size), item)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,7 +292,35 @@ def where_text(layers: Sequence[int], layer: int | None) -> str:
     return f"mean over layers {layers[0]}-{layers[-1]}" if layers else "mean over layers"
 
 
-def heads_kept_table(study: Study) -> dict[str, tuple[int, int]]:
+def normalisation_text(info: Mapping[str, Any]) -> str:
+    """How the pruning run normalised head importance, as mask.json records it."""
+    over = info.get("normalize_over")
+    if over is None:
+        return " Importance normalisation: not recorded."
+    steps = [what for what, on in (("each layer's L2 norm", info.get("normalize_layers")),
+                                   ("a global min-max", info.get("normalize_global"))) if on]
+    heads = "all heads" if over == "all" else "the heads still kept"
+    how = " then ".join(steps) if steps else "none"
+    return f" Importance normalisation: {how}, over {heads} (normalize_over={over})."
+
+
+def layer_matrices(doc: Mapping[str, Any], measure: str) -> tuple[dict[str, Any], str, tuple[str, ...]]:
+    """(full x subnetwork layer matrices, their measure, what an older similarity.json lacked) for the
+    report's ``measure``: biased CKA (``layer_by_layer``, measure ``layer_by_layer_measure``) for ``cka``;
+    for any other measure debiased CKA (``layer_by_layer_debiased``, similarity version 3: the matrices
+    are CKA only, and biased CKA is far above 0 for unrelated representations), else biased with a gap."""
+    biased = doc.get("layer_by_layer") or {}
+    biased_measure = str(doc.get("layer_by_layer_measure") or "cka")
+    if measure == "cka":
+        return biased, biased_measure, ()
+    if doc.get("layer_by_layer_debiased"):
+        return doc["layer_by_layer_debiased"], "cka_debiased", ()
+    gap = (f"similarity.json has no debiased layer-by-layer matrices (an older version): the full x subnetwork "
+           f"layer heatmaps show {measure_label(biased_measure)}, not {measure_label(measure)}.")
+    return biased, biased_measure, (gap,) if biased else ()
+
+
+def heads_kept_table(study: ReportInputs) -> dict[str, tuple[int, int]]:
     """(kept, total) heads per language: from the masks, else mask_stats."""
     if study.masks:
         return {m.language: (m.heads_kept, m.total_heads) for m in study.masks}

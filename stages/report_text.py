@@ -1,4 +1,4 @@
-"""The report's generated text: the warnings, "Reading these results" and the key-number tables.
+"""The report's generated text: the warnings and "Reading these results".
 
 Every sentence is computed from the inputs' numbers (:mod:`stages.report_reading`), none is written
 ahead of the data, so none claims more than they show. A comparison with a control says for how many
@@ -10,8 +10,9 @@ a trained model's similarity, fine-tuning that made a language worse, truncated 
 subnetwork no better than its size-matched random masks, biased CKA, uncommitted code.
 
 A similarity is a measure or a distance (isomorphism: lower = more alike): every comparison goes
-through :func:`_closer` and :func:`_beyond`, which know which. The key-number tables give each value
-with its interval where the inputs record one (:func:`fmt_iv`).
+through :func:`_closer` and :func:`_beyond`, which know which. Numbers are given with their interval
+where the inputs record one (:func:`fmt_iv`, also used by the key-number tables of
+:mod:`stages.report_tables`).
 """
 
 from __future__ import annotations
@@ -20,33 +21,21 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from stages.formats.names import BASE, FLOOR_KINDS, FULL, LENGTH_FLOOR, MODEL_LABELS, RANDOM, SHUFFLED_FLOOR, SUBNETWORK
+from stages.report_inputs import ReportChoice, ReportInputs
 from stages.report_reading import (
-    BASE,
-    FLOOR_KINDS,
     FLOOR_LABELS,
-    FULL,
-    LENGTH_FLOOR,
-    MODEL_LABELS,
-    RANDOM,
-    SHUFFLED_FLOOR,
-    SUBNETWORK,
     Interval,
-    ReportChoice,
     SimView,
-    Study,
     as_interval,
     cross_eval_matrix,
     difference_label,
     differences,
     floor_differences,
-    heads_kept_table,
     jaccard_chance,
     measure_label,
-    model_interval,
     model_intervals,
     random_masks,
-    ratio,
-    relative_matrix,
     truncations,
 )
 
@@ -55,13 +44,13 @@ from stages.report_reading import (
 # --------------------------------------------------------------------------------------------------
 
 
-def _num(v: Any, fmt: str = ".2f") -> str:
+def fmt_num(v: Any, fmt: str = ".2f") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
 def fmt_iv(value: float | None, interval: Interval | None, fmt: str = ".2f") -> str:
     """``"5.65 [5.55, 5.75]"``; the value alone without an interval, ``-`` without a value."""
-    text = _num(value, fmt)
+    text = fmt_num(value, fmt)
     if interval is None or text == "-":
         return text
     return f"{text} [{format(interval[0], fmt)}, {format(interval[1], fmt)}]"
@@ -134,7 +123,7 @@ def _perplexities(doc: Mapping[str, Any], when: str) -> dict[str, float]:
             if isinstance(e, Mapping) and _finite(e.get("perplexity"))}
 
 
-def finetune_warnings(study: Study) -> list[str]:
+def finetune_warnings(study: ReportInputs) -> list[str]:
     """Languages whose perplexity rose with fine-tuning beyond the intervals (or with none recorded)."""
     doc = study.docs.get("model")
     if not doc:
@@ -152,7 +141,7 @@ def finetune_warnings(study: Study) -> list[str]:
     return out
 
 
-def truncation_warnings(study: Study) -> list[str]:
+def truncation_warnings(study: ReportInputs) -> list[str]:
     """Sentences that encode cut at its length limit, per language (see :func:`truncations`)."""
     out = []
     for lang, k, max_len, n, names in truncations(study.docs.get("similarity") or {}):
@@ -185,7 +174,7 @@ def own_vs_random(doc: Mapping[str, Any] | None) -> list[OwnVsRandom]:
     return out
 
 
-def random_warnings(study: Study) -> list[str]:
+def random_warnings(study: ReportInputs) -> list[str]:
     return [f"The {lang} subnetwork is no better than its size-matched random masks on {lang}: perplexity "
             f"{own:.2f} vs {mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
             + f" (mean{' ± sd' if sd is not None else ''} over {seeds} seeds)."
@@ -215,7 +204,7 @@ def code_warnings(provenance: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def warnings_of(study: Study, params: ReportChoice, view: SimView | None) -> list[str]:
+def warnings_of(study: ReportInputs, params: ReportChoice, view: SimView | None) -> list[str]:
     """Every suspicious result, in words."""
     return [*(control_warnings(view) if view else []), *finetune_warnings(study), *truncation_warnings(study),
             *random_warnings(study), *measure_warnings(params, view), *code_warnings(study.provenance)]
@@ -270,7 +259,7 @@ def difference_reading(view: SimView) -> list[str]:
     return [text + "."]
 
 
-def finetune_reading(study: Study) -> list[str]:
+def finetune_reading(study: ReportInputs) -> list[str]:
     doc = study.docs.get("model")
     if not doc:
         return []
@@ -296,7 +285,7 @@ def finetune_reading(study: Study) -> list[str]:
     return [text + ("" if known else "; no intervals recorded") + "."]
 
 
-def random_reading(study: Study) -> list[str]:
+def random_reading(study: ReportInputs) -> list[str]:
     rows = own_vs_random(study.docs.get("cross_eval"))
     if not rows:
         return []
@@ -320,7 +309,7 @@ def chance_pairs(stats: Mapping[str, Any]) -> list[tuple[float, float, Interval 
             for i in range(n) for j in range(i + 1, n) if _finite(matrix[i][j], mean[i][j])]
 
 
-def jaccard_reading(study: Study) -> list[str]:
+def jaccard_reading(study: ReportInputs) -> list[str]:
     pairs = chance_pairs(study.docs.get("mask_stats") or {})
     if not pairs:
         return []
@@ -337,7 +326,7 @@ def jaccard_reading(study: Study) -> list[str]:
     return [text + "."]
 
 
-def distance_pairs(study: Study, view: SimView) -> tuple[list[float], list[float]]:
+def distance_pairs(study: ReportInputs, view: SimView) -> tuple[list[float], list[float]]:
     """Syntactic distance to the reference and the full model's similarity, per language with both."""
     dist = study.docs.get("language_distance") or {}
     dlangs = list(dist.get("languages") or [])
@@ -349,7 +338,7 @@ def distance_pairs(study: Study, view: SimView) -> tuple[list[float], list[float
     return [float(row[dlangs.index(x)]) for x in langs], [full[x] for x in langs]
 
 
-def correlation_reading(study: Study, view: SimView) -> list[str]:
+def correlation_reading(study: ReportInputs, view: SimView) -> list[str]:
     from stages import figures as F
 
     x, y = distance_pairs(study, view)
@@ -363,107 +352,9 @@ def correlation_reading(study: Study, view: SimView) -> list[str]:
             f"({view.where}): Pearson {F.format_r(r, len(x), view.confidence)} languages{verdict}."]
 
 
-def reading_lines(study: Study, view: SimView | None) -> list[str]:
+def reading_lines(study: ReportInputs, view: SimView | None) -> list[str]:
     """What the numbers say, generated from the data: which controls the models beat, what is within noise."""
     lines = [*(control_reading(view) + difference_reading(view) if view else []), *finetune_reading(study),
              *random_reading(study), *jaccard_reading(study),
              *(correlation_reading(study, view) if view else [])]
     return lines or ["The inputs hold no numbers to compare with controls."]
-
-
-# --------------------------------------------------------------------------------------------------
-# Key numbers (each with its spread where one is known)
-# --------------------------------------------------------------------------------------------------
-
-
-def _cross_eval_cells(doc: Mapping[str, Any] | None) -> dict[str, tuple[float | None, Interval | None, float | None]]:
-    """Per language: the own-language perplexity of its subnetwork, its interval, and relative to full."""
-    if not doc:
-        return {}
-    rows, cols, ppl = cross_eval_matrix(doc)
-    _, _, rel = relative_matrix(doc)
-    ivs = cross_eval_matrix(doc, "perplexity_interval")[2] if doc.get("perplexity_interval") else None
-    return {lang: (ppl[i][cols.index(lang)], as_interval(ivs[i][cols.index(lang)]) if ivs else None,
-                   rel[i][cols.index(lang)]) for i, lang in enumerate(rows) if lang in cols}
-
-
-def language_rows(study: Study) -> tuple[list[str], list[list[str]]]:
-    """Per language: perplexity before/after fine-tuning, heads kept, own-language perplexity of the
-    subnetwork, relative to the full model and to its size-matched random masks."""
-    model = study.docs.get("model") or {}
-    before, after = model.get("before") or {}, model.get("after") or {}
-    heads = heads_kept_table(study)
-    own = _cross_eval_cells(study.docs.get("cross_eval"))
-    rnd = {lang: (mean, sd, seeds) for lang, _, mean, sd, seeds in own_vs_random(study.docs.get("cross_eval"))}
-    header = ["language", "perplexity before", "perplexity after", "heads kept", "own-language perplexity",
-              "own-language ppl / full", "size-matched random masks", "own / random"]
-    rows = []
-    for lang in study.languages():
-        kept = heads.get(lang)
-        ppl, iv, rel = own.get(lang, (None, None, None))
-        r = rnd.get(lang)
-        rows.append([
-            lang,
-            fmt_iv((before.get(lang) or {}).get("perplexity"), model_interval(before.get(lang) or {})),
-            fmt_iv((after.get(lang) or {}).get("perplexity"), model_interval(after.get(lang) or {})),
-            f"{kept[0]}/{kept[1]}" if kept else "-",
-            fmt_iv(ppl, iv),
-            _num(rel, ".3f"),
-            (f"{r[0]:.2f}" + (f" ± {r[1]:.2f}" if r[1] is not None else "") + f" ({r[2]} seeds)") if r else "-",
-            _num(ratio(ppl, r[0]) if r else None, ".3f"),
-        ])
-    return header, rows
-
-
-FLOOR_OWNERS = {FULL: "full model", RANDOM: "random-init model"}
-
-
-def similarity_rows(view: SimView, order: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """Per language: the measure with the reference for every model, the full model's floors, the
-    random-init model's length-matched floor (how much of its similarity is sentence length) and the
-    subnetworks-minus-full difference, each with its interval where known."""
-    models = [m for m in (FULL, SUBNETWORK, BASE, RANDOM) if m in view.values]
-    wanted = [(k, FULL) for k in FLOOR_KINDS] + [(LENGTH_FLOOR, RANDOM)]
-    floors = [(k, m) for k, m in wanted if view.floors[k].get(m)]
-    diffs = differences(view)
-    header = (["language"] + [MODEL_LABELS[m] for m in models]
-              + [f"{FLOOR_LABELS[k].removeprefix('the ')} ({FLOOR_OWNERS[m]})" for k, m in floors]
-              + (["subnetworks − full"] if diffs else []))
-    langs = [x for x in order if any(x in view.values[m] for m in models)]
-    rows = []
-    for lang in langs:
-        row = [lang] + [fmt_iv(view.values[m].get(lang), view.intervals.get(m, {}).get(lang), ".3f") for m in models]
-        row += [_num(view.floors[k][m].get(lang), ".3f") for k, m in floors]
-        if diffs:
-            d, iv = diffs.get(lang, (None, None))
-            row.append(fmt_iv(d, iv, "+.3f"))
-        rows.append(row)
-    return header, rows
-
-
-def summary_lines(study: Study) -> list[str]:
-    lines = []
-    model = study.docs.get("model")
-    if model and model.get("mean_loss_before") is not None:
-        lines.append(f"Mean eval loss over languages: {_num(model['mean_loss_before'], '.4f')} before, "
-                     f"{_num(model.get('mean_loss_after'), '.4f')} after fine-tuning (step {model.get('best_step')}).")
-    stats = study.docs.get("mask_stats")
-    if stats and stats.get("jaccard_mean") is not None:
-        lines.append(f"Jaccard of kept heads: mean {_num(stats['jaccard_mean'], '.3f')} (min "
-                     f"{_num(stats.get('jaccard_min'), '.3f')}, max {_num(stats.get('jaccard_max'), '.3f')})"
-                     f"{_chance_text(stats)}.")
-    if stats and stats.get("heads_kept_by_all") is not None:
-        lines.append(f"Heads kept by every language: {stats['heads_kept_by_all']} of {stats.get('total_heads')}; "
-                     f"by at least one: {stats.get('heads_kept_by_any')}.")
-    return lines
-
-
-def _chance_text(stats: Mapping[str, Any]) -> str:
-    """``"; chance 0.500 [0.400, 0.600] ..."``: the chance Jaccard and its interval, means over pairs."""
-    pairs = chance_pairs(stats)
-    if not pairs:
-        return ""
-    mean = sum(p[1] for p in pairs) / len(pairs)
-    ivs = [p[2] for p in pairs if p[2] is not None]
-    iv = (sum(i[0] for i in ivs) / len(ivs), sum(i[1] for i in ivs) / len(ivs)) if ivs else None
-    return f"; chance {fmt_iv(mean, iv, '.3f')} (random masks of the same sizes, mean over pairs)"

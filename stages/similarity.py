@@ -10,13 +10,13 @@ states ``X`` [n, d] of a's sentences and ``Y`` of b's (the same sentences, trans
 subnetwork model, a's sentences go through a's subnetwork and b's through b's.
 
 What is computed, per model, pair and layer: the measures ``cka``, ``cka_debiased``, ``rsa`` and
-``isomorphism`` (:mod:`stages.measures`, where each is defined); their floors (``floors``: the
-measure between sentences that are not translations of each other, ``shuffled`` exactly and
-``length_matched`` over seeded permutations), intervals (``spread``: half-samples of the sentences;
-for isomorphism, other subsets) and the paired intervals of each model minus the full model
-(``spread_difference``), all defined in :mod:`stages.resampling`; :mod:`stages.pairwise` runs them
-layer by layer over every pair. This module is the stage: its parameters, the reading of the
-encodings artifacts and similarity.json.
+``isomorphism`` (:mod:`stages.measures`, where each is defined); their floors (``floors``: the measure
+between sentences that are not translations of each other, ``shuffled`` exactly and ``length_matched``
+over seeded permutations), intervals (``spread``: half-samples of the sentences; for isomorphism, other
+subsets) and the paired intervals of each model minus the full model (``spread_difference``), defined in
+:mod:`stages.resampling` and :mod:`stages.halfsamples`; :mod:`stages.pairwise` runs them layer by layer
+over every pair. This module is the stage: its parameters, the grouping of the encodings artifacts (read
+by :mod:`stages.formats.encodings`) and similarity.json.
 
 Layer by layer (``layer_by_layer``, ``layer_by_layer_debiased``): per language with a subnetwork, linear
 and debiased CKA of every full-model layer against every subnetwork layer, on that language's sentences
@@ -61,26 +61,24 @@ Version 2: ``floors``, ``spread``, ``bootstrap``, ``isomorphism_variant``; needs
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from orchestrator.stage import Input, Inputs, ResolvedInput, StageContext, StageDef, StageParams, stage
-from stages._io import META_FILE, effective_seed, write_json
-from stages.measures import MEASURES, Measure, isomorphism_description, layer_cka_matrices
+from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageParams, stage
+from stages._io import effective_seed, write_json
+from stages.formats.encodings import Encodings, load_encodings
+from stages.formats.metrics import SIMILARITY_JSON, finite_or_none
+from stages.formats.names import FULL, MEASURES, SUBNETWORK, VARIANTS, Measure
+from stages.halfsamples import bootstrap_description, half_samples
+from stages.measures import isomorphism_description, layer_cka_matrices
 from stages.pairwise import LayerGetter, LengthGetter, MeasureConfig, PairwiseResult, pairwise_by_layer, spread_difference
-from stages.resampling import FLOORS_METHOD, bootstrap_description, half_samples
+from stages.resampling import FLOORS_METHOD
 
 if TYPE_CHECKING:
     import numpy as np
-
-MODELS = ("full", "subnetwork", "base", "random")
-SIMILARITY_FILE = "similarity.json"
 
 
 class SimilarityParams(StageParams):
@@ -146,57 +144,8 @@ class SimilarityParams(StageParams):
 
 
 # --------------------------------------------------------------------------------------------------
-# Encodings artifacts
+# Encodings, grouped by model
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Encodings:
-    """An ``encodings`` artifact: its directory and meta.json."""
-
-    path: Path
-    meta: Mapping[str, Any]
-
-    @property
-    def variant(self) -> str:
-        return str(self.meta.get("variant"))
-
-    @property
-    def languages(self) -> list[str]:
-        return list(self.meta.get("languages") or [])
-
-    def layer(self, lang: str, layer: int) -> np.ndarray:
-        import numpy as np
-
-        arr = np.load(self.path / f"{lang}.npy", mmap_mode="r")
-        if arr.ndim != 3:
-            raise ValueError(f"{self.path}/{lang}.npy: expected [layers, n, hidden], got shape {arr.shape}")
-        return np.asarray(arr[layer])  # as stored (float32/float16): each measure casts to float64 as it reads
-
-    def lengths(self, lang: str) -> np.ndarray:
-        """Token count of every sentence of ``lang`` as encoded (``<lang>.lengths.npy``, encode version 2)."""
-        import numpy as np
-
-        path = self.path / f"{lang}.lengths.npy"
-        if not path.is_file():
-            raise ValueError(f"encodings {self.path} ({self.variant}) have no {path.name}, which the length-matched "
-                             f"floor needs: re-run encode (version 2 writes it), or set floor_seeds: 0")
-        return np.load(path)
-
-    def shape(self, lang: str) -> tuple[int, ...]:
-        import numpy as np
-
-        return tuple(np.load(self.path / f"{lang}.npy", mmap_mode="r").shape)
-
-
-def load_encodings(ri: ResolvedInput) -> Encodings:
-    meta_path = Path(ri.path) / META_FILE
-    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else dict(ri.metadata)
-    if meta.get("variant") not in MODELS:
-        raise ValueError(f"encodings {ri.ref}: unknown variant {meta.get('variant')!r}; expected one of {MODELS}")
-    if meta["variant"] == "subnetwork" and not meta.get("language"):
-        raise ValueError(f"encodings {ri.ref}: a subnetwork encoding must name its mask language")
-    return Encodings(Path(ri.path), meta)
 
 
 def group_encodings(items: Sequence[Encodings]) -> tuple[dict[str, Encodings], dict[str, Encodings]]:
@@ -204,7 +153,7 @@ def group_encodings(items: Sequence[Encodings]) -> tuple[dict[str, Encodings], d
     models: dict[str, Encodings] = {}
     subnets: dict[str, Encodings] = {}
     for e in items:
-        if e.variant == "subnetwork":
+        if e.variant == SUBNETWORK:
             lang = str(e.meta["language"])
             if lang in subnets:
                 raise ValueError(f"two subnetwork encodings for language {lang!r}")
@@ -235,17 +184,6 @@ def _check_consistent(items: Sequence[Encodings], languages: Sequence[str]) -> t
     return n, n_layers
 
 
-def _finite_or_none(obj: Any) -> Any:
-    """Replace NaN/inf by None (JSON null), recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
 # --------------------------------------------------------------------------------------------------
 # Stage
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +207,7 @@ def _representations(
 ) -> tuple[list[str], LayerGetter, LengthGetter]:
     """The languages a model covers and how to read a language's layer and token lengths (subnetwork:
     its own mask's artifact)."""
-    if model == "subnetwork":
+    if model == SUBNETWORK:
         return ([lang for lang in languages if lang in subnets], lambda lang, layer: subnets[lang].layer(lang, layer),
                 lambda lang: subnets[lang].lengths(lang))
     enc = models[model]
@@ -319,7 +257,7 @@ def encodings_records(
 ) -> dict[str, dict[str, Any]]:
     """similarity.json ``encodings``: :func:`truncation_record` of every artifact read, keyed by its
     variant (``subnetwork:<lang>`` for a language's subnetwork, which is read for that language only)."""
-    out = {variant: truncation_record(models[variant].meta, languages, n) for variant in MODELS if variant in models}
+    out = {variant: truncation_record(models[variant].meta, languages, n) for variant in VARIANTS if variant in models}
     for lang in (x for x in languages if x in subnets):
         out[f"subnetwork:{lang}"] = truncation_record(subnets[lang].meta, [lang], n)
     return out
@@ -332,9 +270,9 @@ def _layer_by_layer(
     on that language's sentences (empty without a full model)."""
     biased: dict[str, list[list[float]]] = {}
     debiased: dict[str, list[list[float]]] = {}
-    if "full" not in models:
+    if FULL not in models:
         return biased, debiased
-    full = models["full"]
+    full = models[FULL]
     buffers: list[np.ndarray] = []  # one language's centred layers, reused by the next
     for lang in (lang for lang in languages if lang in subnets):
         xs = [full.layer(lang, i) for i in range(n_layers)]
@@ -359,7 +297,7 @@ def _languages(params: SimilarityParams, items: Sequence[Encodings]) -> list[str
     if params.languages is not None:
         langs = list(params.languages)
     else:
-        first = next((e for e in items if e.variant == "full"), items[0])
+        first = next((e for e in items if e.variant == FULL), items[0])
         langs = [lang for lang in first.languages if all(lang in e.languages for e in items)]
     if params.reference not in langs:
         raise ValueError(f"reference {params.reference!r} is not among the compared languages {langs}")
@@ -389,7 +327,7 @@ def similarity_stage(params: SimilarityParams, inputs: Inputs, ctx: StageContext
     n, n_layers = _check_consistent(items, languages)
     seed = effective_seed(ctx.seed, params.seed)
     cfg, m_iso = _measure_config(params, n, seed)
-    present = [m for m in MODELS if (m == "subnetwork" and subnets) or m in models]
+    present = [m for m in VARIANTS if (m == SUBNETWORK and subnets) or m in models]
     readers = {model: _representations(model, languages, models, subnets) for model in present}
     if cfg.floor_measures:
         for langs, _, lengths in readers.values():
@@ -398,7 +336,7 @@ def similarity_stage(params: SimilarityParams, inputs: Inputs, ctx: StageContext
     floors: dict[str, Any] = {}
     spread: dict[str, Any] = {}
     spread_diff: dict[str, Any] = {}
-    full_result: PairwiseResult | None = None  # "full" comes first in MODELS: every other model is paired with it
+    full_result: PairwiseResult | None = None  # "full" comes first in VARIANTS: every other model is paired with it
     start = time.perf_counter()
     for model, (langs, get, lengths) in readers.items():
         res = pairwise_by_layer(get, langs, n_layers, cfg, should_stop=ctx.stop_requested.is_set, lengths=lengths)
@@ -407,10 +345,10 @@ def similarity_stage(params: SimilarityParams, inputs: Inputs, ctx: StageContext
             floors[model] = res.floors
         if res.spread:
             spread[model] = res.spread
-        if model == "full":
+        if model == FULL:
             full_result = res
         elif full_result is not None and res.samples:
-            spread_diff[f"{model}-full"] = spread_difference(res, full_result, n, cfg)
+            spread_diff[f"{model}-{FULL}"] = spread_difference(res, full_result, n, cfg)
         ctx.log({f"seconds/{model}": time.perf_counter() - start})
     layer_by_layer, layer_by_layer_debiased = (_layer_by_layer(models, subnets, languages, n_layers)
                                                if params.layer_by_layer else ({}, {}))
@@ -435,7 +373,7 @@ def similarity_stage(params: SimilarityParams, inputs: Inputs, ctx: StageContext
         "encodings": encodings_records(models, subnets, languages, n),
     }
     out = ctx.output_dir("metrics")
-    write_json(out / SIMILARITY_FILE, _finite_or_none(result))
+    write_json(out / SIMILARITY_JSON, finite_or_none(result))
     ctx.log(_reference_means(pairwise, params.reference))
     meta = {
         "languages": languages,

@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from orchestrator.stage import Input, Inputs, ResolvedInput, StageContext, StageDef, StageParams, stage
-from stages._io import read_json, write_json
+from stages._io import write_json
+from stages.formats.masks import read_mask_info
+from stages.formats.metrics import CROSS_EVAL_JSON, MASK_STATS_JSON, SIMILARITY_JSON, read_table
+from stages.formats.names import FULL, SUBNETWORK, Measure
 
 QUANTITIES = {
     "heads_kept": "heads kept",
@@ -30,7 +33,7 @@ QUANTITIES = {
 class SweepSummaryParams(StageParams):
     axis: str = Field("threshold", description="the sweep axis to summarise along (a matrix axis of the inputs)")
     reference: str = Field("en", description="reference language of the CKA column")
-    measure: Literal["cka", "cka_debiased", "rsa", "isomorphism"] = Field(
+    measure: Measure = Field(
         "cka_debiased", description="similarity measure averaged over layers (debiased CKA: near 0 for unrelated representations)"
     )
 
@@ -55,7 +58,7 @@ def summary_rows(inputs: Inputs, params: SweepSummaryParams) -> list[dict[str, A
     """One row per (sweep value, language), from every available input."""
     rows: dict[tuple[Any, str], dict[str, Any]] = {}
     for item in _items(inputs, "masks"):
-        mask = read_json(item.path / "mask.json")
+        mask = read_mask_info(item.path)
         lang = item.point.get("language", mask.get("language"))
         value = _axis_value(item, params.axis)
         rows[(value, lang)] = {
@@ -66,11 +69,11 @@ def summary_rows(inputs: Inputs, params: SweepSummaryParams) -> list[dict[str, A
         }
     per_value: dict[Any, dict[str, Any]] = {}
     for item in _items(inputs, "cross_eval"):
-        per_value.setdefault(_axis_value(item, params.axis), {})["cross_eval"] = read_json(item.path / "cross_eval.json")
+        per_value.setdefault(_axis_value(item, params.axis), {})["cross_eval"] = read_table(item.path, CROSS_EVAL_JSON)
     for item in _items(inputs, "mask_stats"):
-        per_value.setdefault(_axis_value(item, params.axis), {})["mask_stats"] = read_json(item.path / "mask_stats.json")
+        per_value.setdefault(_axis_value(item, params.axis), {})["mask_stats"] = read_table(item.path, MASK_STATS_JSON)
     for item in _items(inputs, "similarity"):
-        per_value.setdefault(_axis_value(item, params.axis), {})["similarity"] = read_json(item.path / "similarity.json")
+        per_value.setdefault(_axis_value(item, params.axis), {})["similarity"] = read_table(item.path, SIMILARITY_JSON)
     for (value, lang), row in rows.items():
         docs = per_value.get(value, {})
         row["own_relative_perplexity"] = own_relative(docs.get("cross_eval"), lang)
@@ -85,10 +88,10 @@ def _sortable(value: Any) -> tuple[int, Any]:
 
 def own_relative(doc: Mapping[str, Any] | None, lang: str) -> float | None:
     """Perplexity of ``lang``'s subnetwork on ``lang`` divided by the full model's on ``lang``."""
-    if not doc or lang not in doc.get("rows", []) or "full" not in doc["rows"] or lang not in doc["cols"]:
+    if not doc or lang not in doc.get("rows", []) or FULL not in doc["rows"] or lang not in doc["cols"]:
         return None
     j = doc["cols"].index(lang)
-    own, full = doc["perplexity"][doc["rows"].index(lang)][j], doc["perplexity"][doc["rows"].index("full")][j]
+    own, full = doc["perplexity"][doc["rows"].index(lang)][j], doc["perplexity"][doc["rows"].index(FULL)][j]
     return None if own is None or not full else float(own) / float(full)
 
 
@@ -96,7 +99,7 @@ def mean_pair_similarity(doc: Mapping[str, Any] | None, ref: str, lang: str, mea
     """Mean over layers of the subnetworks' ``measure`` between ``ref`` and ``lang`` (None if absent)."""
     if not doc or lang == ref:
         return None
-    pairs = doc.get("pairwise", {}).get("subnetwork", {}).get(measure, {})
+    pairs = doc.get("pairwise", {}).get(SUBNETWORK, {}).get(measure, {})
     curve = pairs.get(f"{ref}-{lang}") or pairs.get(f"{lang}-{ref}")
     values = [v for v in (curve or []) if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else None

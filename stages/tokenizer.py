@@ -29,7 +29,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageParams, stage
-from stages._io import corpus_languages, corpus_split_path, get_input, optional_input, read_jsonl
+from stages._io import get_input, optional_input
+from stages.formats.corpus import corpus_languages, read_texts
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_TOKEN = "<mask>"
@@ -71,8 +72,7 @@ def _training_texts(corpus_dir: Path, languages: list[str], max_chars: int | Non
     chars: dict[str, int] = {}
     for lang in languages:
         used = 0
-        for rec in read_jsonl(corpus_split_path(corpus_dir, lang, "train")):
-            text = str(rec["text"])
+        for text in read_texts(corpus_dir, lang, "train"):
             if max_chars is not None and used >= max_chars:
                 break
             if max_chars is not None and used + len(text) > max_chars:
@@ -140,6 +140,7 @@ def build_tokenizer(texts: list[str], params: TokenizerParams) -> tuple[Any, dic
     if params.character_coverage < 1.0:
         texts = drop_rare_characters(texts, kept)
     n_model = params.vocab_size - 1  # <mask> is added after training, as the last id
+    trainer: trainers.UnigramTrainer | trainers.BpeTrainer
     if params.model == "unigram":
         tok = Tokenizer(models.Unigram())
         trainer = trainers.UnigramTrainer(
@@ -216,8 +217,8 @@ def evaluate_on_test(tokenizer: Any, corpus_dir: Path, max_chars: int = EVAL_CHA
     for lang in corpus_languages(corpus_dir):
         texts: list[str] = []
         used = 0
-        for rec in read_jsonl(corpus_split_path(corpus_dir, lang, "test")):
-            texts.append(str(rec["text"]))
+        for text in read_texts(corpus_dir, lang, "test"):
+            texts.append(text)
             used += len(texts[-1])
             if used >= max_chars:
                 break

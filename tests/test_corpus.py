@@ -14,7 +14,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 from stagekit import FakeContext, run_stage
 
-from stages.corpus import CORPUS, CorpusParams, clean_bible_text, find_bible_db
+from stages.bible import clean_bible_text, find_bible_db
+from stages.corpus import CORPUS, CorpusParams
 
 REF = re.compile(r"[(（﹝〔\[][^()（）]*\d+\s*[:：︰]\s*\d+[^()（）]*[)）﹞〕\]]")
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from stagekit import FakeContext, make_input, run_stage, sentences, write_corpus
 
-from stages._io import SPLITS
 from stages.dataset import TOKENIZE, split_test_documents
+from stages.formats.dataset import SPLITS
 from stages.tokenizer import TOKENIZER
 
 BLOCK = 16

@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 
 from stagekit import FakeContext, make_input, run_stage  # noqa: E402
 
-from stages.encode import (  # noqa: E402
-    ENCODE,
+from stages.encode import ENCODE  # noqa: E402
+from stages.sentence_encoder import (  # noqa: E402
     effective_max_length,
     encode_sentences,
     in_order_batches,

@@ -12,24 +12,21 @@ import numpy as np
 import pytest
 from stagekit import FakeContext, make_input, run_stage
 
-from stages.evaluate import (
-    CROSS_EVAL,
+from stages.evaluate import CROSS_EVAL, cross_matrix
+from stages.formats.masks import mask_inputs
+from stages.mask_stats import (
     MASK_STATS,
     attention_params_per_head,
-    cross_matrix,
     heads_kept,
     jaccard,
     jaccard_chance,
     jaccard_chance_matrix,
     jaccard_matrix,
-    mask_inputs,
     mask_statistics,
     masked_per_layer,
     params_removed,
-    random_baseline,
-    random_mask_seeds,
-    size_matched_random_mask,
 )
+from stages.random_masks import random_baseline, random_mask_seeds, size_matched_random_mask
 
 # 3 layers x 4 heads; 1 = kept
 A = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], np.float32)  # 10 kept

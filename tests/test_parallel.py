@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from stagekit import FakeContext, run_stage
 
-from stages.parallel import PARALLEL, ParallelParams, ratio_filter, read_parallel, sample_rows
+from stages.formats.parallel import read_parallel
+from stages.parallel import PARALLEL, ParallelParams, ratio_filter, sample_rows
 
 
 def run_parallel(tmp: Path, params: dict[str, Any], seed: int = 0) -> tuple[list[dict], dict, Path]:

@@ -280,7 +280,8 @@ def test_head_importance_on_tiny_model(tiny):
 def _run_prune(tiny, root, **params):
     from stagekit import FakeContext, make_input, run_stage
 
-    from stages.prune import PRUNE, read_mask_dir
+    from stages.formats.masks import read_mask_dir
+    from stages.prune import PRUNE
 
     model_dir, data_dir = tiny
     ctx = FakeContext(root, seed=5)

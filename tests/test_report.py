@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 from stagekit import FakeContext, make_input, run_stage
 
-from stages.evaluate import mask_statistics
+from stages.mask_stats import mask_statistics
 from stages.report import REPORT, ReportParams
+from stages.report_inputs import ReportInputs as Study
+from stages.report_inputs import load_report_inputs as load_study
 from stages.report_plan import plan_figures
-from stages.report_reading import Study, differences, load_study, sim_view
+from stages.report_reading import differences, sim_view
 from stages.report_text import truncation_warnings
 
 LANGS = ["en", "es", "zh"]

@@ -12,6 +12,17 @@ import numpy as np
 import pytest
 from stagekit import FakeContext, make_input, run_stage
 
+from stages.halfsamples import (
+    cka_difference_intervals,
+    cka_intervals,
+    gram_stats,
+    half_sample_interval,
+    half_samples,
+    isomorphism_interval,
+    rdm_stats,
+    subset_cka,
+    subset_rsa,
+)
 from stages.measures import (
     cka_matrix,
     cka_pair,
@@ -28,21 +39,7 @@ from stages.measures import (
     rsa,
     rsa_vector,
 )
-from stages.resampling import (
-    cka_difference_intervals,
-    cka_intervals,
-    gram,
-    gram_stats,
-    half_sample_interval,
-    half_samples,
-    isomorphism_interval,
-    length_matched_permutation,
-    permuted_cka,
-    rdm_stats,
-    shuffled_cka,
-    subset_cka,
-    subset_rsa,
-)
+from stages.resampling import gram, length_matched_permutation, permuted_cka, shuffled_cka
 from stages.similarity import SIMILARITY
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from test_mlm import TINY_CONFIG, make_dataset, make_tokenizer  # noqa: E402
 
 from orchestrator.stage import StageInterrupted  # noqa: E402
 from stages import mlm  # noqa: E402
-from stages.train import TRAIN, TrainOrder, TrainParams  # noqa: E402
+from stages.train import TRAIN, TrainParams  # noqa: E402
+from stages.train_data import TrainOrder  # noqa: E402
 
 LANGS = ("aa", "bb", "cc")
 PARAMS = {
