@@ -115,7 +115,7 @@ def study_yaml(name: str, languages: int, thresholds: int, seeds: int, *, root: 
 name: {name}
 languages: [{langs}]
 stage_package: benchstages
-executor: {{backend: local, max_parallel: {max_parallel}}}
+executor: {{backend: local, local: {{max_parallel: {max_parallel}}}}}
 storage: {{root: {root}}}
 stages:
   prep:

@@ -45,10 +45,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from stages.corpus import PSALMS, bible_versions_in_db, find_bible_db, resolve_bible_versions  # noqa: E402
-from stages.encode import effective_max_length, encode_batches, encode_sentences  # noqa: E402
+from stages.bible import PSALMS, bible_versions_in_db, find_bible_db, resolve_bible_versions  # noqa: E402
+from stages.formats.parallel import Row  # noqa: E402
 from stages.mlm import build_model, configure_threads  # noqa: E402
-from stages.parallel import Row, length_filter, ratio_filter, read_bible_verses, sample_rows  # noqa: E402
+from stages.parallel import length_filter, ratio_filter, read_bible_verses, sample_rows  # noqa: E402
+from stages.sentence_encoder import effective_max_length, encode_batches, encode_sentences  # noqa: E402
 from stages.tokenizer import TokenizerParams, build_tokenizer, wrap_fast  # noqa: E402
 
 LANGUAGES = ("en", "es", "ru", "de", "zh", "ar", "hi")

@@ -46,9 +46,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM  # noqa: E402
 
+from stages.eval_model import count_parameters  # noqa: E402
 from stages.gating import HeadGates  # noqa: E402
 from stages.mlm import IGNORE_INDEX, configure_threads, eval_batches, mlm_loss  # noqa: E402
-from stages.prune import count_parameters, head_importance  # noqa: E402
+from stages.prune import head_importance  # noqa: E402
 
 Batch = Mapping[str, Any]
 SPECIAL_IDS = (0, 1, 2, 3)  # <s> <pad> </s> <unk>, XLM-R's ids; <mask> is the last id

@@ -98,7 +98,7 @@ PROBE = r"""
 import importlib, io, json, os, sys, time
 from contextlib import redirect_stdout
 from pathlib import Path
-from orchestrator.cli import run_job_command
+from orchestrator.runner import run_job_command
 from orchestrator.executors import LocalExecutor, local
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import build_plan

@@ -81,7 +81,7 @@ def write_spec(tmp: Path, dims: tuple[int, int, int], tag: str) -> Path:
     spec = tmp / f"{tag}.yaml"
     text = study_yaml(f"{NAME}", *dims, root=tmp / f"store-{tag}")
     text = text.replace(
-        "executor: {backend: local, max_parallel: 2}",
+        "executor: {backend: local, local: {max_parallel: 2}}",
         "executor:\n  backend: slurm\n  resources: {default: {time_min: 5, extra: {hold: ''}}}",
     )
     spec.write_text(text)

@@ -7,14 +7,13 @@ failed job or another error (the message says where to look), 130 after Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from orchestrator.artifacts import ArtifactError
 from orchestrator.errors import OrchestratorError
+from orchestrator.executors.registry import names as registry_names
+from orchestrator.guard import guarded
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan, build_plan
 from orchestrator.spec import Study, load_study
@@ -28,38 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return _guarded(lambda: args.func(args))
-
-
-def run_job_command(record: Path, *, force: bool = False, code: Mapping[str, Any] | None = None) -> int:
-    """``run-job RECORD [--force]`` without parsing a command line, with main's exit codes and
-    error messages: what the local executor's job processes call (building the whole parser
-    costs ~3 ms, a tenth of a trivial job). ``code``: see ``runner.run_job``."""
-    from orchestrator.runner import run_job
-
-    return _guarded(lambda: run_job(record, force=force, code=code, final=True))
-
-
-def _guarded(command: Callable[[], int]) -> int:
-    """Run a command; print errors without a traceback and turn them into exit codes."""
-    try:
-        return int(command())
-    except OrchestratorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except ArtifactError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into head & co.: not an error
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps interpreter shutdown from failing again
-        return 0
-    except OSError as e:  # the machine's, not the program's: a full disk, a vanished mount, permissions
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}; fix that and run the command again", file=sys.stderr)
-        return 1
+    return guarded(lambda: args.func(args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
             metavar="FIELD=VALUE",
             help="override any spec field, e.g. --set stages.prune.params.threshold=1.2 (repeatable)",
         )
-        cmd.add_argument("--executor", choices=["local", "slurm"], help="override executor.backend")
+        cmd.add_argument("--executor", choices=registry_names(), help="override executor.backend")
         cmd.add_argument("--store", type=Path, metavar="DIR", help="override storage.root (artifacts, records, logs)")
         cmd.add_argument(
             "--max-jobs",
@@ -192,10 +160,11 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _warn_cluster(plan: Plan) -> None:
-    """SLURM: one line on stderr per resource left to the cluster's defaults (partition, account)."""
-    from orchestrator.cluster import resource_warnings
+    """What the study's executor backend warns about (e.g. SLURM: a partition left to the cluster's
+    default), one line each on stderr."""
+    from orchestrator.executors.registry import backend
 
-    for line in resource_warnings(plan, os.environ):
+    for line in backend(plan.study.executor.backend).warnings(plan):
         print(line, file=sys.stderr)
 
 
@@ -231,25 +200,21 @@ def _reasons(plan: Plan, paths: StudyPaths) -> dict[str, str]:
 def _submit(args: argparse.Namespace) -> int:
     from orchestrator import views
     from orchestrator.artifacts import open_store
-    from orchestrator.executors import Executor
-    from orchestrator.executors.slurm import SlurmExecutor, require_slurm
+    from orchestrator.errors import ExecutorUnavailable
+    from orchestrator.executors.registry import backend
 
     study, plan = _load(args)
     _warn_cluster(plan)
     paths = _paths(study)
-    executor: Executor
-    if study.executor.backend == "slurm":
-        if not args.dry_run:
-            require_slurm()  # before anything is written
-        executor = SlurmExecutor(paths, open_store(paths.root), template=study.executor.template, dry_run=args.dry_run)
-    elif args.dry_run:  # the local executor has no scripts to write: show what would run
+    kind = backend(study.executor.backend)
+    if args.dry_run and not kind.writes_scripts:  # nothing to write: show what would run
         reasons = _reasons(plan, paths)
         print(views.plan_table(plan, {j.key for j in plan.jobs if j.key not in reasons}, reasons=reasons))
         return 0
-    else:
-        from orchestrator.executors.local import LocalExecutor
-
-        executor = LocalExecutor(paths, open_store(paths.root), max_parallel=study.executor.max_parallel)
+    problem = None if args.dry_run else kind.unavailable()
+    if problem:  # before anything is written
+        raise ExecutorUnavailable(problem)
+    executor = kind.from_study(study, paths, open_store(paths.root), dry_run=args.dry_run)
     report = executor.submit(plan, args.spec, force=args.force)
     if not args.dry_run:
         print(views.report_summary(plan, report, paths))
@@ -260,7 +225,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from collections import Counter
 
     if args.wandb_agents is not None:
-        from orchestrator.wandb_sweep import cli_overrides, submit_agents
+        from orchestrator.sweeps.submit import cli_overrides, submit_agents
 
         overrides = cli_overrides(args.overrides, args.executor, args.store)
         return submit_agents(args.spec, overrides, args.wandb_agents, dry_run=args.dry_run, force=args.force)
@@ -278,17 +243,18 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import shutil
-
     from orchestrator import views
-    from orchestrator.executors.slurm import QueueView, query_states
+    from orchestrator.executors import StatusView
+    from orchestrator.executors.registry import backend, names
 
     paths = StudyPaths(args.store.resolve(), args.study)
-    ids = [s.external_id for _, s in views.job_states(paths) if s and s.executor == "slurm" and s.external_id]
-    scheduler = query_states(ids) if ids and shutil.which("squeue") else QueueView()
-    if scheduler.unreachable:
-        print(f"warning: {scheduler.unreachable}; below, each job's state as it last recorded it", file=sys.stderr)
-    print(views.status_table(paths, scheduler.states))
+    states = views.job_states(paths)
+    view = StatusView()
+    for name in names():  # each backend's word on the jobs it ran or queued
+        view.merge(backend(name).status(paths, {str(job["key"]): state for job, state in states}))
+    if view.warning:
+        print(f"warning: {view.warning}", file=sys.stderr)
+    print(views.status_table(paths, view, states))
     return 0
 
 
@@ -360,10 +326,17 @@ def _fsck(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from orchestrator.executors.slurm import cancel_study
+    from orchestrator.executors.registry import backend, names
 
-    ids = cancel_study(StudyPaths(args.store.resolve(), args.study))
-    print(f"cancelled SLURM jobs {', '.join(ids)}" if ids else "nothing to cancel")
+    paths = StudyPaths(args.store.resolve(), args.study)
+    stopped = {name: backend(name).cancel(paths) for name in names()}
+    if all(ids is None for ids in stopped.values()):
+        raise OrchestratorError(f"study {paths.study!r} has nothing an executor could cancel under {paths.root}")
+    for name, ids in stopped.items():
+        if ids:
+            print(f"cancelled {backend(name).label or name} jobs {', '.join(ids)}")
+    if not any(stopped.values()):
+        print("nothing to cancel")
     return 0
 
 
@@ -375,15 +348,17 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _agent_run(args: argparse.Namespace) -> int:
-    from orchestrator.wandb_sweep import agent_run
+    from orchestrator.sweeps.agent_run import agent_run
 
     return agent_run(args.study)
 
 
 def _run_job(args: argparse.Namespace) -> int:
-    from orchestrator.runner import run_job, run_listed_job
+    from orchestrator.runner import run_job
 
-    if args.list is not None:
+    if args.list is not None:  # a SLURM array task (the SLURM backend's batch scripts run this)
+        from orchestrator.executors.slurm.job import run_listed_job
+
         return run_listed_job(args.list, args.index, force=args.force, max_requeues=args.max_requeues)
     if args.record is None:
         raise OrchestratorError("run-job needs a job record (JOB.json) or --list FILE --index N")

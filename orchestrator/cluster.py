@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from orchestrator.plan import Plan
-from orchestrator.spec import Resources
+from orchestrator.resources import Resources
 
 # resources field -> the sbatch input environment variable that sets the same option
 SBATCH_FIELDS: dict[str, str] = {"partition": "SBATCH_PARTITION", "account": "SBATCH_ACCOUNT"}
@@ -44,9 +44,7 @@ def missing_by_field(plan: Plan, environ: Mapping[str, str]) -> dict[str, list[s
 
 
 def resource_warnings(plan: Plan, environ: Mapping[str, str]) -> list[str]:
-    """One line per field that some job leaves to the cluster's default; none off SLURM."""
-    if plan.study.executor.backend != "slurm":
-        return []
+    """One line per field that some job leaves to the cluster's default."""
     stages = list(dict.fromkeys(job.stage_id for job in plan.jobs))
     lines = []
     for name, names in missing_by_field(plan, environ).items():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 
 @dataclass(frozen=True)
 class JobPaths:
+    """One job's files: its record (what to run), state, log, metrics and checkpoint folder."""
+
     dir: Path
 
     @property
@@ -34,6 +38,9 @@ class JobPaths:
 
 @dataclass(frozen=True)
 class StudyPaths:
+    """Where a study's records live under a storage root: its plan, its jobs' records, states and
+    logs, the run locks and staging folders shared by every study of the root."""
+
     root: Path
     study: str
 
@@ -70,3 +77,24 @@ class StudyPaths:
 def run_lock_path(root: Path, key: str) -> Path:
     """See ``StudyPaths.run_lock``: the same file for every study under ``root``."""
     return root / "locks" / f"{key}.lock"
+
+
+def storage_root_problem(root: Path) -> str | None:
+    """Why ``root`` cannot be (or become) the storage directory, or None; looks, creates nothing."""
+    text = str(root)
+    if "\0" in text:
+        return "contains a NUL byte; give the path of a directory (created if missing)"
+    path = Path(os.path.abspath(text))
+    for probe in (path, *path.parents):
+        try:
+            mode = os.stat(probe).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there (yet), or under something that is not a directory: look further up
+        except OSError as e:
+            return f"{text} cannot be used: {e.strerror or e}; give the path of a directory you can write"
+        if stat.S_ISDIR(mode):
+            return None
+        if probe == path:
+            return f"{text} is a file, not a directory; give the path of a directory (created if missing)"
+        return f"{probe} is not a directory, so {text} cannot be created; give the path of a directory"
+    return None

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.errors import SpecError
+from orchestrator.resources import parse_selector, point_text, selector_matches
 from orchestrator.spec import (
     DEFAULT_MAX_JOBS,
     MATRIX_SEED,
@@ -31,9 +32,6 @@ from orchestrator.spec import (
     count_text,
     input_output,
     input_stage,
-    parse_selector,
-    point_text,
-    selector_matches,
     too_many_jobs,
 )
 from orchestrator.stage import Registry, StageDef
@@ -68,6 +66,10 @@ class Output:
 
 @dataclass(frozen=True)
 class Job:
+    """One unit of work: a stage at one matrix (and sweep) point, with its validated params, its
+    seed, the upstream jobs it reads (``inputs``) and the artifacts it writes (``outputs``). Its
+    ``key`` covers all of that and its upstream keys, never where or how it runs."""
+
     key: str
     stage_id: str
     stage: str
@@ -88,6 +90,8 @@ class Job:
 
 @dataclass
 class Plan:
+    """A study expanded into jobs, in dependency order: what executors run and records describe."""
+
     study: Study
     jobs: list[Job]  # topological order: every job after all of its dependencies
     by_key: dict[str, Job] = field(init=False)

@@ -3,6 +3,7 @@ its parent, and asking the kernel for a signal when one's parent dies."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -52,3 +53,9 @@ def parent_of(pid: int) -> int | None:
     """``pid``'s parent, where /proc tells (None if it has gone)."""
     stat = _proc_stat(pid)
     return int(stat[1]) if stat else None
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL process group ``pid``, if it is still there."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)

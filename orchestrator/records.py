@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.fsutil import atomic_write_json, read_json
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Job, Plan
-from orchestrator.spec import Resources, TrackingSpec
+from orchestrator.resources import Resources
+from orchestrator.spec import TrackingSpec
 
 # "timeout": the local executor stopped the job when it ran past its resources.time_min (a failure)
 State = Literal["pending", "queued", "running", "succeeded", "failed", "cancelled", "skipped", "cached", "interrupted", "timeout"]

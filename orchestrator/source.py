@@ -22,7 +22,6 @@ from orchestrator.errors import SpecError, SpecIssue
 Loc = tuple[str | int, ...]
 # matched with re.fullmatch: ``$`` alone would also match before a trailing newline
 REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_\-]+)*)\}")
-SET_RE = re.compile(r"(?P<path>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*)=(?P<value>.*)", re.S)
 
 # Caps that keep a hostile spec from hanging or exhausting the machine; a real spec is far below all of them.
 MAX_SPEC_BYTES = 10 * 2**20  # size of one spec file
@@ -214,12 +213,12 @@ class _CappedLoader(yaml.SafeLoader):
         super().__init__(stream)
         self.depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         if self.depth >= MAX_DEPTH:
             raise YamlLimitError(_too_deep(), self.peek_event().start_mark)
         self.depth += 1
         try:
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self.depth -= 1
 
@@ -346,59 +345,9 @@ def _record_lines(node: yaml.Node | None, loc: Loc, lines: dict[Loc, str], dups:
             _record_lines(item, (*loc, i), lines, dups, path)
 
 
-def apply_overrides(source: SpecSource, assignments: Iterable[str]) -> SpecSource:
-    """Apply ``a.b.c=value`` overrides (the value is parsed as YAML) to a copy of ``source``."""
-    data = copy.deepcopy(source.data)
-    overrides = dict(source.overrides)
-    issues: list[SpecIssue] = []
-    for text in assignments:
-        where = f"--set {shorten(text)}"
-        m = SET_RE.fullmatch(text)
-        if not m:
-            issues.append(SpecIssue(where, "", "expected FIELD.PATH=VALUE, e.g. executor.backend=slurm"))
-            continue
-        loc: Loc = tuple(m["path"].split("."))
-        value, problem = _override_value(loc, m["value"])
-        problem = problem or _assign(data, loc, value)
-        if problem:
-            issues.append(SpecIssue(where, shorten(m["path"]), problem))
-            continue
-        overrides[loc] = text
-    if issues:
-        raise SpecError(issues)
-    return SpecSource(path=source.path, data=data, lines=source.lines, overrides=overrides)
-
-
-def _override_value(loc: Loc, text: str) -> tuple[Any, str | None]:
-    """The value of a ``--set`` (YAML, under the spec's caps), or what is wrong with it."""
-    if len(loc) > MAX_DEPTH:
-        return None, f"a field path of more than {MAX_DEPTH} parts; no spec field is that deep"
-    if not text.strip():
-        return "", None
-    try:
-        return parse_yaml(text), None
-    except yaml.YAMLError as e:
-        return None, f"value is not valid YAML: {e}"
-    except YamlLimitError as e:
-        return None, f"the value {e}"
-
-
 def shorten(text: str) -> str:
     """``text`` cut to MAX_SHOWN characters for an error message."""
     return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
-
-
-def _assign(data: dict[str, Any], loc: Loc, value: Any) -> str | None:
-    node: Any = data
-    for i, part in enumerate(loc[:-1]):
-        child = node.get(part) if isinstance(node, dict) else None
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            return f"cannot set a field inside {format_loc(loc[: i + 1])}, which is not a mapping"
-        node = child
-    node[loc[-1]] = value
-    return None
 
 
 def resolve_refs(source: SpecSource, context: dict[str, Any], within: Loc) -> list[SpecIssue]:

@@ -13,154 +13,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
 
 from orchestrator.errors import SpecError, SpecIssue
-from orchestrator.source import Loc, SpecSource, apply_overrides, load_source, resolve_refs
+from orchestrator.overrides import apply_overrides
+from orchestrator.paths import storage_root_problem
+from orchestrator.resources import ExecutorSpec as ExecutorSpec  # re-exported: the spec's own models
+from orchestrator.resources import Resources as Resources
+from orchestrator.resources import Strict, parse_selector
+from orchestrator.source import Loc, SpecSource, load_source, resolve_refs
 from orchestrator.stage import Registry, StageDef, load_registry
-from orchestrator.sweep import SERVER_METHODS, SweepAxis, build_axes, drawn_points, schema_errors, split_name
+from orchestrator.sweep import SERVER_METHODS, SweepAxis, build_axes, drawn_points, schema_issues, split_name
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"  # pydantic's (Rust) regex: $ is the very end; re: use fullmatch
 DEFAULT_MAX_JOBS = 100_000  # a plan of more jobs is refused unless asked for (--max-jobs N)
 MATRIX_SEED = "seed"  # a matrix axis named "seed" sets the job seed, not a stage parameter
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Resources(Strict):
-    """What one job asks the executor for. Units are in the names."""
-
-    cpus: int = Field(1, ge=1)
-    mem_gb: float | None = Field(None, gt=0)
-    gpus: int = Field(0, ge=0)
-    time_min: int | None = Field(None, ge=1)
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    gres: str | None = None
-    extra: dict[str, str] = Field(default_factory=dict, description="further sbatch options")
-    signal_lead_s: int = Field(
-        120, ge=1, description="slurm: seconds before the time limit that USR2 asks the stage to checkpoint"
-    )
-    max_requeues: int = Field(
-        3, ge=0, description="slurm: times a job that checkpointed at its time limit is requeued before it ends as timeout"
-    )
-    retries: int = Field(0, ge=0, description="times a failed job is run again before it counts as failed")
-    retry_backoff_s: float = Field(
-        30.0, ge=0, description="wait before the first retry; doubled before each further one"
-    )
-    processes: int | None = Field(
-        None, ge=1, description="processes running the stage together (DDP ranks, one node) per job; default: gpus if > 1, else 1"
-    )
-
-    def gpu_count(self) -> int:
-        """GPUs per job, asked for with ``gpus`` or with a GPU ``gres`` (``gpu``, ``gpu:2``,
-        ``gpu:a100:2``; other generic resources do not count)."""
-        if self.gpus:
-            return self.gpus
-        for item in (self.gres or "").split(","):
-            parts = item.strip().split(":")
-            if parts[0] == "gpu":
-                last = parts[-1].split("(")[0]
-                return int(last) if len(parts) > 1 and last.isdigit() else 1
-        return 0
-
-
-
-SELECTOR_RE = re.compile(r"(?P<stage>[^\[\]]+)\[(?P<point>[^\[\]]*)\]")
-
-
-def parse_selector(key: str) -> tuple[str, dict[str, str]]:
-    """A resources key: ``"prune"`` -> ``("prune", {})``; ``"prune[language=en,seed=2]"`` ->
-    ``("prune", {"language": "en", "seed": "2"})``. Raises ValueError for a malformed one."""
-    m = SELECTOR_RE.fullmatch(key)
-    if m is None:
-        if "[" in key or "]" in key:
-            raise ValueError(f"{key!r} is not <stage>[<axis>=<value>,...]")
-        return key, {}
-    pairs: dict[str, str] = {}
-    for part in m["point"].split(","):
-        axis, eq, value = part.partition("=")
-        if not eq or not axis.strip() or not value.strip() or axis.strip() in pairs:
-            raise ValueError(f"{key!r}: write the point as <axis>=<value>, each axis once, comma-separated")
-        pairs[axis.strip()] = value.strip()
-    return m["stage"].strip(), pairs
-
-
-def point_text(value: Any) -> str:
-    """A matrix value as job labels (and resources selectors) write it: strings bare, others as JSON."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-
-
-def selector_matches(pairs: dict[str, str], point: Mapping[str, Any]) -> bool:
-    return all(axis in point and point_text(point[axis]) == value for axis, value in pairs.items())
-
-
-class ExecutorSpec(Strict):
-    backend: Literal["local", "slurm"] = "local"
-    max_parallel: int = Field(2, ge=1, description="local: jobs running at once")
-    resources: dict[str, Resources] = Field(
-        default_factory=dict,
-        description="per stage id, or per matrix point as <stage>[<axis>=<value>,...]; the key 'default' "
-        "applies to every stage; a job takes default, then its stage, then each matching point key in order",
-    )
-    template: Path | None = Field(None, description="slurm: your own sbatch template")
-    array_parallelism: int | None = Field(
-        None, ge=1, description="slurm: tasks of one job array running at once (sbatch --array=...%N)"
-    )
-    _resolved: dict[tuple[str, tuple[str, ...]], Resources] = PrivateAttr(default_factory=dict)
-    sbatch_timeout_s: float = Field(
-        120.0, gt=0, description="slurm: how long one SLURM command of a submit (sbatch, squeue, scontrol) may take"
-    )
-
-    @field_validator("resources")
-    @classmethod
-    def _selectors(cls, resources: dict[str, Resources]) -> dict[str, Resources]:
-        for key in resources:
-            parse_selector(key)
-        return resources
-
-    @model_validator(mode="after")
-    def _limits_after_signals(self) -> ExecutorSpec:
-        """On SLURM, a time limit must leave room for the checkpoint signal sent before it."""
-        if self.backend == "slurm":
-            for key in self.resources:
-                stage_id, pairs = parse_selector(key)
-                res = self.resources_for(stage_id, pairs)
-                if res.time_min is not None and res.time_min * 60 <= res.signal_lead_s:
-                    raise ValueError(
-                        f"resources.{key}: time_min ({res.time_min} min) must be longer than signal_lead_s "
-                        f"({res.signal_lead_s} s), which asks the stage to checkpoint before the limit: raise "
-                        "time_min or lower signal_lead_s"
-                    )
-        return self
-
-    def resources_for(self, stage_id: str, point: Mapping[str, Any] | None = None) -> Resources:
-        """A job's resources: ``default``, then its stage's, then every ``<stage>[...]`` key that
-        matches its matrix ``point``, in the spec's order (later keys win field by field). Do not
-        modify the result: it is shared by every job with the same keys (thousands in a plan)."""
-        selectors = [(key, pairs) for key in self.resources for sid, pairs in [parse_selector(key)] if pairs and sid == stage_id]
-        matched = tuple(key for key, pairs in selectors if point is not None and selector_matches(pairs, point))
-        cached = self._resolved.get((stage_id, matched))
-        if cached is not None:
-            return cached
-        base: dict[str, Any] = {}
-        for key in ("default", stage_id, *matched):
-            if key in self.resources:
-                base.update(self.resources[key].model_dump(exclude_unset=True))
-        resolved = self._resolved[(stage_id, matched)] = Resources.model_validate(base)
-        return resolved
 
 
 class TrackingSpec(Strict):
@@ -188,6 +61,8 @@ class InputSpec(Strict):
 
 
 class StageSpec(Strict):
+    """One entry of ``stages``: which registered stage it runs, its params, its matrix, its inputs."""
+
     stage: str | None = Field(None, description="registered stage to run (default: this entry's id)")
     params: dict[str, Any] = Field(default_factory=dict)
     matrix: dict[str, list[Any]] = Field(default_factory=dict)
@@ -207,6 +82,9 @@ class StageSpec(Strict):
 
 
 class Study(Strict):
+    """A validated study spec: its languages, model, data sources, stages (with their params,
+    matrices and inputs), sweep, and where and how it runs (executor, tracking, storage)."""
+
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     languages: list[str] = Field(min_length=1)
@@ -336,8 +214,10 @@ def _inner_model(annotation: Any) -> Any:
 
 
 def check_stages(study: Study, registry: Registry, source: SpecSource, *, max_jobs: int | None = DEFAULT_MAX_JOBS) -> None:
-    """Check every stage entry against the registry, the sweep and the storage root; raise
-    SpecError listing all problems."""
+    """Check every stage entry against the registry, the sweep and the storage root, and the
+    executor settings against what its backend requires; raise SpecError listing all problems."""
+    from orchestrator.executors.registry import backend
+
     issues = check_storage_root(study, source)
     for sid, spec in study.stages.items():
         issues += _check_stage(study, sid, spec, registry, source)
@@ -347,6 +227,7 @@ def check_stages(study: Study, registry: Registry, source: SpecSource, *, max_jo
         if key != "default" and stage_id not in study.stages:
             choices = ", ".join(["default", *study.stages])
             issues.append(source.issue(("executor", "resources", key), f"no such stage; valid: {choices}"))
+    issues += [source.issue(loc, message) for loc, message in backend(study.executor.backend).spec_problems(study)]
     if issues:
         raise SpecError(issues)
 
@@ -356,27 +237,6 @@ def check_storage_root(study: Study, source: SpecSource) -> list[SpecIssue]:
     not here): its nearest existing ancestor must be a directory."""
     problem = storage_root_problem(study.storage.root)
     return [source.issue(("storage", "root"), problem)] if problem else []
-
-
-def storage_root_problem(root: Path) -> str | None:
-    """Why ``root`` cannot be (or become) the storage directory, or None; looks, creates nothing."""
-    text = str(root)
-    if "\0" in text:
-        return "contains a NUL byte; give the path of a directory (created if missing)"
-    path = Path(os.path.abspath(text))
-    for probe in (path, *path.parents):
-        try:
-            mode = os.stat(probe).st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # not there (yet), or under something that is not a directory: look further up
-        except OSError as e:
-            return f"{text} cannot be used: {e.strerror or e}; give the path of a directory you can write"
-        if stat.S_ISDIR(mode):
-            return None
-        if probe == path:
-            return f"{text} is a file, not a directory; give the path of a directory (created if missing)"
-        return f"{probe} is not a directory, so {text} cannot be created; give the path of a directory"
-    return None
 
 
 def count_text(n: int) -> str:
@@ -421,7 +281,7 @@ def check_sweep(
 
 def _check_sweep_config(config: dict[str, Any], source: SpecSource, max_jobs: int | None) -> list[SpecIssue]:
     """W&B's sweep-config schema, then the methods the built-in runner can run, then the job cap."""
-    issues = [source.issue(("sweep", *path), msg) for path, msg in schema_errors(config)]
+    issues = schema_issues(config, source)
     if issues:
         return issues
     method = config["method"]

@@ -51,23 +51,20 @@ import json
 import multiprocessing.util
 import os
 import signal
-import socket
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.procutil import set_parent_death_signal
+from orchestrator.exitcodes import EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from orchestrator.procutil import kill_group, set_parent_death_signal
+from orchestrator.ranks import Rank, RankReaper, free_port, rank_environment, ranks_outcome
 from orchestrator.stage import StageDef, StageInterrupted
 from orchestrator.tracking import TrackingRun
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 3
-# Stopped in the middle of a stage that saved no checkpoint: its work is lost, and running it again
-# starts from the beginning (3, by contrast: a checkpoint was saved, or the stage never started).
-EXIT_ABORTED = 4
 FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT)  # the runner's stop signals
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
 
@@ -193,131 +190,17 @@ def run_stage_process(
         metadata, error = _relay(read_fd, run)
         _, status = os.waitpid(pid, 0)
     except BaseException:
-        _kill_group(pid)
+        kill_group(pid)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         raise
     finally:
         stops.stage, stops.finishing = None, True
-        _kill_group(pid)  # late writers the stage left behind
+        kill_group(pid)  # late writers the stage left behind
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
         return StageResult(EXIT_FAILED, None, f"the stage process was killed by {signal.Signals(-code).name}"), run
     return StageResult(code, metadata if code == EXIT_OK else None, "" if code == EXIT_OK else error), run
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-# ------------------------------------------------------------------ several processes per job (ranks)
-
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def stage_processes(processes: int | None, gpus: int) -> int:
-    """How many processes run a job's stage: ``resources.processes``, else one per GPU when the
-    job asks for several, else 1."""
-    if processes is not None:
-        return processes
-    return gpus if gpus > 1 else 1
-
-
-def rank_environment(rank: int, world_size: int, port: int, environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables rank ``rank`` of ``world_size`` (all on this node) gets: torchrun's protocol,
-    and its share of the job's ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` where ``environ`` sets them."""
-    env = {
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
-        "GROUP_RANK": "0",
-        "WORLD_SIZE": str(world_size),
-        "LOCAL_WORLD_SIZE": str(world_size),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
-    for var in THREAD_VARS:
-        value = environ.get(var, "").strip()
-        if value.isdigit() and int(value) > 0:
-            env[var] = str(max(1, int(value) // world_size))
-    return env
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (rank 0's rendezvous port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def rank_failed(code: int) -> bool:
-    """A rank's exit code (negative: killed by that signal) that fails the job or stops it without a
-    checkpoint: the other ranks cannot go on without it."""
-    return code not in (EXIT_OK, EXIT_INTERRUPTED)
-
-
-def ranks_outcome(ended: Sequence[tuple[int, int]], world_size: int) -> tuple[int, str]:
-    """The job's exit code and failure message from ``(rank, exit code)`` in the order the ranks
-    ended: the first rank that failed decides (exit 4 stays 4: stopped without a checkpoint; any
-    other failure is 1); what the others did after it is its consequence. Else 3 if a rank was
-    interrupted after a checkpoint, else 0."""
-    for rank, code in ended:
-        if code == EXIT_ABORTED:
-            return EXIT_ABORTED, ""
-        if rank_failed(code):
-            how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
-            return EXIT_FAILED, f"rank {rank} of {world_size} {how}; the other ranks were stopped"
-    if any(code == EXIT_INTERRUPTED for _, code in ended):
-        return EXIT_INTERRUPTED, ""
-    return EXIT_OK, ""
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-@dataclass(frozen=True)
-class Rank:
-    """A stage process's place among its job's ranks; ``group``: rank 0's pid (0 for rank 0 itself)."""
-
-    rank: int
-    world_size: int
-    group: int
-    environ: Mapping[str, str]
-
-
-class _Ranks:
-    """Reaps each rank in a thread of its own, in the order they end; when one fails, kills the
-    whole group at once (the others would wait for it in their next collective operation)."""
-
-    def __init__(self, pids: Sequence[int]) -> None:
-        self.pids = list(pids)
-        self.ended: list[tuple[int, int]] = []  # (rank, exit code), in the order they ended
-        self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._reap, args=(rank, pid), name=f"stage-rank-{rank}", daemon=True)
-            for rank, pid in enumerate(self.pids)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _reap(self, rank: int, pid: int) -> None:
-        try:
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:  # reaped elsewhere: its exit code is lost
-            code = EXIT_FAILED
-        with self._lock:
-            self.ended.append((rank, code))
-            if rank_failed(code) and len(self.ended) < len(self.pids):  # (an unreaped rank keeps the group id)
-                _kill_group(self.pids[0])
-
-    def wait(self) -> None:
-        for thread in self._threads:
-            thread.join()
 
 
 def _run_ranks(
@@ -350,7 +233,7 @@ def _run_ranks(
                 os.setpgid(pid, pids[0])
     except BaseException:  # a fork failed: no rank runs on without the others
         if pids:
-            _kill_group(pids[0])
+            kill_group(pids[0])
             for pid in pids:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
@@ -361,18 +244,18 @@ def _run_ranks(
     stops.stage = pids[0]
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     os.close(write_fd)
-    ranks = _Ranks(pids)
+    ranks = RankReaper(pids)
     try:
         run = open_run()
         metadata, error = _relay(read_fd, run)
         ranks.wait()
     except BaseException:
-        _kill_group(pids[0])
+        kill_group(pids[0])
         ranks.wait()
         raise
     finally:
         stops.stage, stops.finishing = None, True
-        _kill_group(pids[0])  # late writers the ranks left behind
+        kill_group(pids[0])  # late writers the ranks left behind
     code, message = ranks_outcome(ranks.ended, processes)
     if error and code == EXIT_FAILED:
         message = f"{message} (rank 0: {error})" if message else error

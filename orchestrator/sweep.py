@@ -30,11 +30,14 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from orchestrator.errors import SpecIssue
+from orchestrator.source import SpecSource
 
 SCHEMA_PATH = Path(__file__).with_name("wandb_sweep_schema.json")
 RANDOM_AXIS = "sweep"
@@ -71,6 +74,12 @@ def schema_errors(config: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...]
     for err in sorted(validator.iter_errors(dict(config)), key=lambda e: list(map(str, e.absolute_path))):
         out.append((tuple(err.absolute_path), _short(err)))
     return out
+
+
+def schema_issues(config: Mapping[str, Any], source: SpecSource) -> list[SpecIssue]:
+    """``schema_errors`` as spec issues, each pointing at its line of the spec's sweep section: the
+    first check of a sweep section, whichever runner (built-in or W&B agents) will run it."""
+    return [source.issue(("sweep", *path), msg) for path, msg in schema_errors(config)]
 
 
 def _short(err: Any) -> str:
@@ -132,19 +141,71 @@ def sample(spec: Mapping[str, Any], rng: random.Random) -> Any:
     dist = spec.get("distribution", "categorical" if "values" in spec else "uniform")
     if dist == "categorical":
         return rng.choice(list(spec["values"]))
-    lo, hi = spec.get("min"), spec.get("max")
-    if dist == "int_uniform":
-        return rng.randint(int(lo), int(hi))
-    if dist == "uniform":
-        return rng.uniform(float(lo), float(hi))
-    if dist == "q_uniform":
-        q = float(spec.get("q", 1.0))
-        return round(rng.uniform(float(lo), float(hi)) / q) * q
-    if dist == "log_uniform_values":
-        return math.exp(rng.uniform(math.log(float(lo)), math.log(float(hi))))
-    if dist == "normal":
-        return rng.gauss(float(spec.get("mu", 0.0)), float(spec.get("sigma", 1.0)))
-    raise ValueError(
-        f"distribution {dist!r} is not supported by the built-in sweep runner; supported: "
-        "categorical (values), constant (value), uniform, int_uniform, q_uniform, log_uniform_values, normal"
-    )
+    draw = DISTRIBUTIONS[dist].draw if dist in DISTRIBUTIONS else None
+    if draw is None:
+        drawn = [name for name, d in DISTRIBUTIONS.items() if d.draw]
+        raise ValueError(
+            f"distribution {dist!r} is not supported by the built-in sweep runner; supported: "
+            + ", ".join(["categorical (values)", "constant (value)", *drawn])
+        )
+    return draw(spec, rng)
+
+
+# ------------------------------------------------------------------------- the distribution table
+@dataclass(frozen=True)
+class Distribution:
+    """A W&B parameter distribution as both sweep runners read it. ``ends``: values a stage must
+    accept from it (its ends, or its centre), checked before a W&B server draws from it; ``draw``:
+    one draw by the built-in runner (None: only a W&B server draws from it). The config check
+    (W&B's schema) requires ``min`` and ``max`` where they are read."""
+
+    ends: Callable[[Mapping[str, Any]], list[Any]]
+    draw: Callable[[Mapping[str, Any], random.Random], Any] | None = None
+
+
+def _range(spec: Mapping[str, Any]) -> tuple[float, float]:
+    return float(spec["min"]), float(spec["max"])
+
+
+def _ints(spec: Mapping[str, Any]) -> tuple[int, int]:
+    return int(spec["min"]), int(spec["max"])
+
+
+def _mu(spec: Mapping[str, Any]) -> float:
+    return float(spec.get("mu", 0.0))
+
+
+def _exp_ends(spec: Mapping[str, Any]) -> list[Any]:
+    return [math.exp(v) for v in _range(spec)]
+
+
+def _beta_mean(spec: Mapping[str, Any]) -> list[Any]:
+    a, b = float(spec.get("a", 1.0)), float(spec.get("b", 1.0))
+    return [a / (a + b)]
+
+
+def _q_uniform(spec: Mapping[str, Any], rng: random.Random) -> float:
+    q = float(spec.get("q", 1.0))
+    return round(rng.uniform(*_range(spec)) / q) * q
+
+
+# The built-in runner draws from the first five, in this order in its error message.
+DISTRIBUTIONS: dict[str, Distribution] = {
+    "uniform": Distribution(lambda s: list(_range(s)), lambda s, rng: rng.uniform(*_range(s))),
+    "int_uniform": Distribution(lambda s: list(_ints(s)), lambda s, rng: rng.randint(*_ints(s))),
+    "q_uniform": Distribution(lambda s: list(_range(s)), _q_uniform),
+    "log_uniform_values": Distribution(
+        lambda s: list(_range(s)), lambda s, rng: math.exp(rng.uniform(*(math.log(v) for v in _range(s))))
+    ),
+    "normal": Distribution(lambda s: [_mu(s)], lambda s, rng: rng.gauss(_mu(s), float(s.get("sigma", 1.0)))),
+    "q_log_uniform_values": Distribution(lambda s: list(_range(s))),
+    "inv_log_uniform_values": Distribution(lambda s: list(_range(s))),
+    "log_uniform": Distribution(_exp_ends),  # min and max are the logs of the ends
+    "q_log_uniform": Distribution(_exp_ends),
+    "inv_log_uniform": Distribution(lambda s: [math.exp(-v) for v in reversed(_range(s))]),
+    "q_normal": Distribution(lambda s: [_mu(s)]),
+    "log_normal": Distribution(lambda s: [math.exp(_mu(s))]),
+    "q_log_normal": Distribution(lambda s: [math.exp(_mu(s))]),
+    "beta": Distribution(_beta_mean),
+    "q_beta": Distribution(_beta_mean),
+}

@@ -68,14 +68,20 @@ class SyncReport:
         return not self.failed and not self.link_failed
 
 
-def wandb_command() -> list[str]:
-    """The ``wandb`` CLI: the one on PATH, else the one next to this Python, else ``python -m wandb``."""
+def wandb_executable() -> str | None:
+    """The ``wandb`` command: the one on PATH, else the one installed next to this Python; None if neither."""
     found = shutil.which("wandb")
     if found:
-        return [found]
+        return found
     sibling = Path(sys.executable).parent / "wandb"
-    if sibling.exists():
-        return [str(sibling)]
+    return str(sibling) if sibling.exists() else None
+
+
+def wandb_command() -> list[str]:
+    """The ``wandb`` CLI: ``wandb_executable()``, else ``python -m wandb``."""
+    found = wandb_executable()
+    if found:
+        return [found]
     if importlib.util.find_spec("wandb") is None:
         raise OrchestratorError(f"sync needs the wandb CLI; install it with: {INSTALL_HINT}")
     return [sys.executable, "-m", "wandb"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from orchestrator.artifacts import ArtifactNotFound, ArtifactRef, ArtifactStore, ArtifactVersion
 from orchestrator.errors import BadArgument
-from orchestrator.executors.base import SubmitReport
+from orchestrator.executors.base import StatusView, SubmitReport
 from orchestrator.lineage import went_stale
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
@@ -68,7 +68,7 @@ def report_summary(plan: Plan, report: SubmitReport, paths: StudyPaths) -> str:
     return "\n".join(lines)
 
 
-def _tail(path: object) -> list[str]:
+def _tail(path: Path) -> list[str]:
     try:
         text = open(path, encoding="utf-8", errors="replace").read()  # noqa: SIM115
     except OSError:
@@ -77,37 +77,29 @@ def _tail(path: object) -> list[str]:
 
 
 def job_states(paths: StudyPaths) -> list[tuple[dict[str, object], JobState | None]]:
-    """Every job of the study's submitted plan with its recorded state."""
+    """Every job of the study's submitted plan with its recorded state (None: it recorded none)."""
     if not paths.plan.exists():
         raise BadArgument(
             f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store"
         )
-    from orchestrator.executors.slurm import queued_jobs
-
-    queued = queued_jobs(paths)
-    out = []
-    for job in read_plan(paths)["jobs"]:
-        state = read_state(paths, job["key"])
-        if state is None and job["key"] in queued:  # queued on SLURM, not started yet
-            state = JobState(state="queued", updated_at="", executor="slurm", external_id=queued[job["key"]])
-        out.append((job, state))
-    return out
+    return [(job, read_state(paths, job["key"])) for job in read_plan(paths)["jobs"]]
 
 
-def status_table(paths: StudyPaths, scheduler: dict[str, tuple[str, str]] | None = None) -> str:
-    """One row per job: state (the scheduler's word for queued jobs, with the pending reason), log."""
-    scheduler = scheduler or {}
+def status_table(
+    paths: StudyPaths, view: StatusView | None = None, states: list[tuple[dict[str, object], JobState | None]] | None = None
+) -> str:
+    """One row per job: its state and where it runs, as recorded or as its executor's scheduler
+    tells (``view``: the backends' ``Executor.status``), and its log; then the last error line of
+    each failed job."""
+    view = view or StatusView()
     rows, counts, errors = [], Counter[str](), []
-    for job, state in job_states(paths):
-        name = state.state if state else "unknown"
-        where = ""
-        if state and state.external_id:
-            sched, reason = scheduler.get(state.external_id, ("", ""))
-            if name in ("queued", "running") and sched in SLURM_ENDED:
-                name = "cancelled" if sched == "CANCELLED" else "failed"
-            where = f"{state.executor} {state.external_id}" + (f" {sched}" if sched else "") + (f" ({reason})" if reason else "")
+    for job, state in job_states(paths) if states is None else states:
+        key = str(job["key"])
+        recorded: str = state.state if state else "unknown"
+        where = f"{state.executor} {state.external_id}" if state and state.external_id else ""
+        name, where = view.rows.get(key, (recorded, where))
         counts[name] += 1
-        log = paths.job(str(job["key"])).log
+        log = paths.job(key).log
         shown = attempt_text(name, state.attempt) if state and name == state.state else name
         rows.append([job["label"], shown, where or "-", log if log.exists() else "-"])
         if name in ("failed", "timeout"):
@@ -148,11 +140,6 @@ def attempt_text(state: str, attempt: int | None) -> str:
     if not attempt or attempt < 2:
         return state
     return f"{state} (attempt {attempt})" if state == "running" else f"{state} ({attempt} attempts)"
-
-
-# A job that the scheduler ended without the runner recording an outcome (cancelled by a failed
-# dependency, killed by the time limit or out of memory) never wrote its own final state.
-SLURM_ENDED = {"CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
 def artifact_table(paths: StudyPaths, store: ArtifactStore) -> str:

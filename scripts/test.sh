@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv, start the single-node SLURM cluster the SLURM tests submit to, run the test suite.
+# Set up .venv, start the single-node SLURM cluster the SLURM tests submit to, type-check, run the test suite.
 # Starting SLURM needs root (apt-get, daemons); elsewhere, or with SKIP_SLURM=1, the SLURM cluster
 # tests are skipped. Extra arguments go to pytest. The cluster is left running: stop it with
 # bash scripts/slurm/stop-local-slurm.sh
@@ -12,4 +12,5 @@ if [ "$(id -u)" = 0 ] && [ "${SKIP_SLURM:-0}" != 1 ]; then
   bash scripts/slurm/start-local-slurm.sh --accounting --clean
   export REQUIRE_SLURM=1  # from here on, a missing cluster fails the SLURM tests instead of skipping them
 fi
+.venv/bin/python -m mypy orchestrator stages  # types (config: pyproject.toml, with pydantic's plugin)
 exec .venv/bin/python -m pytest -q "$@"

@@ -16,20 +16,13 @@ import pytest
 from conftest import ROOT
 
 from orchestrator.executors import LocalExecutor
+from orchestrator.exitcodes import EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan, build_plan
+from orchestrator.ranks import rank_environment, ranks_outcome, stage_processes
 from orchestrator.records import JobRecord, read_state, write_job_record
 from orchestrator.runner import open_store
 from orchestrator.spec import load_study
-from orchestrator.stageproc import (
-    EXIT_ABORTED,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    rank_environment,
-    ranks_outcome,
-    stage_processes,
-)
 
 RANKS_SPEC = """\
 name: ranks
@@ -102,7 +95,7 @@ def test_the_first_rank_that_fails_decides_the_exit_code(ended: list[tuple[int, 
 def test_shard_rows_split_a_batch_like_array_split() -> None:
     import numpy as np
 
-    from stages.train import shard_rows
+    from stages.train_data import shard_rows
 
     for rows in range(0, 9):
         for world in (1, 2, 3):

@@ -150,7 +150,7 @@ def test_jobs_share_the_cpus_their_resources_ask_for(tmp_path: Path, monkeypatch
     spec.write_text(
         "name: cpus\nlanguages: [a, b, c]\nstage_package: toystages\nstages:\n"
         '  emit:\n    matrix: {language: "${languages}"}\n    params: {sleep_s: 0.5}\n'
-        "executor: {max_parallel: 3, resources: {emit: {cpus: 2}}}\n"
+        "executor: {local: {max_parallel: 3}, resources: {emit: {cpus: 2}}}\n"
     )
     study, registry = load_study(spec)
     plan = build_plan(study, registry)

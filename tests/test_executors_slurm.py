@@ -372,7 +372,8 @@ def test_a_checkpointing_stage_requeues_at_most_max_requeues_times(odd_dir: Path
 def test_a_task_exits_3_only_where_a_requeue_resumes_and_requeues_are_left() -> None:
     """The batch script requeues on exit 3 after USR2: the runner keeps 3 only for a checkpoint (or
     a stage that never started) with requeues left; everything else is final, with what to do."""
-    from orchestrator.runner import EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TIMEOUT, task_outcome
+    from orchestrator.executors.slurm.job import task_outcome
+    from orchestrator.exitcodes import EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_TIMEOUT
 
     assert task_outcome(EXIT_OK, True, 0, 3, "train") == ("succeeded", EXIT_OK, None)
     assert task_outcome(EXIT_FAILED, True, 0, 3, "train")[:2] == ("failed", EXIT_FAILED)
@@ -590,7 +591,7 @@ def test_a_stage_bigger_than_max_array_size_is_split_and_throttled(odd_dir: Path
     spec = odd_dir / "wide.yaml"
     spec.write_text(
         f"name: wide\nlanguages: [en]\nstage_package: toystages\nstages:\n  emit:\n    matrix: {{value: {list(range(limit + 1))}}}\n"
-        "executor:\n  array_parallelism: 7\n  resources: {default: {extra: {hold: ''}}}\n"
+        "executor:\n  slurm: {array_parallelism: 7}\n  resources: {default: {extra: {hold: ''}}}\n"
     )
     store = odd_dir / "store"
     out = submit(spec, store)
@@ -654,7 +655,7 @@ def test_a_hung_controller_times_sbatch_out_and_status_warns_instead_of_hanging(
     from orchestrator.spec import load_study
 
     spec = odd_dir / "toy.yaml"
-    spec.write_text(TOY_SPEC + "executor: {sbatch_timeout_s: 2, resources: {default: {extra: {hold: ''}}}}\n")
+    spec.write_text(TOY_SPEC + "executor: {slurm: {sbatch_timeout_s: 2}, resources: {default: {extra: {hold: ''}}}}\n")
     queued = submit(spec, odd_dir / "queued")  # a study with jobs in the queue, for status
     assert queued.returncode == 0, queued.stdout + queued.stderr
     ids = submitted_ids(StudyPaths(odd_dir / "queued", "toy"))
@@ -670,7 +671,7 @@ def test_a_hung_controller_times_sbatch_out_and_status_warns_instead_of_hanging(
     paths = StudyPaths((odd_dir / "store").resolve(), "toy")
     executor = slurm.SlurmExecutor(paths, open_store(paths.root), echo=lambda line: None, run=run)
     t0 = time.monotonic()
-    with pytest.raises(slurm.SlurmError, match=r"sbatch failed for stage 'emit' did not return within 2 s \(executor.sbatch_timeout_s\)"):
+    with pytest.raises(slurm.SlurmError, match=r"sbatch failed for stage 'emit' did not return within 2 s \(executor.slurm.sbatch_timeout_s\)"):
         executor.submit(build_plan(study, registry), spec)
     assert time.monotonic() - t0 < 10 and submitted_ids(paths) == []
     t0 = time.monotonic()

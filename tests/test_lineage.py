@@ -297,7 +297,7 @@ def test_a_barrage_of_stop_signals_never_kills_the_runner_before_it_reports(tmp_
 # A SLURM task's runner with a TERM arriving at the worst moment: right after it recorded "running".
 TERM_AFTER_RUNNING = """\
 import os, signal, sys
-from orchestrator import runner
+from orchestrator.executors.slurm import job as runner  # the array task's side of run-job
 from orchestrator.cli import main
 written = runner.write_state
 def write_state(paths, key, state, **fields):

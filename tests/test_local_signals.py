@@ -333,7 +333,7 @@ stages:
   after_quick: {stage: scale, inputs: {number: quick}}
   after_slow: {stage: scale, inputs: {number: slow}}
 executor:
-  max_parallel: 3
+  local: {max_parallel: 3}
   resources:
     quick: {time_min: 20}
     slow: {time_min: 1}

@@ -86,7 +86,7 @@ def test_changing_one_matrix_point_changes_its_branch_only(tmp_path: Path) -> No
 
 def test_irrelevant_changes_do_not_change_keys(toy_spec: Path) -> None:
     base = keys(plan_of(toy_spec))
-    assert keys(plan_of(toy_spec, "executor.max_parallel=7", "description=hello", "storage.root=/elsewhere")) == base
+    assert keys(plan_of(toy_spec, "executor.local.max_parallel=7", "description=hello", "storage.root=/elsewhere")) == base
     # spelling a default explicitly is the same job
     assert keys(plan_of(toy_spec, "stages.scale.params.factor=2.0")) == base
 

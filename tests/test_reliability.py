@@ -114,7 +114,7 @@ WRONG_TYPES: list[tuple[tuple[str, ...], st.SearchStrategy[Any]]] = [
     ),
     (("stages", "scale", "params", "fail"), st.one_of(st.text(alphabet="qxz", min_size=1), st.lists(st.integers()))),
     (("stages", "total", "seed"), not_a_number),
-    (("executor", "max_parallel"), st.one_of(st.integers(max_value=0), not_a_number)),
+    (("executor", "local", "max_parallel"), st.one_of(st.integers(max_value=0), not_a_number)),
     (("executor", "backend"), st.one_of(st.sampled_from(["pbs", "lsf", "", "LOCAL"]), not_a_str)),
     (
         ("executor", "resources"),

@@ -8,7 +8,8 @@ import pytest
 from conftest import TOY_SPEC
 
 from orchestrator.errors import SpecError
-from orchestrator.source import apply_overrides, deep_merge, load_source
+from orchestrator.overrides import apply_overrides
+from orchestrator.source import deep_merge, load_source
 from orchestrator.spec import load_study
 
 

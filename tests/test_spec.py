@@ -87,7 +87,7 @@ def test_valid_toy_spec_loads_with_references_resolved(toy_spec: Path) -> None:
         (
             "name: toy\n",
             "name: toy\nexecutor: {backend: pbs}\n",
-            "study.yaml:2: executor.backend: Input should be 'local' or 'slurm' (got 'pbs')",
+            "study.yaml:2: executor.backend: Value error, no executor backend 'pbs'; valid: local, slurm (got 'pbs')",
         ),
         (
             "name: toy\n",
@@ -135,9 +135,9 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_overrides_are_validated_like_the_file(toy_spec: Path) -> None:
-    study, _ = load_study(toy_spec, ["stages.emit.params.value=7.5", "executor.max_parallel=4", "languages=[en]"])
+    study, _ = load_study(toy_spec, ["stages.emit.params.value=7.5", "executor.local.max_parallel=4", "languages=[en]"])
     assert study.stages["emit"].params["value"] == 7.5
-    assert study.executor.max_parallel == 4
+    assert study.executor.local.max_parallel == 4
     assert study.stages["emit"].matrix["language"] == ["en"]  # ${languages} resolves after overrides
     found = errors(toy_spec, "stages.emit.params.value=abc")
     assert found[0].startswith("--set stages.emit.params.value=abc: stages.emit.params.value: Input should be a valid number")
@@ -223,3 +223,10 @@ def test_resources_layer_in_fixed_order_whatever_the_order_of_the_keys(tmp_path:
     assert study.executor.resources_for("emit", {"language": "de"}).model_dump(include={"cpus", "mem_gb"}) == {"cpus": 4, "mem_gb": 2.0}
     assert study.executor.resources_for("emit", {"language": "en"}).cpus == 2
     assert study.executor.resources_for("scale", {"language": "de"}).cpus == 1
+
+
+@pytest.mark.parametrize(("old", "section"), [("max_parallel: 3", "local"), ("template: my.sbatch", "slurm"), ("sbatch_timeout_s: 5", "slurm")])
+def test_a_backend_setting_in_its_old_place_says_where_it_lives_now(tmp_path: Path, old: str, section: str) -> None:
+    name = old.split(":")[0]
+    issues = errors(write(tmp_path, TOY_SPEC + f"executor: {{{old}}}\n"))
+    assert issues == [f"{tmp_path / 'study.yaml'}:18: executor: Value error, executor.{name} is now executor.{section}.{name}: move it under `{section}:`"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,7 @@ import yaml
 from conftest import ROOT, TESTS, TOY_SPEC
 from test_sweep import GRID
 
-from orchestrator import wandb_sweep as ws
+from orchestrator import sweeps as ws
 from orchestrator.errors import OrchestratorError, SpecError
 from orchestrator.executors import LocalExecutor
 from orchestrator.executors.slurm import cancel_study
@@ -528,12 +529,31 @@ def test_the_agent_array_script(tmp_path: Path) -> None:
     [output] = [ln for ln in lines if ln.startswith("#SBATCH --output")]
     assert output.endswith("%x-%A_%a.out'") and "it'\"'\"'s" in output  # quoted
     assert "'/opt/my env/bin/wandb' agent --count 1 --forward-signals me/test/abcd1234 &" in lines
-    assert f"export WANDB_DIR={ws.shlex.quote(str(folder))}" in lines
+    assert f"export WANDB_DIR={shlex.quote(str(folder))}" in lines
     assert "trap 'requeue=1; kill -USR2 \"$child\" 2>/dev/null' USR2" in lines
     assert 'scontrol requeue "${SLURM_JOB_ID}"' in script and script.rstrip().endswith('exit "$rc"')
     assert "--dependency" not in script  # given to sbatch at submit time, with the upstream's ids
     out = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+GOLDEN_AGENTS = Path(__file__).parent / "golden" / "wandb_agents.sbatch"
+
+
+def test_the_agent_script_matches_golden_file(tmp_path: Path) -> None:
+    """The agents' batch script byte for byte; its signal loop is the job scripts' (golden/slurm_array.sbatch)."""
+    script = ws.render_agent_script(
+        ws.load_sweep(write_spec(tmp_path)).study,
+        Resources(cpus=4, mem_gb=16, time_min=90, gpus=1, partition="gpu", account="proj x"),
+        3,
+        Path("/scratch/my study/wandb-sweep/t"),
+        "/opt/my env/bin/wandb",
+        "me/test/abcd1234",
+        Path("/home/me/it's here"),
+    )
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN_AGENTS.write_text(script)
+    assert script == GOLDEN_AGENTS.read_text()
 
 
 def test_submit_creates_the_sweep_then_queues_upstream_then_agents_after_it(

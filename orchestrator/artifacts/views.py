@@ -100,7 +100,7 @@ def _stamps(value: Any) -> dict[str, Stamp] | None:
     if not isinstance(value, dict):
         return None
     out = {k: tuple(v) for k, v in value.items() if isinstance(v, list) and len(v) == 5}
-    return out if len(out) == len(value) else None  # type: ignore[return-value]
+    return out if len(out) == len(value) else None
 
 
 def _known(stamps: dict[str, Stamp | None]) -> dict[str, Stamp]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.executors.base import Executor, SubmitReport
+from orchestrator.executors.base import Executor, StatusView, SubmitReport
 
-__all__ = ["Executor", "SubmitReport", "LocalExecutor"]
+__all__ = ["Executor", "StatusView", "SubmitReport", "LocalExecutor"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,17 +1,29 @@
-"""What every executor shares: the cache check, job records, and the submit report."""
+"""What every executor shares: the interface the CLI talks to, the cache check, job records, and
+the submit report.
+
+An executor backend answers four questions, so that nothing outside its module needs to know
+which backend it is (``orchestrator.executors.registry`` maps names to classes):
+
+- ``from_study``: an executor for a study's settings (``executor.<backend>``), ready to ``submit``;
+- ``unavailable``: why it cannot run on this machine, before anything is written (None: it can);
+- ``status``: what its scheduler says of a study's jobs, beyond the states they recorded;
+- ``cancel``: stop what it still runs or has queued for a study.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from orchestrator.artifacts import ArtifactStore
 from orchestrator.lineage import LineageCheck, went_stale
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
-from orchestrator.records import JobRecord, record_dict, write_job_record, write_plan, write_state
+from orchestrator.records import JobRecord, JobState, record_dict, write_job_record, write_plan, write_state
+from orchestrator.spec import Study
 
 
 @dataclass
@@ -29,6 +41,19 @@ class SubmitReport:
     @property
     def ok(self) -> bool:
         return not (self.failed or self.skipped or self.cancelled or self.interrupted)
+
+
+@dataclass
+class StatusView:
+    """A backend's word on some jobs, for ``status``: job key -> (state, where it runs), and a
+    warning when its scheduler could not be asked."""
+
+    rows: dict[str, tuple[str, str]] = field(default_factory=dict)
+    warning: str | None = None
+
+    def merge(self, other: StatusView) -> None:
+        self.rows.update(other.rows)
+        self.warning = "; ".join(w for w in (self.warning, other.warning) if w) or None
 
 
 def run_reasons(plan: Plan, store: ArtifactStore, force: bool) -> dict[str, str]:
@@ -54,8 +79,42 @@ def rerun_notes(plan: Plan, reasons: dict[str, str], limit: int = 10) -> list[st
 class Executor(ABC):
     """Runs (or queues) the jobs of a plan that are not cached."""
 
-    name: str
+    name: ClassVar[str]
+    label: ClassVar[str] = ""  # how messages name it ("SLURM"); default: its name
+    writes_scripts: ClassVar[bool] = False  # a dry run shows the scripts it would submit (else: the plan)
     echo: Callable[[str], None] = print
+
+    @classmethod
+    @abstractmethod
+    def from_study(cls, study: Study, paths: StudyPaths, store: ArtifactStore, *, dry_run: bool = False) -> Executor:
+        """An executor with the study's settings for this backend."""
+
+    @classmethod
+    def spec_problems(cls, study: Study) -> list[tuple[tuple[str | int, ...], str]]:
+        """What in the study's settings this backend cannot run: (field path, message) each."""
+        return []
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this backend cannot run here (one line saying what to do instead), or None."""
+        return None
+
+    @classmethod
+    def warnings(cls, plan: Plan) -> list[str]:
+        """What in ``plan`` this backend will run but a user probably did not mean (one line each)."""
+        return []
+
+    @classmethod
+    def status(cls, paths: StudyPaths, states: Mapping[str, JobState | None]) -> StatusView:
+        """What this backend knows of the study's jobs beyond their recorded ``states`` (job key ->
+        state, None where a job recorded none): none by default."""
+        return StatusView()
+
+    @classmethod
+    def cancel(cls, paths: StudyPaths) -> list[str] | None:
+        """Stop what this backend still runs or has queued for the study; return what was stopped,
+        or None where it never ran any of the study's jobs."""
+        return None
 
     def __init__(self, paths: StudyPaths, store: ArtifactStore) -> None:
         self.paths = paths

@@ -1,285 +1,37 @@
-"""Run a plan on this machine: one process per job, bounded parallelism, one log file per job.
-
-Job processes are forked from a pre-started server that has already imported the runner (the
-``forkserver`` start method), so a job pays for its own stage's imports but not for starting Python
-and importing the engine again (~0.2 s a job otherwise). Each job runs what ``python -m orchestrator
-run-job JOB.json`` runs (``cli.run_job_command``), in its own session (process group), with stdout
-and stderr in its log file. The submitting process computes the code half of provenance (git
-commit and package versions: two git subprocesses, ~10 ms) about once a second and hands it to
-the jobs it starts, which would otherwise each compute it again.
-
-A failed job stops its dependents (independent jobs go on). A job that runs longer than its
-``resources.time_min`` is stopped like an interrupted one (SIGTERM to its process group, so a
-stage can checkpoint, then SIGKILL after ``grace_s``) and recorded as ``timeout``, a failure.
-A job's ``resources.retries`` are run by the runner inside the job's process, so one progress
-line and one time limit cover all of its attempts; the last attempt's number is carried into
-the job's final state.
-
-Stopping: while a submit's loop runs, SIGINT (Ctrl-C), SIGTERM (``kill``, ``timeout``, schedulers,
-container runtimes) and SIGHUP (a closed terminal) all do the same: SIGTERM to every running job's
-process group, ``grace_s`` to end (a second signal cuts it short), SIGKILL for what is left; the
-stopped jobs and those still waiting are recorded as ``cancelled`` with the signal's name, and
-the submit reports itself interrupted, which ``python -m orchestrator submit`` turns into exit
-code 130 whichever of the three signals it was (the one code scripts already test for). The
-previous handlers are restored when the loop ends.
-
-If the submitter dies without a chance to stop its jobs (SIGKILL, the OOM killer), its fork
-server exits too (its end of a pipe from the submitter closes), and each job is sent SIGTERM:
-on Linux the job asks for it as its parent-death signal, elsewhere a thread of the job polls the
-submitter. The job then stops (a checkpointing stage checkpoints) and records its own state,
-since no one else will.
-
-A state file that cannot be written (a full disk) does not stop the loop: it says so once and
-goes on reaping and stopping jobs, rewriting such a state in place or removing it rather than
-leaving it stale (a job the disk stopped is just a failed job).
-"""
+"""The local executor's loop: start jobs as their dependencies succeed and CPUs allow, reap them,
+enforce time limits, skip what a failure leaves unreachable, and stop everything on a stop signal
+(see the package docstring for what each signal does)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import multiprocessing.connection
-import multiprocessing.context
 import os
 import signal
-import sys
 import threading
 import time
 from bisect import insort
-from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.artifacts import ArtifactStore
-from orchestrator.executors.base import Executor, SubmitReport
+from orchestrator.executors.base import SubmitReport
+from orchestrator.exitcodes import EXIT_ABORTED, EXIT_INTERRUPTED
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
-from orchestrator.procutil import alive, parent_of, set_parent_death_signal
-from orchestrator.provenance import code_provenance
-from orchestrator.records import JobState, State, now, read_state, recorded_attempt, write_state
-from orchestrator.runner import EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobStopped
+from orchestrator.procutil import alive, parent_of
+from orchestrator.records import JobState, State, now, recorded_attempt, write_state
+
+if TYPE_CHECKING:
+    from orchestrator.executors.local import LocalExecutor
 
 POLL_S = 0.5  # upper bound on a wait: job exits, signals and time limits wake the loop at once
 STOP_POLL_S = 0.1  # while stopping: how often to look again at a job whose fork server has gone
-CODE_PROVENANCE_MAX_AGE_S = 1.0  # how stale the git/packages snapshot handed to a job may be
-FORKSERVER_PRELOAD = ("orchestrator.cli", "orchestrator.runner", "orchestrator.executors.local")  # see _context
-SUBMIT_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # see the module docstring
-SUBMITTER_POLL_S = 0.5  # where there is no parent-death signal: how often a job checks its submitter
+SUBMIT_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # see the package docstring
 FORKSERVER_GONE = 255  # the exit code that multiprocessing reports for every job once its fork server has died
 
 
-class LocalExecutor(Executor):
-    name = "local"
-
-    def __init__(
-        self,
-        paths: StudyPaths,
-        store: ArtifactStore,
-        max_parallel: int = 2,
-        grace_s: float = 30.0,
-        echo: Callable[[str], None] = print,
-        cpus: int | None = None,
-        time_unit_s: float = 60.0,
-    ) -> None:
-        """``time_unit_s``: the seconds in one minute of ``resources.time_min``; only tests,
-        which cannot wait minutes for a time limit, make it shorter."""
-        super().__init__(paths, store)
-        self.max_parallel = max_parallel
-        self.grace_s = grace_s
-        self.echo = echo
-        self.cpus = cpus or available_cpus()
-        self.time_unit_s = time_unit_s
-        self._code = _CodeProvenance(CODE_PROVENANCE_MAX_AGE_S)
-
-    def submit(self, plan: Plan, spec_path: Path, *, force: bool = False) -> SubmitReport:
-        todo, cached = self.prepare(plan, spec_path, force)
-        report = SubmitReport(cached=sorted(cached))
-        if cached:
-            self.echo(f"{len(cached)} of {len(plan.jobs)} jobs cached (outputs already committed)")
-        if not todo:
-            self.echo("nothing to run")
-            return report
-        self.echo(
-            f"running {len(todo)} jobs, at most {self.max_parallel} at a time on {self.cpus} CPUs; "
-            f"logs under {self.paths.dir / 'jobs'}"
-        )
-        _Run(self, plan, todo, cached, force, report).loop()
-        return report
-
-    def _launch(self, key: str, force: bool, cpus: int) -> BaseProcess:
-        environ = dict(os.environ)
-        environ.setdefault("OMP_NUM_THREADS", str(cpus))  # the job's share, as SLURM's cpus-per-task would give
-        job = _JobStart(self.paths, key, force, environ, os.getcwd(), self._code.get(), os.getpid())
-        proc = _context().Process(target=_job_main, args=(job,), name=f"job-{key[:12]}")
-        proc.start()
-        return proc
-
-
-@dataclass(frozen=True)
-class _JobStart:
-    """What a job process gets from the submitting process (pickled to the forkserver)."""
-
-    paths: StudyPaths
-    key: str
-    force: bool
-    environ: dict[str, str]  # the submitter's environment now (the server was forked earlier)
-    cwd: str
-    code: dict[str, Any]  # runner.code_provenance() of the submitter
-    submitter: int  # its pid: the job stops when it dies
-
-
-class _CodeProvenance:
-    """``code_provenance()`` for the jobs this process starts, recomputed once it is older than
-    ``max_age_s`` (or than 20 times what computing it took, so that it never takes more than 5%
-    of the loop, e.g. for ``git status`` in a huge checkout): a trivial job no longer pays for two
-    git subprocesses, and a job started after the checkout changed in the middle of a long submit
-    still records the change."""
-
-    def __init__(self, max_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_age_s = max_age_s
-        self.clock = clock
-        self._value: dict[str, Any] | None = None
-        self._taken = self._cost = 0.0
-
-    def get(self) -> dict[str, Any]:
-        now = self.clock()
-        if self._value is None or now - self._taken > max(self.max_age_s, 20 * self._cost):
-            self._value = code_provenance()
-            self._taken, self._cost = now, self.clock() - now
-        return self._value
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. inside a SLURM allocation)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _context() -> multiprocessing.context.ForkServerContext | multiprocessing.context.SpawnContext:
-    """Fork jobs from a server that imported the engine once (spawn where there is no forkserver).
-
-    The server preloads this module too: it holds the job's entry point, which a job process
-    would otherwise import (and, without bytecode caches, compile) for itself. It never preloads
-    a stage package, although importing one is a fifth of a trivial job: stages import numpy &
-    co., whose thread pools read the job's ``OMP_NUM_THREADS`` when they are imported, and the
-    server lives as long as this process, so it would go on forking jobs from stage code that
-    has since changed on disk.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))
-    return ctx
-
-
-# ------------------------------------------------------------------------------ the job process
-def _job_main(job: _JobStart) -> None:
-    """A job process: its own session (so signals reach the whole job), output to its log, then
-    what ``python -m orchestrator run-job RECORD`` runs, with the submitter's code provenance."""
-    os.setsid()
-    _release_fork_server()
-    os.environ.clear()
-    os.environ.update(job.environ)
-    os.chdir(job.cwd)
-    job_paths = job.paths.job(job.key)
-    _log_to(job_paths.log)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    from orchestrator.cli import run_job_command
-
-    try:
-        # until the runner installs its own handlers: stop as cleanly as they would (nothing
-        # has started yet), not die at once unrecorded
-        signal.signal(signal.SIGTERM, _stop_before_the_stage)
-        _stop_with_submitter(job.submitter)
-        rc = run_job_command(job_paths.record, force=job.force, code=job.code)
-    except JobStopped as e:
-        print(f"stopped by {e} before the stage started; nothing was committed", flush=True)
-        rc = EXIT_INTERRUPTED
-    if not alive(job.submitter):
-        _record_orphaned(job, rc)
-    # SystemExit is how a multiprocessing target sets its exit code while still running the
-    # process's finalizers (which release e.g. tqdm's semaphores instead of leaking them)
-    sys.exit(rc)
-
-
-def _log_to(log: Path) -> None:
-    """Send stdout and stderr to the job's log; a job that cannot open it (a full disk) fails
-    with one line on the submitter's terminal, not a traceback."""
-    try:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    except OSError as e:
-        print(f"job {log.parent.name[:12]}: cannot open its log {log}: {e.strerror or e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_FAILED)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-
-
-def _release_fork_server() -> None:
-    """Close this job's copy of the write end of the fork server's "alive" pipe.
-
-    multiprocessing hands one to every process that the server forks, so that the server lives
-    on while any of them runs. A job holding it would keep the server alive after its submitter
-    was SIGKILLed, and so itself: it learns of its submitter's death by its parent's, the
-    server's (see ``_stop_with_submitter``). A stage that starts processes of its own with the
-    forkserver method gets a server of its own anyway (this one's address is not inherited).
-    """
-    from multiprocessing import forkserver
-
-    server: Any = getattr(forkserver, "_forkserver", None)  # private: hence the care
-    fd = getattr(server, "_forkserver_alive_fd", None)
-    if isinstance(fd, int):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        server._forkserver_alive_fd = None
-
-
-def _stop_before_the_stage(signum: int, frame: object) -> None:
-    raise JobStopped(signal.Signals(signum).name)
-
-
-def _stop_with_submitter(submitter: int) -> None:
-    """Have SIGTERM sent to this job when its submitter dies, so that it never runs on unwatched.
-
-    The job's parent is the fork server, which exits when the submitter dies, however it dies
-    (the end of a pipe that the server watches closes; see ``_release_fork_server``). So on
-    Linux the job asks for SIGTERM as its parent-death signal, then checks that the parent it
-    saw before asking still lives (if it died in between, no signal would come). Elsewhere a
-    thread of the job polls the submitter.
-    """
-    parent = os.getppid()
-    if not set_parent_death_signal(signal.SIGTERM):
-        threading.Thread(target=_watch_submitter, args=(submitter,), name="submitter-watch", daemon=True).start()
-    elif os.getppid() != parent or not alive(submitter):
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _watch_submitter(submitter: int) -> None:
-    while alive(submitter):
-        time.sleep(SUBMITTER_POLL_S)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _record_orphaned(job: _JobStart, rc: int) -> None:
-    """Record the outcome of a job whose submitter died: no one else will. Only over the state
-    that its submitter wrote for this very process, never over a newer submit's."""
-    state: State = "succeeded" if rc == EXIT_OK else "failed" if rc == EXIT_FAILED else "cancelled"
-    message = f"its submitter (pid {job.submitter}) died"
-    print(f"{message}; recorded as {state}", flush=True)
-    pid = str(os.getpid())
-    with contextlib.suppress(OSError, ValueError):  # ValueError: a state file that is not one
-        current = read_state(job.paths, job.key)
-        if current is not None and current.state == "running" and current.external_id == pid:
-            fields = {"executor": LocalExecutor.name, "external_id": pid, "message": message, "attempt": current.attempt}
-            write_state(job.paths, job.key, state, exit_code=rc, **fields)
-
-
-# -------------------------------------------------------------------------- the submit's loop
 @dataclass
 class _Running:
     """A job process started by the loop."""
