@@ -50,7 +50,7 @@ from common import header, table, verdict
 
 from orchestrator import fsutil
 from orchestrator.artifacts import LocalStore
-from orchestrator.artifacts.ingest import IO_THREADS
+from orchestrator.artifacts.pool import IO_THREADS
 
 MiB = 1 << 20
 CPUS = os.cpu_count() or 1

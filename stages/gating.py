@@ -26,13 +26,10 @@ values and ``requires_grad`` for head-importance gradients ``|dL/dg|``).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from stages.formats import masks as head_mask_artifact
 
 MASK_JSON = "head_mask.json"  # a saved subnetwork's own copy of its mask (a head-mask artifact has mask.json)
 MASK_NPY = "head_mask.npy"
@@ -223,18 +220,3 @@ def write_head_mask(out_dir: Path | str, mask: Any, **extra: Any) -> None:
     (out / MASK_JSON).write_text(json.dumps(info, sort_keys=True, indent=2) + "\n", encoding="utf-8")
 
 
-def load_head_mask(path: Path | str) -> np.ndarray:
-    """A head mask from a directory (a saved subnetwork's ``head_mask.npy``, a ``head-mask`` artifact's
-    ``mask.npy`` (:mod:`stages.formats.masks`), or their ``.json``) or a file."""
-    import json
-
-    p = Path(path)
-    candidates: Sequence[Path] = (
-        [p] if p.is_file() else [p / MASK_NPY, p / head_mask_artifact.MASK_NPY, p / MASK_JSON, p / head_mask_artifact.MASK_JSON]
-    )
-    for c in candidates:
-        if c.is_file():
-            if c.suffix == ".npy":
-                return np.asarray(np.load(c), dtype=np.float32)
-            return np.asarray(json.loads(c.read_text(encoding="utf-8"))["mask"], dtype=np.float32)
-    raise ValueError(f"no head mask found at {p}")

@@ -49,7 +49,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stages.measures import debiased_cka, linear_cka
 from stages.resampling import Gram, RdmStats, SeedLike, gram
 
 if TYPE_CHECKING:
@@ -286,19 +285,6 @@ def isomorphism_interval(
     return (max(0.0, point - z * sd) if distance else point - z * sd), point + z * sd
 
 
-def cka_intervals(
-    x: Any, y: Any, *, resamples: int = 200, confidence: float = 0.95, seed: SeedLike = 0,
-    groups: int = SPREAD_GROUPS,
-) -> dict[str, tuple[float, float] | None]:
-    """Half-sample intervals of linear and debiased linear CKA of two representations of the same sentences."""
-    import numpy as np
-
-    hs = half_samples(np.shape(x)[0], resamples, seed, groups)
-    biased, unbiased = subset_cka(gram_stats(x, hs), gram_stats(y, hs), hs)
-    return {"cka": half_sample_interval(linear_cka(x, y), biased, hs, confidence),
-            "cka_debiased": half_sample_interval(debiased_cka(x, y), unbiased, hs, confidence)}
-
-
 def difference_interval(
     point_a: float, values_a: np.ndarray, point_b: float, values_b: np.ndarray, hs: HalfSamples, confidence: float
 ) -> tuple[float, float] | None:
@@ -311,22 +297,6 @@ def difference_interval(
     import numpy as np
 
     return half_sample_interval(point_a - point_b, np.asarray(values_a) - np.asarray(values_b), hs, confidence)
-
-
-def cka_difference_intervals(
-    x_a: Any, y_a: Any, x_b: Any, y_b: Any, *, resamples: int = 200, confidence: float = 0.95, seed: SeedLike = 0,
-    groups: int = SPREAD_GROUPS,
-) -> dict[str, tuple[float, float] | None]:
-    """Paired half-sample intervals of CKA(x_a, y_a) - CKA(x_b, y_b) (linear and debiased), four
-    representations of the same sentences (e.g. a subnetwork's and the full model's, of two languages)."""
-    import numpy as np
-
-    hs = half_samples(np.shape(x_a)[0], resamples, seed, groups)
-    sub_a = subset_cka(gram_stats(x_a, hs), gram_stats(y_a, hs), hs)
-    sub_b = subset_cka(gram_stats(x_b, hs), gram_stats(y_b, hs), hs)
-    return {"cka": difference_interval(linear_cka(x_a, y_a), sub_a[0], linear_cka(x_b, y_b), sub_b[0], hs, confidence),
-            "cka_debiased": difference_interval(debiased_cka(x_a, y_a), sub_a[1], debiased_cka(x_b, y_b), sub_b[1], hs,
-                                                confidence)}
 
 
 def bootstrap_description(hs: HalfSamples | None, resamples: int, confidence: float) -> dict[str, Any]:

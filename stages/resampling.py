@@ -148,17 +148,6 @@ def shuffled_cka(a: Gram, b: Gram) -> tuple[float, float]:
     return biased, 0.0 if a.self_unbiased > 0 and b.self_unbiased > 0 else math.nan
 
 
-def permuted_cka(a: Gram, b: Gram, perm: np.ndarray) -> tuple[float, float]:
-    """(linear CKA, debiased linear CKA) of X_a against Y_b with its rows permuted (``Y_b[perm]``, in the
-    Grams' row order). A permutation leaves Y's column means and self terms unchanged, so only
-    ``||Xc^T Yc[perm]||_F^2 = sum_ij K_a[i, j] K_b[perm i, perm j]`` is new: an n^2 gather and dot
-    product, cheaper than the d_a x d_b product whenever n < d^2."""
-    import numpy as np
-
-    kb = b.k.take(perm, axis=0).take(perm, axis=1)
-    return cka_from_cross(a, b, float(np.dot(a.k.reshape(-1), kb.reshape(-1))), b.diag[perm])
-
-
 @dataclass(frozen=True)
 class RdmStats:
     """A standardised RDM as a symmetric matrix with zero diagonal (rows in some sentence order), and,

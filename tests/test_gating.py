@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ pytest.importorskip("transformers")
 from test_mlm import make_dataset, make_tokenizer, tiny_model  # noqa: E402
 
 from stages import gating, mlm  # noqa: E402
+from stages.formats import masks as head_mask_artifact  # noqa: E402
+from stages.gating import MASK_JSON, MASK_NPY  # noqa: E402
 
 # larger initial weights than XLM-R's 0.02 so that one head visibly moves the logits of a random model
 INIT = {"initializer_range": 0.2}
@@ -124,7 +128,7 @@ def test_saved_subnetwork_reloads_and_matches_the_gated_model(tiny: dict, tmp_pa
         assert (_logits(model, b) - g).abs().max() > 1e-3  # differs from the full model
     dense = sub.roberta.encoder.layer[0].attention.output.dense.weight
     assert bool((dense[:, 0:8] == 0).all()) and bool((dense[:, 8:16] != 0).any())
-    np.testing.assert_array_equal(gating.load_head_mask(tmp_path / "sub"), mask)
+    np.testing.assert_array_equal(load_head_mask(tmp_path / "sub"), mask)
     info = (tmp_path / "sub" / gating.MASK_JSON).read_text()
     assert '"heads_kept": 5' in info
     assert (tmp_path / "sub" / "tokenizer.json").is_file()
@@ -146,3 +150,20 @@ def test_bad_mask_shapes_are_rejected(tiny: dict) -> None:
         gating.HeadGates(model, np.ones((4, 2)))
     with pytest.raises(ValueError, match="0/1"):
         gating.save_subnetwork(model, np.full((2, 4), 0.5), Path("/nonexistent-never-written"))
+
+
+# (a helper only these tests use, moved here from the package)
+def load_head_mask(path: Path | str) -> np.ndarray:
+    """A head mask from a directory (a saved subnetwork's ``head_mask.npy``, a ``head-mask`` artifact's
+    ``mask.npy`` (:mod:`stages.formats.masks`), or their ``.json``) or a file."""
+
+    p = Path(path)
+    candidates: Sequence[Path] = (
+        [p] if p.is_file() else [p / MASK_NPY, p / head_mask_artifact.MASK_NPY, p / MASK_JSON, p / head_mask_artifact.MASK_JSON]
+    )
+    for c in candidates:
+        if c.is_file():
+            if c.suffix == ".npy":
+                return np.asarray(np.load(c), dtype=np.float32)
+            return np.asarray(json.loads(c.read_text(encoding="utf-8"))["mask"], dtype=np.float32)
+    raise ValueError(f"no head mask found at {p}")

@@ -7,14 +7,15 @@ import itertools
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from stagekit import FakeContext, make_input, run_stage
 
 from stages.halfsamples import (
-    cka_difference_intervals,
-    cka_intervals,
+    SPREAD_GROUPS,
+    difference_interval,
     gram_stats,
     half_sample_interval,
     half_samples,
@@ -39,7 +40,7 @@ from stages.measures import (
     rsa,
     rsa_vector,
 )
-from stages.resampling import gram, length_matched_permutation, permuted_cka, shuffled_cka
+from stages.resampling import Gram, SeedLike, cka_from_cross, gram, length_matched_permutation, shuffled_cka
 from stages.similarity import SIMILARITY
 
 # --------------------------------------------------------------------------------------------------
@@ -735,3 +736,45 @@ def test_similarity_copies_what_encode_recorded_about_truncation(tmp_path):
         "base": {"max_length": None, "truncated": None, "truncated_total": None, "n": 30},
         "subnetwork:zh": {"max_length": 64, "truncated": {"zh": 5}, "truncated_total": 5, "n": 30},
     }
+
+
+# (a helper only these tests use, moved here from the package)
+def permuted_cka(a: Gram, b: Gram, perm: np.ndarray) -> tuple[float, float]:
+    """(linear CKA, debiased linear CKA) of X_a against Y_b with its rows permuted (``Y_b[perm]``, in the
+    Grams' row order). A permutation leaves Y's column means and self terms unchanged, so only
+    ``||Xc^T Yc[perm]||_F^2 = sum_ij K_a[i, j] K_b[perm i, perm j]`` is new: an n^2 gather and dot
+    product, cheaper than the d_a x d_b product whenever n < d^2."""
+    import numpy as np
+
+    kb = b.k.take(perm, axis=0).take(perm, axis=1)
+    return cka_from_cross(a, b, float(np.dot(a.k.reshape(-1), kb.reshape(-1))), b.diag[perm])
+
+
+# (a helper only these tests use, moved here from the package)
+def cka_intervals(
+    x: Any, y: Any, *, resamples: int = 200, confidence: float = 0.95, seed: SeedLike = 0,
+    groups: int = SPREAD_GROUPS,
+) -> dict[str, tuple[float, float] | None]:
+    """Half-sample intervals of linear and debiased linear CKA of two representations of the same sentences."""
+    import numpy as np
+
+    hs = half_samples(np.shape(x)[0], resamples, seed, groups)
+    biased, unbiased = subset_cka(gram_stats(x, hs), gram_stats(y, hs), hs)
+    return {"cka": half_sample_interval(linear_cka(x, y), biased, hs, confidence),
+            "cka_debiased": half_sample_interval(debiased_cka(x, y), unbiased, hs, confidence)}
+
+
+def cka_difference_intervals(
+    x_a: Any, y_a: Any, x_b: Any, y_b: Any, *, resamples: int = 200, confidence: float = 0.95, seed: SeedLike = 0,
+    groups: int = SPREAD_GROUPS,
+) -> dict[str, tuple[float, float] | None]:
+    """Paired half-sample intervals of CKA(x_a, y_a) - CKA(x_b, y_b) (linear and debiased), four
+    representations of the same sentences (e.g. a subnetwork's and the full model's, of two languages)."""
+    import numpy as np
+
+    hs = half_samples(np.shape(x_a)[0], resamples, seed, groups)
+    sub_a = subset_cka(gram_stats(x_a, hs), gram_stats(y_a, hs), hs)
+    sub_b = subset_cka(gram_stats(x_b, hs), gram_stats(y_b, hs), hs)
+    return {"cka": difference_interval(linear_cka(x_a, y_a), sub_a[0], linear_cka(x_b, y_b), sub_b[0], hs, confidence),
+            "cka_debiased": difference_interval(debiased_cka(x_a, y_a), sub_a[1], debiased_cka(x_b, y_b), sub_b[1], hs,
+                                                confidence)}

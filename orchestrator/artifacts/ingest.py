@@ -12,27 +12,19 @@ import os
 import socket
 import stat
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
-from typing import TypeVar
 
 from .. import fsutil
 from .base import ArtifactError
 from .hashcache import HashCache
+from .pool import BATCH_FILES, IO_THREADS, batches, map_all
 from .quarantine import quarantine
 
 CHUNK = 1 << 20  # copy and hash in 1 MiB pieces: fits the CPU cache, measured faster than 4 MiB
-# hashlib and file I/O release the GIL, so files are hashed side by side, one thread per CPU this
-# process may use (a SLURM job may get 2 of a node's 64): hashing is CPU-bound, and on 2 CPUs 4
-# threads measured 25% (large files) to 70% (small ones: GIL hand-offs at every syscall) slower.
-_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-IO_THREADS = min(8, _CPUS)
-# A pool task costs 20-40 us of its own, as much as logging a small file: small files go in batches.
-BATCH_BYTES = 8 << 20
-BATCH_FILES = 64
 LINK_FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES}
 # Temporary names: host and pid (fsck tells a dead owner by them), then a token of this process
 # (a later process with the same pid must not collide with a dead one's leftovers) and a counter
@@ -40,8 +32,6 @@ LINK_FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, e
 _HOST = socket.gethostname()
 _TOKEN = uuid.uuid4().hex[:12]
 _SEQ = count()
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 @dataclass
@@ -100,34 +90,6 @@ def same_content_stamp(a: os.stat_result, b: os.stat_result) -> bool:
 
 def _changed(src: str) -> ArtifactError:
     return ArtifactError(f"{src} changed while it was being logged; log it again once stable")
-
-
-def map_all(pool: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Sequence[_T]) -> tuple[list[_R], BaseException | None]:
-    """``fn`` over ``items`` on ``pool``: (the results that succeeded, in order, and the first error).
-    Stops starting new calls at the first error; the caller cleans up after the successful ones."""
-    futures: list[Future[_R]] = [pool.submit(fn, item) for item in items]
-    wait(futures, return_when=FIRST_EXCEPTION)
-    for f in futures:
-        f.cancel()
-    wait(futures)
-    done = [f.result() for f in futures if not f.cancelled() and f.exception() is None]
-    error = next((e for f in futures if not f.cancelled() and (e := f.exception()) is not None), None)
-    return done, error
-
-
-def batches(sizes: Sequence[int]) -> list[list[int]]:
-    """Indexes into ``sizes`` grouped into pool tasks of about ``BATCH_BYTES`` or ``BATCH_FILES``,
-    largest files first, so that a big file never runs alone at the end while the others wait."""
-    groups: list[list[int]] = []
-    batch: list[int] = []
-    nbytes = 0
-    for k in sorted(range(len(sizes)), key=lambda k: -sizes[k]):
-        batch.append(k)
-        nbytes += sizes[k]
-        if nbytes >= BATCH_BYTES or len(batch) >= BATCH_FILES:
-            groups.append(batch)
-            batch, nbytes = [], 0
-    return groups + [batch] if batch else groups
 
 
 def discard(items: Iterable[Ingested]) -> None:

@@ -110,8 +110,9 @@ from .base import (
 )
 from .fsck import Fsck, FsckReport
 from .hashcache import HashCache
-from .ingest import IO_THREADS, BlobWriter, Ingested, discard, list_source
+from .ingest import BlobWriter, Ingested, discard, list_source
 from .locking import file_lock
+from .pool import IO_THREADS
 from .quarantine import quarantine
 from .records import (
     ALIAS_CONSEQUENCE,

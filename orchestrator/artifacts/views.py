@@ -39,8 +39,9 @@ from typing import Any
 
 from .base import ArtifactError, ArtifactVersion, CorruptArtifact, FileEntry
 from .hashcache import HashCache
-from .ingest import IO_THREADS, BlobWriter, batches, copy_and_hash, map_all, same_content_stamp
+from .ingest import BlobWriter, copy_and_hash, same_content_stamp
 from .locking import file_lock
+from .pool import IO_THREADS, batches, map_all
 
 FICLONE = getattr(fcntl, "FICLONE", 0x40049409)  # ioctl(dst, FICLONE, src): share src's extents
 # errnos by which a filesystem (not one file) says it cannot clone: not tried there again

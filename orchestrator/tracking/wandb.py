@@ -24,7 +24,6 @@ and commits outputs to it first; this backend mirrors runs, metrics and artifact
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import re
@@ -145,15 +144,6 @@ def _seconds(var: str, default: float) -> float:
     except ValueError:
         return default
     return value if value > 0 else default
-
-
-def md5_b64(path: Path) -> str:
-    """A file's digest as W&B writes it in artifact manifests (base64 of the MD5)."""
-    h = hashlib.md5()  # noqa: S324 - W&B's manifest format, not used for security
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return base64.b64encode(h.digest()).decode()
 
 
 # ------------------------------------------------------------------------------------------ run
