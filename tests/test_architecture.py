@@ -100,25 +100,10 @@ def test_stages_import_only_the_stage_api_and_the_engine_never_imports_the_scien
             assert not {d for d in deps if d.startswith("stages")}, name
 
 
-# Modules still over MAX_LINES, each capped at its length today: the list may only shrink (issue 15).
-KNOWN_LONG = {
-    "orchestrator.artifacts.local": 684,  # LocalStore: versions, aliases, job records in one class
-}
-
-
 @pytest.mark.parametrize("name", sorted(modules()))
 def test_no_module_is_longer_than_a_reader_can_hold(name: str) -> None:
     lines = len(modules()[name].read_text(encoding="utf-8").splitlines())
-    cap = KNOWN_LONG.get(name, MAX_LINES)
-    assert lines <= cap, f"{name} has {lines} lines (at most {cap}): split it along a real seam"
-
-
-def test_the_list_of_long_modules_only_shrinks() -> None:
-    """A module split below the line leaves the list; a listed module that no longer exists too."""
-    for name in KNOWN_LONG:
-        assert name in modules(), f"{name} is gone: remove it from KNOWN_LONG"
-        lines = len(modules()[name].read_text(encoding="utf-8").splitlines())
-        assert lines > MAX_LINES, f"{name} has {lines} lines now: remove it from KNOWN_LONG"
+    assert lines <= MAX_LINES, f"{name} has {lines} lines (at most {MAX_LINES}): split it along a real seam"
 
 
 def test_no_backend_is_picked_by_name_outside_the_executors() -> None:

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..procutil import alive
 from .base import NAME_RE, ArtifactError, ArtifactRef, DamagedRecord, JobCommit
 from .locking import file_lock
 from .quarantine import quarantine
@@ -80,7 +84,7 @@ class Fsck:
         self._blob_ok: dict[str, bool] = {}  # each blob hashed once per run
 
     def run(self, temp_max_age_s: float) -> FsckReport:
-        self.store._clean_tmp(self.report, temp_max_age_s)
+        self._clean_tmp(temp_max_age_s)
         for name in self._names():
             for n in self.store._version_numbers(name):
                 self._check_version(name, n)
@@ -88,6 +92,24 @@ class Fsck:
         self._check_jobs()
         self.store._hashes.flush()  # the stamps of the blobs verified: later logs need not read them
         return self.report
+
+
+    def _clean_tmp(self, max_age_s: float) -> None:
+        """Remove staging entries of dead processes on this host, or older than ``max_age_s``."""
+        host, now = socket.gethostname(), time.time()
+        for entry in sorted((self.store.root / "tmp").iterdir()):
+            owner_host, _, pid = entry.name.rpartition("-")[0].rpartition("-")
+            dead = owner_host == host and pid.isdigit() and not alive(int(pid))
+            try:
+                if not dead and now - entry.lstat().st_mtime <= max_age_s:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError:  # its owner just committed or removed it, or NFS keeps it busy
+                continue
+            self.report.removed_temp.append(entry.name)
 
     def _names(self) -> list[str]:
         folder = self.store.root / "artifacts"

@@ -73,19 +73,18 @@ person with ``rm``. So committed bytes are checked, not assumed, and the store r
 - A job record counts as committed (``job_problem`` is None) only while every output version it
   names exists with all its blobs present. ``fsck(repair=True)`` quarantines what is damaged and
   drops the job records that relied on it, transitively (fsck.py).
+
+This module is the writing side; reading versions and job records is ``reading.py``
+(``StoreReader``), alias updates ``aliases.py`` (``AliasWriter``), both bases of ``LocalStore``.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import errno
 import json
 import os
 import re
 import shutil
-import socket
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -93,20 +92,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import fsutil
-from ..procutil import alive
+from .aliases import AliasWriter
 from .base import (
-    NAME_RE,
-    REF_RE,
     ArtifactError,
     ArtifactNotFound,
     ArtifactRef,
-    ArtifactStore,
     ArtifactVersion,
     DamagedRecord,
     FileEntry,
-    JobCommit,
     Producer,
-    check_name,
 )
 from .fsck import Fsck, FsckReport
 from .hashcache import HashCache
@@ -114,28 +108,16 @@ from .ingest import BlobWriter, Ingested, discard, list_source
 from .locking import file_lock
 from .pool import IO_THREADS
 from .quarantine import quarantine
+from .reading import LATEST
 from .records import (
-    ALIAS_CONSEQUENCE,
-    JOB_CONSEQUENCE,
-    VERSION_CONSEQUENCE,
     VersionRecord,
     manifest_digest,
-    parse_aliases,
-    parse_job,
-    parse_version,
-    read_json,
 )
 from .views import Views
 
 __all__ = ["FsckReport", "LocalStore", "manifest_digest"]
 
-LATEST = "latest"
-NOT_RUN = "not run yet"
-VERSION_DIR_RE = re.compile(r"^v(\d+)\Z")
 RETIRED_RE = re.compile(r"^v(\d+)\.retired\Z")
-ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+\-]{0,127}\Z")
-JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}\Z")
-_RECORDS_KEPT = 64  # parsed version records kept per store (a record of 2,000 files is ~0.5 MB parsed)
 # The head of a version record, in the compact format and in the indented one of older stores.
 _RECORD_DIGEST_RE = re.compile(rb'\{\s*"created_at":\s*"[^"]*",\s*"digest":\s*"([0-9a-f]{64})"')
 
@@ -156,14 +138,7 @@ def _to_json(value: Any, what: str) -> str:
         raise ArtifactError(f"{what} is not JSON-serialisable ({e}); use str, int, float, bool, None, lists and dicts") from e
 
 
-def _describe(items: Sequence[str], limit: int = 12) -> str:
-    if not items:
-        return "none"
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
-
-
-class LocalStore(ArtifactStore):
+class LocalStore(AliasWriter):
     """An artifact store in a directory, safe for concurrent processes (also on NFS).
 
     ``create=False`` opens an existing store only: a missing one raises ArtifactNotFound instead of
@@ -188,14 +163,6 @@ class LocalStore(ArtifactStore):
         return f"LocalStore({str(self.root)!r})"
 
     # ----------------------------------------------------------------- paths and small helpers
-    def _blob(self, sha: str) -> Path:
-        return Path(self._blobs.blob_path(sha))
-
-    def _art_dir(self, name: str) -> Path:
-        return self.root / "artifacts" / check_name(name)
-
-    def _record_path(self, name: str, number: int) -> Path:
-        return self._art_dir(name) / "versions" / f"v{number}" / "version.json"
 
     def _tmp(self, kind: str) -> Path:
         return Path(self._blobs.tmp_path(kind))
@@ -205,12 +172,6 @@ class LocalStore(ArtifactStore):
         _write_synced(tmp, text)
         os.replace(tmp, dest)
         fsutil.fsync_path(dest.parent)
-
-    def _version_numbers(self, name: str) -> list[int]:
-        vdir = self._art_dir(name) / "versions"
-        if not vdir.is_dir():
-            return []
-        return sorted(int(m[1]) for e in os.listdir(vdir) if (m := VERSION_DIR_RE.match(e)))
 
     def _next_number(self, name: str, numbers: Sequence[int]) -> int:
         """One more than every version number of ``name`` that exists or was retired."""
@@ -310,15 +271,6 @@ class LocalStore(ArtifactStore):
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # renamed away unless deduplicated/failed
         return number
-
-    @staticmethod
-    def _check_alias(alias: str) -> str:
-        if not ALIAS_RE.match(alias) or VERSION_DIR_RE.match(alias):
-            raise ArtifactError(
-                f"invalid alias {alias!r}: use up to 128 letters, digits and . _ = , + -, starting with a"
-                " letter or digit, and not of the form vN (that names a version)"
-            )
-        return alias
 
     @staticmethod
     def _producer_to_dict(producer: Producer | None) -> dict[str, Any] | None:
@@ -423,88 +375,7 @@ class LocalStore(ArtifactStore):
                 f"artifact {name!r} has type {existing!r}, cannot log type {type!r}; use another name for the new type"
             )
 
-    def _type_of(self, name: str, number: int) -> str | None:
-        try:
-            return self._read_record(name, number).type
-        except DamagedRecord:
-            return None
-
-    # ------------------------------------------------------------------------------ aliases
-    def _aliases(self, name: str) -> dict[str, int]:
-        path = self._art_dir(name) / "aliases.json"
-        try:
-            value = read_json(path, ALIAS_CONSEQUENCE)
-        except FileNotFoundError:
-            return {}
-        return parse_aliases(path, value)
-
-    def _healed_aliases(self, name: str) -> dict[str, int]:
-        """The aliases of ``name``; a damaged alias file is moved to quarantine and the aliases
-        start afresh (they are pointers, not lineage). The caller holds the artifact's lock."""
-        try:
-            return self._aliases(name)
-        except DamagedRecord as e:
-            quarantine(self.root, e.path)
-            return {}
-
-    def _add_aliases(self, name: str, number: int, aliases: Sequence[str]) -> None:
-        """Point ``aliases`` at the committed version ``number``, under the lock."""
-        if aliases:
-            with file_lock(self._art_dir(name) / "lock", self.lock_timeout_s):
-                self._set_aliases(name, number, aliases)
-
-    def _set_aliases(self, name: str, number: int, aliases: Sequence[str]) -> None:
-        """Point ``aliases`` at ``number`` (moving them from other versions). Caller holds the lock."""
-        current = self._healed_aliases(name)
-        current.update({a: number for a in aliases})
-        self._write_atomic(self._art_dir(name) / "aliases.json", json.dumps(current, indent=1))
-
-    def _drop_aliases(self, name: str, dropped: Sequence[str]) -> None:
-        """Remove ``dropped`` from the aliases of ``name`` (fsck: they name missing versions)."""
-        with file_lock(self._art_dir(name) / "lock", self.lock_timeout_s):
-            current = self._healed_aliases(name)
-            for alias in dropped:
-                current.pop(alias, None)
-            self._write_atomic(self._art_dir(name) / "aliases.json", json.dumps(current, indent=1))
-
     # ------------------------------------------------------------------------------ reading
-    def _read_record(self, name: str, number: int) -> VersionRecord:
-        """Version ``number``'s record, valid (``records.VersionRecord``), or DamagedRecord. Parsed
-        records are kept while their file's stamp is unchanged (a re-log reads one twice; the
-        runner gets each input several times): any rewrite moves the stamp, so nothing stale is
-        served. The caller must not change the record's dicts (``_to_version`` copies them)."""
-        path = self._record_path(name, number)
-        try:
-            st = os.stat(path)
-            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            if (kept := self._records.get(path)) is not None and kept[0] == stamp:
-                return kept[1]
-            value = read_json(path, VERSION_CONSEQUENCE)
-        except FileNotFoundError as e:
-            raise DamagedRecord(path, "it is missing from its version folder", VERSION_CONSEQUENCE) from e
-        record = parse_version(path, value)
-        if len(self._records) >= _RECORDS_KEPT:
-            self._records.clear()
-        self._records[path] = (stamp, record)
-        return record
-
-    def _to_version(self, name: str, number: int, aliases: Mapping[str, int], latest: int | None) -> ArtifactVersion:
-        rec = self._read_record(name, number)
-        names = sorted(a for a, n in aliases.items() if n == number)
-        producer = rec.producer
-        if producer is not None:  # its own provenance, as a freshly read record would have
-            producer = dataclasses.replace(producer, provenance=copy.deepcopy(dict(producer.provenance)))
-        return ArtifactVersion(
-            ref=ArtifactRef(name, number),
-            type=rec.type,
-            digest=rec.digest,
-            files=rec.files,  # a tuple of frozen entries: shared safely
-            metadata=copy.deepcopy(rec.metadata),  # the caller's own, as a freshly read record's
-            aliases=tuple(([LATEST] if number == latest else []) + names),
-            created_at=rec.created_at,
-            producer=producer,
-        )
-
     def _logged(self, name: str, number: int) -> ArtifactVersion:
         """What ``log`` returns: version ``number`` with its aliases, healing a damaged alias file
         (so that logging a name never stays blocked by it)."""
@@ -514,58 +385,6 @@ class LocalStore(ArtifactStore):
             with file_lock(self._art_dir(name) / "lock", self.lock_timeout_s):
                 aliases = self._healed_aliases(name)
         return self._to_version(name, number, aliases, self._version_numbers(name)[-1])
-
-    def _resolve(self, ref: ArtifactRef | str) -> ArtifactRef:
-        if isinstance(ref, ArtifactRef):
-            name, alias = ref.name, f"v{ref.version}"
-        else:
-            m = REF_RE.match(ref)
-            if not m:
-                raise ArtifactError(f"not an artifact reference: {ref!r} (expected NAME:vN or NAME:ALIAS)")
-            name, alias = m["name"], m["alias"]
-        numbers = self._version_numbers(name)
-        if not numbers:
-            raise ArtifactNotFound(f"no artifact named {name!r} in {self.root}; artifacts: {_describe(self.names())}")
-        versions = [f"v{n}" for n in numbers]
-        if (m := VERSION_DIR_RE.match(alias)) and int(m[1]) in numbers:
-            return ArtifactRef(name, int(m[1]))
-        if alias == LATEST:
-            return ArtifactRef(name, numbers[-1])
-        aliases = self._aliases(name)
-        if alias in aliases and aliases[alias] in numbers:
-            return ArtifactRef(name, aliases[alias])
-        if alias in aliases:
-            raise ArtifactNotFound(
-                f"alias {alias!r} of artifact {name!r} names v{aliases[alias]}, which no longer exists;"
-                f" versions: {_describe(versions)}"
-            )
-        raise ArtifactNotFound(
-            f"artifact {name!r} has no version or alias {alias!r}; versions: {_describe(versions)};"
-            f" aliases: {_describe([LATEST, *sorted(aliases)])}"
-        )
-
-    def get(self, ref: ArtifactRef | str) -> ArtifactVersion:
-        """A version by ``ArtifactRef`` or by ``name:vN`` / ``name:latest`` / ``name:alias`` text."""
-        resolved = self._resolve(ref)
-        latest = self._version_numbers(resolved.name)[-1]
-        return self._to_version(resolved.name, resolved.version, self._aliases(resolved.name), latest)
-
-    def _content(self, ref: ArtifactRef | str) -> ArtifactVersion:
-        """A version's content and lineage without its aliases (what reading its files needs: a
-        damaged alias file does not stop anyone from reading ``name:vN``)."""
-        resolved = self._resolve(ref)
-        return self._to_version(resolved.name, resolved.version, {}, None)
-
-    def versions(self, name: str) -> list[ArtifactVersion]:
-        """Every committed version of ``name``, oldest first (empty if there is none)."""
-        numbers = self._version_numbers(name)
-        aliases = self._aliases(name) if numbers else {}
-        return [self._to_version(name, n, aliases, numbers[-1]) for n in numbers]
-
-    def names(self) -> list[str]:
-        """Every artifact name with at least one committed version, sorted."""
-        entries = os.listdir(self.root / "artifacts")
-        return sorted(n for n in entries if NAME_RE.match(n) and len(n) <= 128 and self._version_numbers(n))
 
     def materialize(self, ref: ArtifactRef | str) -> Path:
         """A read-only directory with the version's files at their relative paths, under
@@ -580,18 +399,7 @@ class LocalStore(ArtifactStore):
         inputs. The next ``materialize`` puts them right."""
         return self._views.modified(self._content(ref))
 
-    def _check_digest(self, version: ArtifactVersion) -> None:
-        if manifest_digest(version.files) != version.digest:
-            path = self._record_path(version.ref.name, version.ref.version)
-            raise DamagedRecord(path, "its digest does not match its file list", VERSION_CONSEQUENCE)
-
     # --------------------------------------------------------------------------- job records
-    def _job_path(self, job_key: str) -> Path:
-        if not JOB_KEY_RE.match(job_key):
-            raise ArtifactError(
-                f"invalid job key {job_key!r}: use up to 128 letters, digits and . _ - (starting with a letter or digit)"
-            )
-        return self.root / "jobs" / f"{job_key}.json"
 
     def record_job(
         self,
@@ -610,52 +418,6 @@ class LocalStore(ArtifactStore):
         record["recorded_at"] = datetime.now(UTC).isoformat(timespec="microseconds")
         self._write_atomic(path, json.dumps(record, indent=1))
 
-    def job_record(self, job_key: str) -> JobCommit | None:
-        """What ``job_key`` committed, or None if it never completed; DamagedRecord if unreadable."""
-        path = self._job_path(job_key)
-        try:
-            value = read_json(path, JOB_CONSEQUENCE)
-        except FileNotFoundError:
-            return None
-        return parse_job(path, value, job_key)
-
-    def job_outputs(self, job_key: str) -> dict[str, ArtifactRef] | None:
-        """The outputs recorded for ``job_key``, or None if the job never completed. (Whether they
-        are all still in place: ``job_problem``.)"""
-        commit = self.job_record(job_key)
-        return None if commit is None else dict(commit.outputs)
-
-    def job_problem(self, job_key: str) -> str | None:
-        """None if ``job_key``'s record exists, is readable and every output version it names
-        exists with all its blobs present; else why the job does not count as committed."""
-        try:
-            commit = self.job_record(job_key)
-        except DamagedRecord as e:
-            return str(e)
-        if commit is None:
-            return NOT_RUN
-        return self.outputs_problem(commit.outputs)
-
-    def outputs_problem(self, outputs: Mapping[str, ArtifactRef]) -> str | None:
-        """See ``ArtifactStore.outputs_problem``."""
-        for output, ref in sorted(outputs.items()):
-            problem = self._output_problem(ref)
-            if problem is not None:
-                return f"output {output!r} ({ref}) {problem}"
-        return None
-
-    def _output_problem(self, ref: ArtifactRef) -> str | None:
-        if ref.version not in self._version_numbers(ref.name):
-            return "no longer exists"
-        try:
-            record = self._read_record(ref.name, ref.version)
-        except DamagedRecord as e:
-            return f"cannot be read: {e}"
-        missing = [f.path for f in record.files if not os.path.exists(self._blobs.blob_path(f.sha256))]
-        if missing:
-            return f"lacks the stored bytes of {_describe(missing)} (corrupt or deleted; rerunning its producer restores them)"
-        return None
-
     def drop_job(self, job_key: str) -> None:
         """Forget ``job_key``'s record (moved to quarantine, not deleted), so that it runs again."""
         quarantine(self.root, self._job_path(job_key))
@@ -666,19 +428,3 @@ class LocalStore(ArtifactStore):
         ``temp_max_age_s``), and report corrupt versions, damaged records and job records that
         are not (or no longer) backed by intact versions. ``repair``: put them right (fsck.py)."""
         return Fsck(self, repair).run(temp_max_age_s)
-
-    def _clean_tmp(self, report: FsckReport, max_age_s: float) -> None:
-        host, now = socket.gethostname(), time.time()
-        for entry in sorted((self.root / "tmp").iterdir()):
-            owner_host, _, pid = entry.name.rpartition("-")[0].rpartition("-")
-            dead = owner_host == host and pid.isdigit() and not alive(int(pid))
-            try:
-                if not dead and now - entry.lstat().st_mtime <= max_age_s:
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-            except OSError:  # its owner just committed or removed it, or NFS keeps it busy
-                continue
-            report.removed_temp.append(entry.name)
