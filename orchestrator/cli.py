@@ -14,6 +14,7 @@ from pathlib import Path
 from orchestrator.errors import OrchestratorError
 from orchestrator.executors.registry import names as registry_names
 from orchestrator.guard import guarded
+from orchestrator.overrides import cli_overrides
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan, build_plan
 from orchestrator.spec import Study, load_study
@@ -139,11 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> tuple[Study, Plan]:
-    overrides = list(args.overrides)
-    if args.executor:
-        overrides.append(f"executor.backend={args.executor}")
-    if args.store:
-        overrides.append(f"storage.root={args.store}")
+    overrides = cli_overrides(args.overrides, args.executor, args.store)
     study, registry = load_study(args.spec, overrides, max_jobs=args.max_jobs)
     return study, build_plan(study, registry, max_jobs=args.max_jobs)
 
@@ -225,7 +222,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from collections import Counter
 
     if args.wandb_agents is not None:
-        from orchestrator.sweeps.submit import cli_overrides, submit_agents
+        from orchestrator.sweeps.submit import submit_agents
 
         overrides = cli_overrides(args.overrides, args.executor, args.store)
         return submit_agents(args.spec, overrides, args.wandb_agents, dry_run=args.dry_run, force=args.force)

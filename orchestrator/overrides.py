@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -64,3 +65,14 @@ def _assign(data: dict[str, Any], loc: Loc, value: Any) -> str | None:
         node = child
     node[loc[-1]] = value
     return None
+
+
+def cli_overrides(overrides: Sequence[str], executor: str | None, store: Path | None) -> list[str]:
+    """The overrides that the CLI's spec options mean: ``--set`` ones, then ``--executor`` and
+    ``--store`` as the fields they set."""
+    out = list(overrides)
+    if executor:
+        out.append(f"executor.backend={executor}")
+    if store:
+        out.append(f"storage.root={store}")
+    return out

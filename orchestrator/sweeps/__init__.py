@@ -32,6 +32,7 @@ talk to a W&B server in the tests: the online path is tested with fakes.
 
 from __future__ import annotations
 
+from orchestrator.overrides import cli_overrides
 from orchestrator.sweeps.agent_run import SWEEP_ENV, PointExecutor, agent_run, merge_plan, point_metrics, point_values
 from orchestrator.sweeps.agents import (
     AGENT_STAGE,
@@ -58,7 +59,7 @@ from orchestrator.sweeps.config import (
     pinned_sweep,
     split_plan,
 )
-from orchestrator.sweeps.submit import check_tracking, cli_overrides, submit_agents
+from orchestrator.sweeps.submit import check_tracking, submit_agents
 
 __all__ = [
     "AGENT_STAGE",

@@ -51,16 +51,6 @@ from orchestrator.sync import wandb_executable
 from orchestrator.tracking.wandb import INSTALL_HINT, import_wandb, load_api_key, redact
 
 
-def cli_overrides(overrides: Sequence[str], executor: str | None, store: Path | None) -> list[str]:
-    """The overrides the CLI's spec options mean (as ``cli._load`` builds them)."""
-    out = list(overrides)
-    if executor:
-        out.append(f"executor.backend={executor}")
-    if store:
-        out.append(f"storage.root={store}")
-    return out
-
-
 def check_tracking(study: Study, env: Mapping[str, str] = os.environ) -> None:
     t = study.tracking
     if t.backend != "wandb":
