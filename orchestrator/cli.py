@@ -246,9 +246,10 @@ def _status(args: argparse.Namespace) -> int:
 
     paths = StudyPaths(args.store.resolve(), args.study)
     states = views.job_states(paths)
+    by_key = {str(job["key"]): state for job, state in states}
     view = StatusView()
     for name in names():  # each backend's word on the jobs it ran or queued
-        view.merge(backend(name).status(paths, {str(job["key"]): state for job, state in states}))
+        view.merge(backend(name).status(paths, by_key))
     if view.warning:
         print(f"warning: {view.warning}", file=sys.stderr)
     print(views.status_table(paths, view, states))

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from stages.formats.masks import mask_summary
+
 MASK_JSON = "head_mask.json"  # a saved subnetwork's own copy of its mask (a head-mask artifact has mask.json)
 MASK_NPY = "head_mask.npy"
 _PROJECTION_RE = re.compile(r"(?:^|\.)layers?\.(\d+)\.attention\.output\.dense$")
@@ -209,14 +211,7 @@ def write_head_mask(out_dir: Path | str, mask: Any, **extra: Any) -> None:
     out = Path(out_dir)
     arr = np.asarray(mask, dtype=np.float32)
     np.save(out / MASK_NPY, arr)
-    info = {
-        "mask": arr.tolist(),
-        "num_layers": int(arr.shape[0]),
-        "num_heads": int(arr.shape[1]),
-        "heads_kept": int((arr > 0.5).sum()),
-        "total_heads": int(arr.size),
-        **extra,
-    }
+    info = {**mask_summary(arr), **extra}
     (out / MASK_JSON).write_text(json.dumps(info, sort_keys=True, indent=2) + "\n", encoding="utf-8")
 
 

@@ -57,14 +57,7 @@ def write_mask_dir(
     np.save(out / IMPORTANCE_NPY, np.asarray(importances, dtype=np.float32))
     np.save(out / IMPORTANCE_RAW_NPY, np.asarray(raw_importances, dtype=np.float32))
     write_json(out / TRAJECTORY_JSON, list(trajectory))
-    doc = {
-        **info,
-        "mask": arr.tolist(),
-        "num_layers": int(arr.shape[0]),
-        "num_heads": int(arr.shape[1]),
-        "heads_kept": int((arr > 0.5).sum()),
-        "total_heads": int(arr.size),
-    }
+    doc = {**info, **mask_summary(arr)}
     write_json(out / MASK_JSON, doc)
     return doc
 
@@ -132,3 +125,14 @@ def mask_inputs(inputs: Inputs, name: str = "masks") -> list[MaskInput]:
     if len(shapes) != 1:
         raise ValueError(f"head masks have different shapes: {sorted(shapes)}")
     return out
+
+
+def mask_summary(arr: np.ndarray) -> dict[str, Any]:
+    """The mask as JSON, its shape and how many heads it keeps: what every mask's .json holds."""
+    return {
+        "mask": arr.tolist(),
+        "num_layers": int(arr.shape[0]),
+        "num_heads": int(arr.shape[1]),
+        "heads_kept": int((arr > 0.5).sum()),
+        "total_heads": int(arr.size),
+    }

@@ -135,7 +135,7 @@ class SlurmExecutor(Executor):
 
     @classmethod
     def warnings(cls, plan: Plan) -> list[str]:
-        from orchestrator.cluster import resource_warnings
+        from .warnings import resource_warnings
 
         return resource_warnings(plan, os.environ)
 
@@ -162,7 +162,7 @@ class SlurmExecutor(Executor):
 
     @classmethod
     def cancel(cls, paths: StudyPaths) -> list[str] | None:
-        return cancel_study(paths) if submitted_ids(paths, every=True) else None
+        return cancel_study(paths)
 
     def submit(self, plan: Plan, spec_path: Path, *, force: bool = False) -> SubmitReport:
         if self.dry_run:

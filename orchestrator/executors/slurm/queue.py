@@ -248,11 +248,14 @@ def require_slurm() -> None:
     if problem:
         raise ExecutorUnavailable(problem)
 
-def cancel_study(paths: StudyPaths, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> list[str]:
-    """scancel the jobs still queued or running of every submit of the study; return their ids."""
+def cancel_study(
+    paths: StudyPaths, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run
+) -> list[str] | None:
+    """scancel the jobs still queued or running of every submit of the study; return their ids
+    (None: the study has no SLURM submission under this store)."""
     ids = submitted_ids(paths, every=True)
     if not ids:
-        raise OrchestratorError(f"study {paths.study!r} has no SLURM submission under {paths.root}")
+        return None
     require_slurm()
     active = active_ids(ids, run)
     if active:
