@@ -175,15 +175,16 @@ def unigram_perplexity(store: Path, study: str) -> float:
     the cross-entropy of held-out tokens under each language's add-one smoothed train unigram."""
     import numpy as np
 
-    data = job_output(store, study, "tokenize", "dataset")
+    data = job_output(store, study, "tokenize", "dataset")  # (puts the project on sys.path)
+    from stages.formats.dataset import dataset_languages, load_split
+
     meta = json.loads((data / "meta.json").read_text())
     vocab = int(meta["vocab_size"])
     losses = []
-    for lang_dir in sorted(p for p in data.iterdir() if p.is_dir()):
-        held_out = next(lang_dir / f for f in ("report.npy", "test.npy") if (lang_dir / f).exists())
-        counts = np.bincount(np.load(lang_dir / "train.npy").ravel(), minlength=vocab) + 1.0
+    for lang in dataset_languages(data):
+        counts = np.bincount(load_split(data, lang, "train").ravel(), minlength=vocab) + 1.0
         logp = np.log(counts / counts.sum())
-        losses.append(float(-logp[np.load(held_out).ravel()].mean()))
+        losses.append(float(-logp[load_split(data, lang, "report").ravel()].mean()))
     return math.exp(sum(losses) / len(losses))
 
 

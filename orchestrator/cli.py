@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from orchestrator import console, loudness, program, results
 from orchestrator.errors import OrchestratorError
 from orchestrator.executors.registry import names as registry_names
 from orchestrator.guard import guarded
@@ -28,11 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    console.set_level(args.verbosity)
     return guarded(lambda: args.func(args))
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator", description="Run cross-lingual subnetwork studies reproducibly.")
+    p = argparse.ArgumentParser(prog=program.name(), description="Run cross-lingual subnetwork studies reproducibly.")
+    p.add_argument("--version", action=program.VersionAction)
+    loudness.add_before_command(p)
     sub = p.add_subparsers(metavar="COMMAND")
 
     def spec_command(name: str, help_: str, func: object) -> argparse.ArgumentParser:
@@ -87,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         "then N `wandb agent` workers as one SLURM array (see README, Sweeps)",
     )
     plan = spec_command("plan", "show the job DAG and what is cached", _plan)
-    plan.add_argument("--verbose", "-v", action="store_true", help="also show parameters and inputs of each job")
+    plan.set_defaults(loud_help="also each job's parameters and inputs")  # what its -v shows (loudness.py)
     submit = spec_command("submit", "run (or queue) every job that is not cached", _submit)
     submit.add_argument("--force", action="store_true", help="rerun jobs even if their outputs are committed")
     submit.add_argument(
@@ -96,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, help_, func in (
         ("status", "every job's state, log and outputs", _status),
-        ("artifacts", "what a study produced, and from what", _artifacts),
+        ("artifacts", "what a study produced, and from what; `artifacts get REF --out DIR` copies one version out", _artifacts),
         ("cancel", "cancel the study's queued SLURM jobs", _cancel),
         ("plots", "copy the study's figures and report out of the store", _plots),
     ):
@@ -107,9 +111,19 @@ def _parser() -> argparse.ArgumentParser:
     shown = sub.choices["artifacts"].add_mutually_exclusive_group()
     shown.add_argument("--lineage", metavar="NAME[:vN]", help="show the lineage tree of one artifact")
     shown.add_argument("--show", metavar="NAME[:vN]", help="show one version: its provenance (job, params, code) and inputs")
+    results.add_arguments(sub.choices["status"], sub.choices["artifacts"])  # --json; artifacts get REF --out DIR
     sub.choices["plots"].add_argument(
         "--out", type=Path, metavar="DIR", help="where to put them (default: the study's figures/ folder)"
     )
+    init = sub.add_parser(
+        "init",
+        help="write the example specs and a copy of the sbatch template into a folder, to start from",
+        description="write the example specs (demo.yaml, full_study.yaml, threshold_sweep.yaml) and a copy of the "
+        "sbatch template (default.sbatch) into a folder, to start from; existing files are left alone",
+    )
+    init.add_argument("dir", type=Path, nargs="?", default=Path("."), metavar="DIR", help="where (default: here)")
+    init.add_argument("--force", action="store_true", help="overwrite files that exist")
+    init.set_defaults(func=_init)
     fsck = sub.add_parser("fsck", help="check the artifact store; remove what dead writers left behind")
     fsck.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
     fsck.add_argument(
@@ -124,7 +138,29 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("study", help="study name")
     sync.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
     sync.add_argument("--dry-run", action="store_true", help="list the run directories and the wandb sync commands only")
+    sync.add_argument("--timeout", type=float, default=1800.0, metavar="S", help="stop a wandb sync after S s (default 1800)")
+    sync.add_argument("--watch", action="store_true", help="upload runs as their jobs end, until all have ended (login node)")
+    sync.add_argument("--interval", type=float, default=30.0, metavar="S", help="--watch: look every S s (default 30)")
     sync.set_defaults(func=_sync)
+    track = sub.add_parser(
+        "track",
+        help="mirror a study's committed results to W&B (one run per job, as if tracked live); nothing reruns",
+        description="mirror a study's committed results to W&B (one run per job, as if tracked live); nothing reruns",
+    )
+    track.add_argument("study", help="study name")
+    track.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+    track.add_argument("--project", help="W&B project (default: the spec's tracking.project)")
+    track.add_argument("--entity", help="W&B entity (default: the spec's tracking.entity, else your default)")
+    track.add_argument("--mode", choices=["online", "offline"], help="default: the spec's tracking.mode, else WANDB_MODE")
+    track.add_argument("--dry-run", action="store_true", help="say which jobs would be mirrored; write nothing")
+    track.add_argument("--force", action="store_true", help="mirror jobs again even if their runs are in W&B already")
+    track.set_defaults(func=_track)
+    pull = sub.add_parser("pull", help="download a study's artifacts from W&B into a local store (see README)")
+    pull.add_argument("project", metavar="ENTITY/PROJECT", help="the W&B project, as in its URL")
+    pull.add_argument("study", help="study name")
+    pull.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+    pull.add_argument("--dry-run", action="store_true", help="say what would be downloaded; write nothing")
+    pull.set_defaults(func=_pull)
 
     run = sub.add_parser("run-job", help="run one job from its record (what executors call)")
     run.add_argument("record", type=Path, nargs="?", help="the job's job.json")
@@ -136,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent-run")  # hidden (no help): what `wandb agent` starts for a sweep run
     agent.add_argument("study", type=Path, help="the frozen study of a W&B sweep")
     agent.set_defaults(func=_agent_run)
+    loudness.add_after_command(sub)
     return p
 
 
@@ -149,9 +186,23 @@ def _paths(study: Study) -> StudyPaths:
     return StudyPaths(study.storage.root.resolve(), study.name)
 
 
+def _note_new_store(study: Study, creating: bool) -> None:
+    """Say where a store that does not exist yet will be (or is being) created, on stderr: a relative
+    storage.root is relative to the current directory, where status, artifacts and plots look for it."""
+    paths = _paths(study)
+    if paths.store.exists() or console.quiet():
+        return
+    head = f"creating a new store at {paths.root}" if creating else f"no store at {paths.root} yet; submit creates it there"
+    root = study.storage.root
+    why = "" if root.is_absolute() else f" (storage.root {str(root)!r} is relative to the current directory)"
+    found = "from this directory" if paths.root == DEFAULT_ROOT.resolve() else f"with --store {paths.root}"
+    print(f"note: {head}{why}; status, artifacts and plots find it {found}", file=sys.stderr)
+
+
 def _validate(args: argparse.Namespace) -> int:
     study, plan = _load(args)
     _warn_cluster(plan)
+    _note_new_store(study, creating=False)
     print(f"{args.spec}: ok - study {study.name!r}, {len(study.stages)} stages, {len(plan.jobs)} jobs")
     return 0
 
@@ -177,9 +228,10 @@ def _plan(args: argparse.Namespace) -> int:
     from orchestrator import views
 
     study, plan = _load(args)
+    _note_new_store(study, creating=False)
     reasons = _reasons(plan, _paths(study))
     cached = {j.key for j in plan.jobs if j.key not in reasons}
-    print(views.plan_table(plan, cached, verbose=args.verbose, reasons=reasons))
+    print(views.plan_table(plan, cached, verbose=console.verbose(), reasons=reasons))
     return 0
 
 
@@ -205,12 +257,14 @@ def _submit(args: argparse.Namespace) -> int:
     paths = _paths(study)
     kind = backend(study.executor.backend)
     if args.dry_run and not kind.writes_scripts:  # nothing to write: show what would run
+        _note_new_store(study, creating=False)
         reasons = _reasons(plan, paths)
         print(views.plan_table(plan, {j.key for j in plan.jobs if j.key not in reasons}, reasons=reasons))
         return 0
     problem = None if args.dry_run else kind.unavailable()
     if problem:  # before anything is written
         raise ExecutorUnavailable(problem)
+    _note_new_store(study, creating=True)
     executor = kind.from_study(study, paths, open_store(paths.root), dry_run=args.dry_run)
     report = executor.submit(plan, args.spec, force=args.force)
     if not args.dry_run:
@@ -240,35 +294,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from orchestrator import views
-    from orchestrator.executors import StatusView
-    from orchestrator.executors.registry import backend, names
-
-    paths = StudyPaths(args.store.resolve(), args.study)
-    states = views.job_states(paths)
-    by_key = {str(job["key"]): state for job, state in states}
-    view = StatusView()
-    for name in names():  # each backend's word on the jobs it ran or queued
-        view.merge(backend(name).status(paths, by_key))
-    if view.warning:
-        print(f"warning: {view.warning}", file=sys.stderr)
-    print(views.status_table(paths, view, states))
-    return 0
+    return results.status_command(args)
 
 
 def _artifacts(args: argparse.Namespace) -> int:
-    from orchestrator import views
-    from orchestrator.artifacts import open_store
-
-    paths = StudyPaths(args.store.resolve(), args.study)
-    store = open_store(paths.root)
-    if args.lineage:
-        print(views.lineage_tree(store, args.lineage))
-    elif args.show:
-        print(views.version_details(store, args.show))
-    else:
-        print(views.artifact_table(paths, store))
-    return 0
+    return results.artifacts_command(args)
 
 
 def _plots(args: argparse.Namespace) -> int:
@@ -279,11 +309,19 @@ def _plots(args: argparse.Namespace) -> int:
     out = (args.out or paths.dir / "figures").resolve()
     for folder in export_type(paths, open_store(paths.root), "figures", out):
         pictures = sorted(folder.glob("*.png"))
-        print(f"{folder}: {len(pictures)} figures (PNG + PDF)")
-        for page in ("report.html", "report.md"):
+        print(folder if console.quiet() else f"{folder}: {len(pictures)} figures (PNG + PDF)")
+        for file in pictures if console.verbose() else []:
+            print(f"  {file.name}")
+        for page in () if console.quiet() else ("report.html", "report.md"):
             if (folder / page).exists():
                 print(f"  report: {folder / page}")
     return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from orchestrator.scaffold import run_init
+
+    return run_init(args.dir, force=args.force, prog=program.name())
 
 
 def _fsck(args: argparse.Namespace) -> int:
@@ -298,11 +336,13 @@ def _fsck(args: argparse.Namespace) -> int:
         return 1
     report = store.fsck(repair=args.repair)
     stale = clean_stale_attempts(args.store.resolve())
-    print(
-        f"removed {len(report.removed_temp)} leftovers of interrupted writes, {len(stale)} staging folders of dead job attempts"
-    )
-    for attempt in stale:
-        print(f"STALE staging folder staging/{attempt} (removed)")
+    if not console.quiet():  # -q: only problems
+        removed = f"removed {len(report.removed_temp)} leftovers of interrupted writes"
+        print(f"{removed}, {len(stale)} staging folders of dead job attempts")
+        for attempt in stale:
+            print(f"STALE staging folder staging/{attempt} (removed)")
+    for entry in report.removed_temp if console.verbose() else []:
+        print(f"REMOVED tmp/{entry}")
     for label, lines in (
         ("CORRUPT", report.corrupt),
         ("DAMAGED", report.damaged),
@@ -315,7 +355,8 @@ def _fsck(args: argparse.Namespace) -> int:
         for line in lines:
             print(f"{label} {line}")
     if report.ok:
-        print("store ok")
+        if not console.quiet():
+            print("store ok")
     elif report.healthy:
         print("store repaired: submit again to rerun the dropped jobs (that also restores quarantined files)")
     else:
@@ -339,10 +380,10 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from orchestrator.sync import sync_study
+    from orchestrator.sync_watch import sync_command
 
-    report = sync_study(StudyPaths(args.store.resolve(), args.study), dry_run=args.dry_run)
-    return 0 if report.ok else 1
+    paths = StudyPaths(args.store.resolve(), args.study)
+    return sync_command(paths, dry_run=args.dry_run, watch=args.watch, timeout_s=args.timeout, interval_s=args.interval)
 
 
 def _agent_run(args: argparse.Namespace) -> int:
@@ -361,3 +402,20 @@ def _run_job(args: argparse.Namespace) -> int:
     if args.record is None:
         raise OrchestratorError("run-job needs a job record (JOB.json) or --list FILE --index N")
     return run_job(args.record, force=args.force, final=True)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from orchestrator.tracking.pull import pull_command
+
+    return pull_command(args.project, args.study, args.store, dry_run=args.dry_run)
+
+
+def _track(args: argparse.Namespace) -> int:
+    import os
+
+    from orchestrator.tracking.mirror import track_study
+
+    if not console.verbose():  # one line per job; wandb's own banners (a set per run) with -v
+        os.environ.setdefault("WANDB_SILENT", "true")
+    options = {k: getattr(args, k) for k in ("project", "entity", "mode", "dry_run", "force")}
+    return 0 if track_study(StudyPaths(args.store.resolve(), args.study), **options).ok else 1

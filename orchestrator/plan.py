@@ -22,7 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.errors import SpecError
+from orchestrator.checks import problem_issue, stage_problems
+from orchestrator.errors import SpecError, SpecIssue
 from orchestrator.resources import parse_selector, point_text, selector_matches
 from orchestrator.spec import (
     DEFAULT_MAX_JOBS,
@@ -32,6 +33,7 @@ from orchestrator.spec import (
     count_text,
     input_output,
     input_stage,
+    one_per_field,
     too_many_jobs,
 )
 from orchestrator.stage import Registry, StageDef
@@ -129,8 +131,24 @@ def build_plan(study: Study, registry: Registry, max_jobs: int | None = DEFAULT_
         if stage_def is None:
             raise SpecError([study.issue(("stages", sid), f"no stage named {study.stage_name(sid)!r}")])
         jobs_by_stage[sid] = _expand_stage(study, sid, stage_def, jobs_by_stage, registry, axes[sid])
+    check_jobs(study, jobs_by_stage, registry)
     check_resource_selectors(study, jobs_by_stage)
     return Plan(study, [job for jobs in jobs_by_stage.values() for job in jobs])
+
+
+def check_jobs(study: Study, jobs_by_stage: Mapping[str, list[Job]], registry: Registry) -> None:
+    """Ask each stage's ``check`` about each distinct params of its jobs (see CheckFn): the problems
+    found without running become spec errors at the lines of the parameters they name."""
+    issues: dict[SpecIssue, None] = {}  # a dict: ordered, without repeats
+    for sid, jobs in jobs_by_stage.items():
+        stage_def = registry.get(study.stage_name(sid))
+        if stage_def is None or stage_def.check is None:
+            continue
+        for job in jobs:
+            for problem in stage_problems(stage_def, job.params):
+                issues[problem_issue(study, sid, stage_def, job.label if job.point else None, problem)] = None
+    if issues:
+        raise SpecError(one_per_field(list(issues)))
 
 
 def check_resource_selectors(study: Study, jobs_by_stage: Mapping[str, list[Job]]) -> None:

@@ -44,6 +44,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.exitcodes import EXIT_TIMEOUT
 from orchestrator.lineage import NOT_RUN, LineageCheck
 from orchestrator.paths import StudyPaths, run_lock_path
+from orchestrator.progress import ProgressRecorder, progress_path
 from orchestrator.provenance import code_provenance, stage_provenance, version_provenance
 from orchestrator.ranks import stage_processes
 from orchestrator.records import JobRecord, read_job_record, read_state, write_state
@@ -191,6 +192,8 @@ def _attempt(
     """One attempt, under the job's run lock, writing into ``staging`` (this attempt's alone).
     ``failure``: where a failed attempt (exit 1) appends why, for the retry's log line."""
     failure = [] if failure is None else failure
+    progress = ProgressRecorder(progress_path(paths.job(record.key).dir), record.label, record.stage_id)
+    progress.start()  # this attempt's progress.json, over the last one's
     stage_def = _stage_def(record)
     res = record.resources
     processes = stage_processes(res.processes, res.gpu_count())
@@ -211,8 +214,9 @@ def _attempt(
         return run
 
     params = stage_def.params.model_validate(record.params)
-    result, run = run_stage_process(stage_def, params, inputs, context, tracking, stops, processes=processes)
+    result, run = run_stage_process(stage_def, params, inputs, context, tracking, stops, processes=processes, progress=progress)
     if result.exit_code != EXIT_OK or result.metadata is None:
+        progress.end(ok=False)
         run.finish(ok=False)
         if result.exit_code == EXIT_FAILED:
             failure.append(result.message or "traceback above")
@@ -224,10 +228,12 @@ def _attempt(
         for ref in refs.values() if run.mirrors_files else ():
             run.log_output(store.get(ref), store.materialize(ref))
     except Exception as e:  # noqa: BLE001 - a failed commit is a failed job, with its reason in the log
+        progress.end(ok=False)
         run.finish(ok=False)
         failure.append(f"committing its outputs failed: {e}")
         print(f"{record.label}: FAILED while committing its outputs: {e}", flush=True)
         return EXIT_FAILED
+    progress.end(ok=True)  # (the stage history that ETAs come from: how long this attempt took)
     run.finish(ok=True)
     print(f"{record.label}: committed " + ", ".join(str(r) for r in refs.values()), flush=True)
     return EXIT_OK

@@ -17,9 +17,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, StringConstraints, ValidationError, field_validator
 
 from orchestrator.errors import SpecError, SpecIssue
 from orchestrator.overrides import apply_overrides
@@ -34,6 +34,7 @@ from orchestrator.sweep import SERVER_METHODS, SweepAxis, build_axes, drawn_poin
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"  # pydantic's (Rust) regex: $ is the very end; re: use fullmatch
 DEFAULT_MAX_JOBS = 100_000  # a plan of more jobs is refused unless asked for (--max-jobs N)
 MATRIX_SEED = "seed"  # a matrix axis named "seed" sets the job seed, not a stage parameter
+WandbTag = Annotated[str, StringConstraints(min_length=1, max_length=64)]  # what wandb.Settings.run_tags accepts
 
 
 class TrackingSpec(Strict):
@@ -44,6 +45,7 @@ class TrackingSpec(Strict):
     reference_artifacts: bool = Field(
         False, description="wandb: log outputs as file:// reference artifacts (checksummed, not uploaded)"
     )
+    tags: list[WandbTag] = Field(default_factory=list, description="wandb: tags of every run (+ the study name)")
 
 
 class StorageSpec(Strict):

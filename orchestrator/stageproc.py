@@ -7,7 +7,8 @@ hashed, or taken over as blobs. Here the stage runs in a forked child, in a proc
 own; when the child has exited, whatever is left in that group is killed, and only then does the
 runner (the parent) hash and commit. The child talks to the parent through one pipe of JSON
 lines: metrics as the stage logs them (the parent owns the tracking run, so the child never
-touches W&B), then the stage's returned metadata.
+touches W&B), its progress (``ctx.progress``: ``orchestrator.progress``), then the stage's
+returned metadata.
 
 Stop signals (TERM, USR2 for SLURM's time limit, HUP, INT) sent to the runner are answered by one
 handler for the whole run (``RunSignals``): before the stage they unwind the runner, while it runs
@@ -30,7 +31,7 @@ key, whatever the number of processes, and the guarantees above (late writers ki
 hash, stop signals phase by phase, death with the runner) hold for every rank:
 
 - only rank 0 talks to the runner: its metrics are relayed, its returned metadata is committed;
-  the other ranks' ``ctx.log`` is dropped and their ``ctx.output_dir`` raises (only rank 0
+  the other ranks' ``ctx.log`` and ``ctx.progress`` are dropped, their ``ctx.output_dir`` raises (only rank 0
   writes outputs; a stage guards its writes with ``ctx.rank == 0``);
 - stop signals go to the whole group, so every rank sees them (a checkpointing stage must agree
   among its ranks on when to stop, and let rank 0 write the checkpoint);
@@ -61,6 +62,7 @@ from typing import Any
 
 from orchestrator.exitcodes import EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from orchestrator.procutil import kill_group, set_parent_death_signal
+from orchestrator.progress import ProgressRecorder, ProgressSender, pipe_lines
 from orchestrator.ranks import Rank, RankReaper, free_port, rank_environment, ranks_outcome
 from orchestrator.stage import StageDef, StageInterrupted
 from orchestrator.tracking import TrackingRun
@@ -83,6 +85,7 @@ class Context:
     gpus: int = 0  # the GPUs the job asked for (executor.resources), 0: none
     rank: int = 0  # this process among the job's ranks (resources.processes; 1 process: rank 0 of 1)
     world_size: int = 1
+    reporter: ProgressSender = field(default_factory=lambda: ProgressSender(None))  # set per rank (_child)
 
     def output_dir(self, name: str) -> Path:
         if self.rank != 0:
@@ -96,6 +99,9 @@ class Context:
 
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.run.log(metrics, step)
+
+    def progress(self, done: int, total: int | None = None, unit: str = "step") -> None:
+        self.reporter.report(done, total, unit)
 
 
 @dataclass(frozen=True)
@@ -164,14 +170,15 @@ def run_stage_process(
     open_run: Callable[[], TrackingRun],
     stops: RunSignals,
     processes: int = 1,
+    progress: ProgressRecorder | None = None,
 ) -> tuple[StageResult, TrackingRun]:
     """Fork, run ``stage_def`` in the child, forward its metrics to the run ``open_run`` opens in
     this process, and return how it ended (with that run, still open) once the child and every
     process it left in its group are gone. ``stops`` (installed by the caller) passes stop signals
     on to the stage while it runs, and only notes them afterwards. ``processes`` > 1: as many
-    ranks (see the module's docstring)."""
+    ranks (see the module's docstring). ``progress``: what the stage's ``ctx.progress`` calls go to."""
     if processes > 1:
-        return _run_ranks(stage_def, params, inputs, make_context, open_run, stops, processes)
+        return _run_ranks(stage_def, params, inputs, make_context, open_run, stops, processes, progress)
     read_fd, write_fd = os.pipe()
     parent = os.getpid()
     # stop signals wait (blocked) across the fork, until each side has its handlers in place
@@ -187,7 +194,7 @@ def run_stage_process(
     os.close(write_fd)
     try:
         run = open_run()
-        metadata, error = _relay(read_fd, run)
+        metadata, error = _relay(read_fd, run, progress)
         _, status = os.waitpid(pid, 0)
     except BaseException:
         kill_group(pid)
@@ -211,6 +218,7 @@ def _run_ranks(
     open_run: Callable[[], TrackingRun],
     stops: RunSignals,
     processes: int,
+    progress: ProgressRecorder | None = None,
 ) -> tuple[StageResult, TrackingRun]:
     """``run_stage_process`` with ``processes`` ranks in one process group (rank 0's): rank 0's
     metrics and metadata come through the pipe, every rank's exit code through ``_Ranks``."""
@@ -247,7 +255,7 @@ def _run_ranks(
     ranks = RankReaper(pids)
     try:
         run = open_run()
-        metadata, error = _relay(read_fd, run)
+        metadata, error = _relay(read_fd, run, progress)
         ranks.wait()
     except BaseException:
         kill_group(pids[0])
@@ -312,18 +320,23 @@ def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _relay(fd: int, run: TrackingRun) -> tuple[dict[str, Any] | None, str]:
-    """Pass the child's metrics on to ``run`` until the pipe closes; return the stage's metadata
-    (None if it sent none: it failed or was stopped) and the error it raised ("" if none)."""
+def _relay(fd: int, run: TrackingRun, progress: ProgressRecorder | None = None) -> tuple[dict[str, Any] | None, str]:
+    """Pass the child's metrics on to ``run`` (and its progress to ``progress``) until the pipe
+    closes; return the stage's metadata (None if it sent none: it failed or was stopped) and the
+    error it raised ("" if none)."""
     metadata: dict[str, Any] | None = None
     error = ""
-    with os.fdopen(fd, "r", encoding="utf-8") as pipe:
+    with contextlib.closing(pipe_lines(fd, progress.tick if progress else None)) as pipe:
         for line in pipe:
             try:
                 item = json.loads(line)
             except ValueError:
                 continue  # a torn line from a child killed mid-write
-            if "metrics" in item:
+            if not isinstance(item, dict):
+                continue
+            if "progress" in item and progress is not None and isinstance(item["progress"], dict):
+                progress.update(item["progress"])
+            elif "metrics" in item:
                 _log(run, item["metrics"], item.get("step"))
             elif "result" in item:
                 metadata = item["result"]
@@ -373,6 +386,7 @@ def _child(
         ctx = make_context(pipe, stop)
         if rank is not None:
             ctx = dataclasses.replace(ctx, rank=rank.rank, world_size=rank.world_size)
+        ctx.reporter = ProgressSender(pipe.send if isinstance(pipe, _PipeRun) else None)  # only rank 0 reports
         code = _call_stage(stage_def, params, inputs, ctx, pipe)
         pipe.finish(ok=code == EXIT_OK)
     except BaseException as e:  # noqa: BLE001 - whatever happens, this process must not return into the runner
@@ -402,6 +416,9 @@ def _call_stage(stage_def: StageDef, params: Any, inputs: Mapping[str, Any], ctx
     except JobStopped as e:
         print(f"{label}: stopped by {e} without a checkpoint; nothing was committed", flush=True)
         return EXIT_ABORTED
+    finally:
+        with contextlib.suppress(Exception):  # the latest progress, for the log and progress.json
+            ctx.reporter.flush()
     try:
         pipe.send({"result": {name: dict(value) for name, value in metadata.items()}})
     except (TypeError, ValueError, AttributeError) as e:

@@ -33,13 +33,13 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SpecIssue
+from orchestrator.packaged import sweep_schema
 from orchestrator.source import SpecSource
 
-SCHEMA_PATH = Path(__file__).with_name("wandb_sweep_schema.json")
+SCHEMA_PATH = sweep_schema()
 RANDOM_AXIS = "sweep"
 SERVER_METHODS = {"bayes": "bayesian optimisation needs a W&B server (wandb online) to suggest points"}
 

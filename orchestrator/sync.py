@@ -9,18 +9,23 @@ runs could not declare (wandb 0.31 has no ``use_artifact`` offline) through W&B'
 that W&B's lineage graph shows the study's DAG.
 
 A run counts as synced when ``wandb sync`` leaves its ``run-<id>.wandb.synced`` marker (wandb 0.31
-exits 0 even when it is not logged in, so the exit code alone is not trusted).
+exits 0 even when it is not logged in, so the exit code alone is not trusted). Each ``wandb sync``
+runs in a process group of its own and is bounded (``timeout_s``): past it the whole group is
+stopped, and the runs it had not marked synced are reported as failed and retried by the next sync.
+``sync --watch`` (``orchestrator.sync_watch``) uploads runs as their jobs end, with this machinery.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +33,13 @@ from typing import Any
 from orchestrator.errors import BadArgument, OrchestratorError
 from orchestrator.fsutil import atomic_write_json
 from orchestrator.paths import StudyPaths
+from orchestrator.procutil import kill_group
 from orchestrator.records import read_plan, read_state
-from orchestrator.tracking.wandb import (
+from orchestrator.tracking.index import with_index_job
+from orchestrator.tracking.wandb_files import (
     INSTALL_HINT,
     KEY_VAR,
+    all_uploaded,
     import_wandb,
     load_api_key,
     marker_path,
@@ -40,6 +48,8 @@ from orchestrator.tracking.wandb import (
 )
 
 UNFINISHED = {"pending", "queued", "running"}
+DEFAULT_TIMEOUT_S = 1800.0  # one `wandb sync` command (one DAG level); --timeout S
+STOP_GRACE_S = 10.0  # after SIGTERM to a timed-out upload's process group, SIGKILL
 
 
 @dataclass
@@ -87,7 +97,40 @@ def wandb_command() -> list[str]:
     return [sys.executable, "-m", "wandb"]
 
 
-def _plan_jobs(paths: StudyPaths) -> list[dict[str, Any]]:
+def run_bounded(
+    cmd: Sequence[str], env: dict[str, str], timeout_s: float, output: Path | None = None
+) -> tuple[int | None, str | None]:
+    """Run ``cmd`` in a process group of its own, its output appended to ``output`` (default: ours):
+    (exit code, why it failed to run or to end). Past ``timeout_s``, or when this process is
+    interrupted, the whole group gets SIGTERM, then SIGKILL (wandb-core, which wandb starts in a
+    session of its own, ends with the process that started it)."""
+    try:
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(output.open("ab")) if output is not None else None
+            proc = subprocess.Popen(list(cmd), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    except OSError as e:
+        return None, f"cannot run wandb: {e}"
+    try:
+        return proc.wait(timeout=timeout_s), None
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        return proc.returncode, f"wandb sync timed out after {timeout_s:g} s; sync again"
+    except BaseException:  # Ctrl-C or SIGTERM (sync --watch): no upload is left running behind
+        stop_group(proc)
+        raise
+
+
+def stop_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM ``proc``'s process group, SIGKILL it after ``STOP_GRACE_S`` (and whatever is left of it)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=STOP_GRACE_S)
+    kill_group(proc.pid)
+    proc.wait()
+
+
+def plan_jobs(paths: StudyPaths) -> list[dict[str, Any]]:
     if not paths.plan.exists():
         raise BadArgument(
             f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store"
@@ -108,7 +151,7 @@ def _is_synced(run_dir: Path) -> bool:
     return bool(files) and all(f.with_suffix(".wandb.synced").exists() for f in files)
 
 
-def _job_runs(paths: StudyPaths, job: dict[str, Any], marker: dict[str, Any]) -> tuple[list[RunDir], list[str]]:
+def job_runs(paths: StudyPaths, job: dict[str, Any], marker: dict[str, Any]) -> tuple[list[RunDir], list[str]]:
     """The job's run directories still to upload, and why the others are not."""
     job_dir = paths.job(job["key"]).dir
     entries = {r["dir"]: r for r in marker.get("runs", [])}
@@ -130,8 +173,9 @@ def _job_runs(paths: StudyPaths, job: dict[str, Any], marker: dict[str, Any]) ->
 
 
 def collect(paths: StudyPaths, report: SyncReport) -> list[list[RunDir]]:
-    """The run directories to upload, grouped by DAG level (producers' levels first)."""
-    jobs = _plan_jobs(paths)
+    """The run directories to upload, grouped by DAG level (producers' levels first); the run that
+    logged the study index (``track``) last, after every run whose artifacts it lists."""
+    jobs = with_index_job(paths, plan_jobs(paths))
     depth = levels(jobs)
     by_level: dict[int, list[RunDir]] = {}
     for job in jobs:
@@ -143,7 +187,7 @@ def collect(paths: StudyPaths, report: SyncReport) -> list[list[RunDir]]:
         if state is not None and state.state in UNFINISHED:
             report.skipped.append((job["label"], f"still {state.state}; sync again when it has ended"))
             continue
-        todo, notes = _job_runs(paths, job, marker)
+        todo, notes = job_runs(paths, job, marker)
         if not todo:
             report.skipped.append((job["label"], "; ".join(notes) or "no W&B run directory"))
         by_level.setdefault(depth[job["key"]], []).extend(todo)
@@ -158,56 +202,72 @@ def _mark_synced(paths: StudyPaths, run: RunDir) -> None:
         atomic_write_json(path, marker)
 
 
+def sync_env(paths: StudyPaths) -> tuple[dict[str, str], bool]:
+    """The environment ``wandb sync`` runs in (the API key travels in it, never in argv), and whether it has a key."""
+    env = dict(os.environ)
+    return env, load_api_key(Path.cwd(), paths.root, env=env)
+
+
+def upload_batch(
+    paths: StudyPaths,
+    batch: Sequence[RunDir],
+    report: SyncReport,
+    *,
+    env: dict[str, str],
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+    output: Path | None = None,
+) -> None:
+    """One bounded ``wandb sync`` of ``batch`` (its output appended to ``output``, default ours);
+    each run goes to ``report.synced`` (and the job's marker) if wandb marked it synced, else to
+    ``report.failed``."""
+    online = ["--include-online"] if any(r.online for r in batch) else []
+    cmd = [*wandb_command(), "sync", *online, *(str(r.path) for r in batch)]
+    report.commands.append(cmd)
+    report.planned.extend(batch)
+    echo("$ " + shlex.join(cmd))
+    if dry_run:
+        return
+    rc, problem = run_bounded(cmd, env, timeout_s, output)
+    why = problem or (f"wandb sync exited {rc}" if rc else "wandb sync did not mark it synced")
+    why += f" (its output: {output})" if output is not None else ""
+    for run in batch:
+        if _is_synced(run.path):
+            report.synced.append(run)
+            _mark_synced(paths, run)
+        else:
+            report.failed.append((run.label, f"{run.path}: {why}" + ("" if env.get(KEY_VAR) else f" (no {KEY_VAR})")))
+
+
 def sync_study(
     paths: StudyPaths,
     *,
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
-    runner: Callable[..., subprocess.CompletedProcess[Any]] = subprocess.run,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     api_factory: Callable[[], Any] | None = None,
 ) -> SyncReport:
     """Upload the study's W&B runs that are not uploaded yet, one ``wandb sync`` per DAG level,
     then declare the inputs offline runs could not declare. ``dry_run`` only prints the commands."""
     report = SyncReport()
     batches = collect(paths, report)
-    env = dict(os.environ)
-    has_key = load_api_key(Path.cwd(), paths.root, env=env)  # the key travels in env, never in argv
+    env, _ = sync_env(paths)
     total = sum(len(b) for b in batches)
     echo(
         f"study {paths.study}: {total} W&B runs to upload in {len(batches)} steps (producers first)"
         + (" [dry run]" if dry_run else "")
     )
     for batch in batches:
-        cmd = [
-            *wandb_command(),
-            "sync",
-            *(["--include-online"] if any(r.online for r in batch) else []),
-            *(str(r.path) for r in batch),
-        ]
-        report.commands.append(cmd)
-        report.planned.extend(batch)
-        echo("$ " + shlex.join(cmd))
-        if dry_run:
-            continue
-        try:
-            rc = runner(cmd, env=env, check=False).returncode
-        except OSError as e:
-            rc = None
-            echo(f"cannot run wandb: {e}")
-        for run in batch:
-            if _is_synced(run.path):
-                report.synced.append(run)
-                _mark_synced(paths, run)
-            else:
-                why = f"wandb sync exited {rc}" if rc else "wandb sync did not mark it synced"
-                report.failed.append((run.label, f"{run.path}: {why}" + ("" if has_key else f" (no {KEY_VAR})")))
+        upload_batch(paths, batch, report, env=env, timeout_s=timeout_s, dry_run=dry_run, echo=echo)
     if not dry_run:
         link_inputs(paths, report, echo, api_factory)
-    _print(report, echo, dry_run)
+    print_report(report, echo, dry_run)
     return report
 
 
-def _print(report: SyncReport, echo: Callable[[str], None], dry_run: bool) -> None:
+def print_report(report: SyncReport, echo: Callable[[str], None], dry_run: bool) -> None:
+    """What was synced, skipped or failed, one line each, and the totals."""
     if dry_run:
         for run in report.planned:
             echo(f"would sync {run.label}: {run.path}")
@@ -227,27 +287,31 @@ def _print(report: SyncReport, echo: Callable[[str], None], dry_run: bool) -> No
 
 
 # ------------------------------------------------------------------------------------- lineage
-def _pending_links(paths: StudyPaths, report: SyncReport) -> list[tuple[Path, dict[str, Any]]]:
+def _pending_links(paths: StudyPaths, report: SyncReport, keys: Iterable[str]) -> list[tuple[Path, dict[str, Any]]]:
     """Jobs whose runs are all uploaded but whose inputs are not declared in W&B yet."""
     failed = {label for label, _ in report.failed}
     out = []
-    for job in _plan_jobs(paths):
-        path = marker_path(paths, job["key"])
+    for key in keys:
+        path = marker_path(paths, key)
         marker = read_marker(path)
-        if marker is None or job["label"] in failed or not any(not i.get("linked") for i in marker.get("inputs", [])):
+        if marker is None or marker.get("label") in failed or not any(not i.get("linked") for i in marker.get("inputs", [])):
             continue
-        runs = marker.get("runs", [])
-        if runs and all(r.get("uploaded") or r["dir"] in marker.get("synced", []) for r in runs):
+        if marker.get("runs") and all_uploaded(marker):
             out.append((path, marker))
     return out
 
 
 def link_inputs(
-    paths: StudyPaths, report: SyncReport, echo: Callable[[str], None], api_factory: Callable[[], Any] | None = None
+    paths: StudyPaths,
+    report: SyncReport,
+    echo: Callable[[str], None],
+    api_factory: Callable[[], Any] | None = None,
+    keys: Iterable[str] | None = None,
 ) -> None:
     """Declare each uploaded run's undeclared inputs with the public API's ``Run.use_artifact``
-    (the input as ``<name>:job-<upstream key16>``, the alias its producer logged it with)."""
-    pending = _pending_links(paths, report)
+    (the input as ``<name>:job-<upstream key16>``, the alias its producer logged it with); of the
+    jobs ``keys`` (default: the whole plan)."""
+    pending = _pending_links(paths, report, [j["key"] for j in plan_jobs(paths)] if keys is None else keys)
     if not pending:
         return
     try:

@@ -1,21 +1,35 @@
-"""Text views for the CLI: plan, submit summary, status, artifacts, lineage. Pure string builders."""
+"""Text views for the CLI: plan, submit summary, status, artifacts, lineage. Pure string builders;
+``status`` and ``artifacts`` render the data ``overview`` builds (which ``--json`` prints as is)."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from orchestrator.artifacts import ArtifactNotFound, ArtifactRef, ArtifactStore, ArtifactVersion
+from orchestrator.artifacts import ArtifactError, ArtifactNotFound, ArtifactStore, ArtifactVersion, DamagedRecord
+from orchestrator.artifacts.describe import NO_LONGER_STORED, render_tree, upstream_tree
 from orchestrator.errors import BadArgument
 from orchestrator.executors.base import StatusView, SubmitReport
 from orchestrator.lineage import went_stale
+from orchestrator.overview import (
+    JobStatus,
+    StudyOutputs,
+    StudyStatus,
+    job_states,
+    last_error_line,
+    study_outputs,
+    study_status,
+)
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
-from orchestrator.records import JobState, read_plan, read_state
+from orchestrator.progress import progress_cell
+from orchestrator.records import JobState, read_state
+
+__all__ = ["job_states", "last_error_line"]  # re-exported: where they were before overview.py
 
 TAIL_LINES = 15
 
@@ -76,62 +90,67 @@ def _tail(path: Path) -> list[str]:
     return [f"  | {line}" for line in text.splitlines()[-TAIL_LINES:]]
 
 
-def job_states(paths: StudyPaths) -> list[tuple[dict[str, object], JobState | None]]:
-    """Every job of the study's submitted plan with its recorded state (None: it recorded none)."""
-    if not paths.plan.exists():
-        raise BadArgument(
-            f"no study {paths.study!r} under {paths.root} (no {paths.plan}); submit it first, or pass --store"
-        )
-    return [(job, read_state(paths, job["key"])) for job in read_plan(paths)["jobs"]]
+# ---------------------------------------------------------------------------------------- status
+@dataclass(frozen=True)
+class Column:
+    """A column of the status table: its header and what it shows of a job."""
+
+    header: str
+    cell: Callable[[JobStatus], object]
+
+
+def _state_cell(job: JobStatus) -> str:
+    return attempt_text(job.state, job.attempt) if job.recorded and job.state == job.recorded.state else job.state
+
+
+# The status table's columns; -v adds VERBOSE_STATUS_COLUMNS (each after the column it names).
+STATUS_COLUMNS = [
+    Column("job", lambda j: j.label),
+    Column("state", _state_cell),
+    Column("progress", lambda j: progress_cell(j.progress, time.time()) or "-"),  # a running job's (ctx.progress)
+    Column("where", lambda j: j.where or "-"),
+    Column("log", lambda j: j.log or "-"),
+]
+VERBOSE_STATUS_COLUMNS = {
+    "job": Column("key", lambda j: j.key),
+    "where": Column("updated", lambda j: j.recorded.updated_at if j.recorded else "-"),
+}
+
+
+def status_columns(verbose: bool = False) -> list[Column]:
+    columns = []
+    for column in STATUS_COLUMNS:
+        columns.append(column)
+        if verbose and column.header in VERBOSE_STATUS_COLUMNS:
+            columns.append(VERBOSE_STATUS_COLUMNS[column.header])
+    return columns
 
 
 def status_table(
-    paths: StudyPaths, view: StatusView | None = None, states: list[tuple[dict[str, object], JobState | None]] | None = None
+    paths: StudyPaths,
+    view: StatusView | None = None,
+    states: list[tuple[dict[str, Any], JobState | None]] | None = None,
+    *,
+    verbose: bool = False,
+    quiet: bool = False,
 ) -> str:
     """One row per job: its state and where it runs, as recorded or as its executor's scheduler
     tells (``view``: the backends' ``Executor.status``), and its log; then the last error line of
     each failed job."""
-    view = view or StatusView()
-    rows, counts, errors = [], Counter[str](), []
-    for job, state in job_states(paths) if states is None else states:
-        key = str(job["key"])
-        recorded: str = state.state if state else "unknown"
-        where = f"{state.executor} {state.external_id}" if state and state.external_id else ""
-        name, where = view.rows.get(key, (recorded, where))
-        counts[name] += 1
-        log = paths.job(key).log
-        shown = attempt_text(name, state.attempt) if state and name == state.state else name
-        rows.append([job["label"], shown, where or "-", log if log.exists() else "-"])
-        if name in ("failed", "timeout"):
-            errors.append(f"  {job['label']}: {last_error_line(log) or 'no error line in its log'}")
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    submitted = read_plan(paths)["submitted_at"]
-    text = f"study {paths.study} (submitted {submitted}): {summary}\n" + table(["job", "state", "where", "log"], rows)
+    return render_status(study_status(paths, view, states), verbose=verbose, quiet=quiet)
+
+
+def render_status(status: StudyStatus, *, verbose: bool = False, quiet: bool = False) -> str:
+    """``status_table`` of data built already; ``quiet``: without the summary line, ``verbose``:
+    with each job's full key and the time of its last state change."""
+    columns = status_columns(verbose)
+    rows = [[column.cell(job) for column in columns] for job in status.jobs]
+    summary = ", ".join(f"{n} {s}" for s, n in status.counts.items())
+    eta = f"; {status.progress.text()}" if status.progress and status.progress.text() else ""  # elapsed, ETA
+    head = "" if quiet else f"study {status.study} (submitted {status.submitted_at}): {summary}{eta}\n"
+    errors = [f"  {job.label}: {job.last_error}" for job in status.jobs if job.last_error]
+    text = head + table([c.header for c in columns], rows)
     return text + ("\n\nlast error of each failed job:\n" + "\n".join(errors) if errors else "")
-
-
-EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure|Warning)\b.*$")
-
-
-def last_error_line(log: Path, tail_bytes: int = 65536) -> str | None:
-    """The line of a job log that says why its last attempt failed: the exception a traceback ends
-    with, else the runner's own FAILED/error line; None without either."""
-    try:
-        with log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
-            lines = f.read().decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    fallback = None
-    for line in reversed(lines):
-        text = line.strip()
-        if EXCEPTION_LINE.match(text):
-            return text
-        if fallback is None and ("FAILED" in text or text.startswith("error:") or "slurmstepd: error" in text):
-            fallback = text
-        if ": running stage " in text:  # the start of the last attempt
-            break
-    return fallback
 
 
 def attempt_text(state: str, attempt: int | None) -> str:
@@ -142,18 +161,28 @@ def attempt_text(state: str, attempt: int | None) -> str:
     return f"{state} (attempt {attempt})" if state == "running" else f"{state} ({attempt} attempts)"
 
 
-def artifact_table(paths: StudyPaths, store: ArtifactStore) -> str:
-    if not paths.plan.exists():
-        raise BadArgument(f"no study {paths.study!r} under {paths.root}; submit it first, or pass --store")
-    rows = []
-    for job in read_plan(paths)["jobs"]:
-        outputs = store.job_outputs(job["key"]) or {}
-        for ref in outputs.values():
-            version = store.get(ref)
-            rows.append([str(ref), version.type, _size(version.size), len(version.files), job["label"]])
-        if not outputs:
-            rows.append(["-", "-", "-", "-", f"{job['label']} (no outputs yet)"])
-    return table(["artifact", "type", "size", "files", "produced by"], rows)
+# ------------------------------------------------------------------------------------- artifacts
+def artifact_table(paths: StudyPaths, store: ArtifactStore | None, *, verbose: bool = False, quiet: bool = False) -> str:
+    """What the study's jobs committed: one row per version (``quiet``: only its ``name:vN``, one
+    per line, for scripts; ``verbose``: also its digest, creation time and aliases)."""
+    return render_artifacts(study_outputs(paths, store), verbose=verbose, quiet=quiet)
+
+
+def render_artifacts(outputs: StudyOutputs, *, verbose: bool = False, quiet: bool = False) -> str:
+    """``artifact_table`` of data built already."""
+    if quiet:
+        return "\n".join(str(v.ref) for v in outputs.versions())
+    rows: list[list[object]] = []
+    for job, versions in outputs.jobs:
+        for v in versions.values():
+            extra = [v.digest, v.created_at, ", ".join(v.aliases)] if verbose else []
+            rows.append([str(v.ref), v.type, _size(v.size), len(v.files), job["label"], *extra])
+        if not versions:
+            problem = outputs.problems.get(str(job["key"]))
+            why = f"outputs cannot be read: {problem}" if problem else "no outputs yet"
+            rows.append(["-", "-", "-", "-", f"{job['label']} ({why})", *(["-"] * 3 if verbose else [])])
+    headers = ["artifact", "type", "size", "files", "produced by", *(["digest", "created", "aliases"] if verbose else [])]
+    return table(headers, rows)
 
 
 def _size(n: int) -> str:
@@ -165,23 +194,25 @@ def _size(n: int) -> str:
 
 
 def named_version(store: ArtifactStore, ref_text: str) -> ArtifactVersion:
-    """The version a user named on the command line (``NAME`` means its latest)."""
+    """The version a user named on the command line (``NAME`` means its latest); BadArgument
+    naming what exists if there is no such version."""
     try:
         return store.get(ref_text if ":" in ref_text else f"{ref_text}:latest")
-    except ArtifactNotFound as e:
+    except DamagedRecord:
+        raise
+    except ArtifactError as e:  # no such name, version or alias, or not a reference at all
         raise BadArgument(str(e)) from None
 
 
-def lineage_tree(store: ArtifactStore, ref_text: str) -> str:
-    """The artifact, the job that produced it, and recursively that job's inputs."""
-    version = named_version(store, ref_text)
-    lines: list[str] = []
-    _lineage(store, version.ref, "", lines, set())
-    return "\n".join(lines)
+def lineage_tree(store: ArtifactStore, ref_text: str, *, verbose: bool = False) -> str:
+    """The artifact, the job that produced it, and recursively that job's inputs (``verbose``:
+    full job keys)."""
+    return render_tree(upstream_tree(store, named_version(store, ref_text)), full_keys=verbose)
 
 
-def version_details(store: ArtifactStore, ref_text: str) -> str:
-    """One version: what it is, the job, spec and code that produced it, and its inputs."""
+def version_details(store: ArtifactStore, ref_text: str, *, verbose: bool = False) -> str:
+    """One version: what it is, the job, spec and code that produced it, and its inputs
+    (``verbose``: and each of its files with size and digest)."""
     version = named_version(store, ref_text)
     lines = [
         f"{version.ref} [{version.type}]: {len(version.files)} files, {_size(version.size)}, created {version.created_at}",
@@ -190,6 +221,8 @@ def version_details(store: ArtifactStore, ref_text: str) -> str:
     ]
     if version.metadata:
         lines.append(f"  metadata  {json.dumps(dict(version.metadata), sort_keys=True)}")
+    if verbose:
+        lines += [f"  file      {f.path}  {_size(f.size)}  sha256 {f.sha256}" for f in version.files]
     producer = version.producer
     if producer is None:
         return "\n".join([*lines, "  produced outside any study (no producing job recorded)"])
@@ -211,17 +244,5 @@ def version_details(store: ArtifactStore, ref_text: str) -> str:
             by = f" <- {parent.producer.job_label}" if parent.producer else ""
             lines.append(f"  {ref} [{parent.type}]{by}")
         except ArtifactNotFound:
-            lines.append(f"  {ref} (no longer in the store)")
+            lines.append(f"  {ref} ({NO_LONGER_STORED})")
     return "\n".join(lines)
-
-
-def _lineage(store: ArtifactStore, ref: ArtifactRef, indent: str, lines: list[str], seen: set[ArtifactRef]) -> None:
-    version = store.get(ref)
-    producer = version.producer
-    by = f" <- {producer.job_label} (job {producer.job_key[:12]})" if producer else ""
-    lines.append(f"{indent}{ref} [{version.type}]{by}")
-    if ref in seen or producer is None:
-        return
-    seen.add(ref)
-    for parent in producer.inputs:
-        _lineage(store, parent, indent + "  ", lines, seen)

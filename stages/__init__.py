@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from orchestrator.stage import Registry
 
+__cross_lingual_subnets__ = True  # this project's stages: another package named `stages` is refused (orchestrator.stage_origin)
+
 
 def registry() -> Registry:
     """Every stage of the study, by name."""

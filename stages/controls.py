@@ -35,6 +35,7 @@ Output ``metrics``: ``language_distance.json``::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -235,6 +236,55 @@ def _urielplus_version() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=1)
+def uriel_languages() -> frozenset[str] | None:
+    """The ISO 639-3 codes that :func:`syntactic_distances` accepts (those with both family and
+    typological data in the URIEL+ files it loads), read without loading URIEL+; None without urielplus."""
+    import numpy as np
+
+    try:
+        folder = _urielplus_folder() / "database"
+    except ValueError:
+        return None
+    sets = []
+    for name in ("family_features.npz", "features.npz"):
+        path = folder / name if (folder / name).is_file() else folder / "original_uriel" / name
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                sets.append({str(code) for code in data["langs"].tolist()})
+        except (OSError, KeyError, ValueError):  # damaged or missing: the stage says so when it runs
+            return None
+    return frozenset(sets[0] & sets[1])
+
+
+def check_language_distance(params: LanguageDistanceParams) -> list[str]:
+    """What a language_distance job would fail on, known without running (``check`` hook): a reference
+    outside the languages, a language without an ISO 639-3 code or without URIEL data."""
+    problems = []
+    if params.reference not in params.languages:
+        problems.append(f"reference: {params.reference!r} is not one of the languages {params.languages}")
+    codes = {lang: _code_or_none(lang, params.iso3) for lang in params.languages}
+    known = uriel_languages()
+    unmapped = [lang for lang, code in codes.items() if code is None]
+    unknown = [lang for lang, code in codes.items() if code is not None and known is not None and code not in known]
+    found = [f"no ISO 639-3 code known for {', '.join(map(repr, unmapped))}"] if unmapped else []
+    if unknown:
+        found.append("URIEL has no data for " + ", ".join(f"{lang!r} (ISO 639-3 {codes[lang]!r})" for lang in unknown))
+    if found:
+        problems.append(
+            f"languages: {'; '.join(found)}; remove them, or map each to a code URIEL has with iso3 "
+            f"(e.g. iso3: {{{(unmapped + unknown)[0]}: <code>}})"
+        )
+    return problems
+
+
+def _code_or_none(lang: str, overrides: dict[str, str]) -> str | None:
+    try:
+        return uriel_code(lang, overrides)
+    except ValueError:
+        return None
+
+
 def prefetch_language_distance(params: LanguageDistanceParams) -> Iterator[str]:
     """urielplus copies its data into its package folder on first use: do that now, where the
     environment is writable (``prefetch`` hook; nothing is downloaded)."""
@@ -248,6 +298,7 @@ def prefetch_language_distance(params: LanguageDistanceParams) -> Iterator[str]:
     outputs={"metrics": "metrics"},
     version="1",
     prefetch=prefetch_language_distance,
+    check=check_language_distance,
 )
 def language_distance_stage(
     params: LanguageDistanceParams, inputs: Inputs, ctx: StageContext

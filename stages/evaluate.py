@@ -147,8 +147,6 @@ class _CellEvaluator:
 def cross_eval_stage(params: CrossEvalParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Perplexity of every language's subnetwork (rows, + the full model) and of size-matched random
     masks on the reporting half of every language's test documents (columns)."""
-    from tqdm.auto import tqdm
-
     model_in, data_in = get_input(inputs, "model"), get_input(inputs, "dataset")
     masks = mask_inputs(inputs)
     seed = params.eval_seed
@@ -176,13 +174,16 @@ def cross_eval_stage(params: CrossEvalParams, inputs: Inputs, ctx: StageContext)
     rows: list[tuple[str, np.ndarray | None]] = [(lang, mask) for lang, mask, _ in masks] + [(FULL, None)]
     seeds = random_mask_seeds(effective_seed(ctx.seed, params.seed), params.random_mask_seeds)
     randoms = random_rows([(lang, mask) for lang, mask, _ in masks], seeds)
-    bar = tqdm(total=(len(rows) + len(randoms)) * len(cols), desc="cross_eval", unit="cell", leave=False)
-    evaluator = _CellEvaluator(model, batches, params, lambda: bar.update(1))
-    try:
-        mats = cross_matrix(rows, cols, evaluator, keys=("loss", "perplexity", "perplexity_lo", "perplexity_hi"))
-        rnd = cross_matrix(randoms, cols, evaluator, keys=("perplexity",))["perplexity"] if randoms else None
-    finally:
-        bar.close()
+    cells, done = (len(rows) + len(randoms)) * len(cols), [0]
+
+    def on_cell() -> None:
+        done[0] += 1
+        ctx.progress(done[0], cells, "cell")
+
+    ctx.progress(0, cells, "cell")
+    evaluator = _CellEvaluator(model, batches, params, on_cell)
+    mats = cross_matrix(rows, cols, evaluator, keys=("loss", "perplexity", "perplexity_lo", "perplexity_hi"))
+    rnd = cross_matrix(randoms, cols, evaluator, keys=("perplexity",))["perplexity"] if randoms else None
     labels = [name for name, _ in rows]
     ppl = mats["perplexity"]
     relative = ppl / ppl[-1][None, :]

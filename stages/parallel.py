@@ -25,11 +25,11 @@ Filters (both sources), all on the cleaned, stripped texts:
 
 Sampling: the candidates are ranked by ``sha256(f"{seed}:{id}")`` and the first ``n_sentences``
 are kept (all of them when fewer), then written in source order: the same parameters give the same
-file byte for byte, and a larger ``n_sentences`` keeps every sentence of a smaller one.
+files byte for byte, and a larger ``n_sentences`` keeps every sentence of a smaller one.
 
-Output ``parallel`` (type ``parallel-corpus``): ``parallel.jsonl`` (one ``{"id", "<lang>": text, ...}`` per
-sentence, every language on every line) and ``meta.json``, laid out, written and read by
-:mod:`stages.formats.parallel`.
+Output ``parallel`` (type ``parallel-corpus``): a ``datasets.Dataset`` saved with ``save_to_disk`` in the
+artifact's directory (one row per sentence, columns ``id`` and one per language) and ``meta.json``, laid
+out, written and read by :mod:`stages.formats.parallel` (version 1 wrote ``parallel.jsonl``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from stages._io import META_FILE, effective_seed, read_jsonl, stable_rank, write
 from stages.bible import (
     BIBLES,
     PSALMS,
+    bible_problems,
     bible_versions_in_db,
     clean_bible_text,
     connect_ro,
@@ -280,7 +281,20 @@ def _load_rows(params: ParallelParams) -> tuple[list[str], list[Row], dict[str, 
     return languages, rows, {"counts": counts, "path": str(path), "file_sha256": sha}
 
 
-@stage("parallel", params=ParallelParams, outputs={"parallel": "parallel-corpus"}, version="1")
+def check_parallel(params: ParallelParams) -> list[str]:
+    """What a parallel job would fail on, known without running (``check`` hook): a language without
+    a Bible translation, a length_language outside the default languages. A file: not checked."""
+    if params.source != "bible":
+        return []
+    languages = list(params.languages or DEFAULT_LANGUAGES)
+    problems = bible_problems(languages, params.bible_versions, params.bible_db)
+    if params.length_language is not None and params.length_language not in languages:
+        problems.append(f"length_language: {params.length_language!r} is not one of the languages {languages}")
+    return problems
+
+
+# version 2: a datasets directory (save_to_disk) instead of parallel.jsonl
+@stage("parallel", params=ParallelParams, outputs={"parallel": "parallel-corpus"}, version="2", check=check_parallel)
 def parallel_stage(params: ParallelParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Collect the same sentences in every language (Bible verses or a user's aligned file)."""
     seed = effective_seed(ctx.seed, params.seed)
@@ -298,7 +312,7 @@ def parallel_stage(params: ParallelParams, inputs: Inputs, ctx: StageContext) ->
         raise ValueError("parallel: no sentence is left after the filters; relax min_chars/max_chars/max_length_ratio")
     chosen = sample_rows(rows, params.n_sentences, seed)
     out = ctx.output_dir("parallel")
-    write_parallel(out, chosen)
+    write_parallel(out, languages, chosen)
     chars = {lang: sum(len(r[lang]) for r in chosen) / len(chosen) for lang in languages}
     meta = {
         "languages": languages,

@@ -341,8 +341,6 @@ class PruneParams(EvalParams):
 )
 def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Iteratively prune attention heads for one language until perplexity exceeds P0 * threshold."""
-    from tqdm.auto import tqdm
-
     from stages.gating import HeadGates
     from stages.mlm import evaluate
 
@@ -364,18 +362,14 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
     facts = model_facts(model)
     n_layers, n_heads = facts["num_layers"], facts["num_heads"]
     k = heads_per_step(n_layers, n_heads, params.masking_amount)
-    bar = tqdm(
-        total=max(0, (n_layers * n_heads - params.min_heads) // k), desc=f"prune[{params.language}]", unit="step", leave=False
-    )
+    steps = max(0, (n_layers * n_heads - params.min_heads) // k)  # at most: pruning stops at the threshold
 
     def on_step(point: PruneStep) -> None:
         ctx.log(
             {"heads_kept": float(point.heads_kept), "perplexity": point.perplexity, "accepted": float(point.accepted)},
             step=point.step,
         )
-        if point.step > 0:
-            bar.update(1)
-        bar.set_postfix(heads=point.heads_kept, ppl=f"{point.perplexity:.3f}")
+        ctx.progress(min(point.step, steps), steps, "step")
 
     with HeadGates(model) as gates:
 
@@ -387,22 +381,19 @@ def prune_stage(params: PruneParams, inputs: Inputs, ctx: StageContext) -> dict[
             gates.set(mask)
             return float(evaluate(model, batches)["perplexity"])
 
-        try:
-            result = iterative_prune(
-                n_layers,
-                n_heads,
-                importance_fn,
-                perplexity_fn,
-                params.threshold,
-                params.masking_amount,
-                params.min_heads,
-                normalize_layers=params.normalize_layers,
-                normalize_global=params.normalize_global,
-                normalize_over=params.normalize_over,
-                on_step=on_step,
-            )
-        finally:
-            bar.close()
+        result = iterative_prune(
+            n_layers,
+            n_heads,
+            importance_fn,
+            perplexity_fn,
+            params.threshold,
+            params.masking_amount,
+            params.min_heads,
+            normalize_layers=params.normalize_layers,
+            normalize_global=params.normalize_global,
+            normalize_over=params.normalize_over,
+            on_step=on_step,
+        )
     meta = {
         "language": params.language,
         "heads_kept": int(result.mask.sum()),

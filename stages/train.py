@@ -15,7 +15,7 @@ The recipe of the original study (docs/methods.md section 4), as HF ``Trainer`` 
 - evaluation per language with **deterministic** masks (``stages.mlm``; seed ``eval_seed``, the
   same for every stage that measures perplexity) before training, every ``eval_every`` steps and at
   the end, on **both halves** of the test documents (``stages.dataset``): the *selection* half
-  (``select.npy``) and the *reporting* half (``report.npy``);
+  (split ``select``) and the *reporting* half (split ``report``);
 - the output is the **best** model by mean per-language loss **on the selection half** among the
   evaluations after step 0 (``load_best_model_at_end``); the reporting half never enters a decision;
 - ``metrics.json`` reports the **reporting half**: per-language loss/perplexity (with a percentile
@@ -82,7 +82,7 @@ from pydantic import Field, model_validator
 
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, StageInterrupted, StageParams, stage
 from stages._io import get_input, optional_input, write_json
-from stages.formats.dataset import REPORT, SELECT, dataset_languages, load_split, read_dataset_meta
+from stages.formats.dataset import REPORT, SELECT, dataset_languages, read_dataset_meta, split_blocks
 from stages.formats.metrics import MODEL_METRICS_JSON
 from stages.train_data import TrainOrder
 from stages.train_loop import run_loop
@@ -291,7 +291,8 @@ def train_stage(params: TrainParams, inputs: Inputs, ctx: StageContext) -> dict[
     if tokenizer.mask_token_id is None:
         raise ValueError("train: the tokenizer has no mask token")
     languages = dataset_languages(dataset.path)
-    order = TrainOrder([load_split(dataset.path, lang, "train", mmap=True) for lang in languages],
+    # every language's memory-mapped record batches, in order: the same rows as one array per language
+    order = TrainOrder([b for lang in languages for b in split_blocks(dataset.path, lang, "train")],
                        params.batch_size, ctx.seed)
     total = params.max_steps if params.max_steps is not None else params.epochs * order.steps_per_epoch
     cuda = torch.cuda.is_available()

@@ -131,42 +131,36 @@ def run_loop(trainer: TrainRun, state: TrainState, order: TrainOrder, collator: 
           eval_sets: dict[str, dict[str, list[Any]]], ctx: StageContext) -> None:
     """Train from ``state.step`` to ``state.total_steps``, evaluating and checkpointing on the way."""
     import torch
-    from tqdm.auto import tqdm
 
     from stages import mlm
 
     p = trainer.params
     special = torch.tensor(mlm.special_token_ids(tokenizer), dtype=torch.long)
     pad_id = tokenizer.pad_token_id
-    bar = tqdm(total=state.total_steps, initial=state.step, desc=f"train[{ctx.job_label}]", unit="step",
-               mininterval=2.0, leave=False, disable=not trainer.main)
-    try:
-        while True:
-            if _eval_due(state.step, state.total_steps, p.eval_every) and state.last_eval_step != state.step:
-                try:
-                    _evaluate_step(trainer, state, eval_sets, ctx)
-                except _Stop:
-                    raise _interrupt(trainer, state, ctx) from None
-            if state.step >= state.total_steps:
-                break
-            if trainer.stop_agreed(ctx.stop_requested.is_set()):
-                raise _interrupt(trainer, state, ctx)
-            loss = _train_step(trainer, order, collator, special, pad_id, state)
-            state.step += 1
-            state.loss_sum += loss
-            state.loss_count += 1
-            bar.update(1)
-            if state.step % p.log_every == 0 or state.step == state.total_steps:
-                lr = trainer.scheduler.get_last_lr()[0]
-                ctx.log({"train/loss": state.loss_sum / state.loss_count, "train/lr": lr,
-                         "train/epoch": state.step / order.steps_per_epoch}, step=state.step)
-                bar.set_postfix(loss=f"{state.loss_sum / state.loss_count:.4f}", refresh=False)
-                state.loss_sum, state.loss_count = 0.0, 0
-            if p.checkpoint_every is not None and state.step % p.checkpoint_every == 0 \
-                    and state.step < state.total_steps:
-                trainer.checkpoint(state, f"every {p.checkpoint_every} steps")
-    finally:
-        bar.close()
+    ctx.progress(state.step, state.total_steps, "step")  # (the engine keeps rank 0's only)
+    while True:
+        if _eval_due(state.step, state.total_steps, p.eval_every) and state.last_eval_step != state.step:
+            try:
+                _evaluate_step(trainer, state, eval_sets, ctx)
+            except _Stop:
+                raise _interrupt(trainer, state, ctx) from None
+        if state.step >= state.total_steps:
+            break
+        if trainer.stop_agreed(ctx.stop_requested.is_set()):
+            raise _interrupt(trainer, state, ctx)
+        loss = _train_step(trainer, order, collator, special, pad_id, state)
+        state.step += 1
+        state.loss_sum += loss
+        state.loss_count += 1
+        ctx.progress(state.step, state.total_steps, "step")
+        if state.step % p.log_every == 0 or state.step == state.total_steps:
+            lr = trainer.scheduler.get_last_lr()[0]
+            ctx.log({"train/loss": state.loss_sum / state.loss_count, "train/lr": lr,
+                     "train/epoch": state.step / order.steps_per_epoch}, step=state.step)
+            state.loss_sum, state.loss_count = 0.0, 0
+        if p.checkpoint_every is not None and state.step % p.checkpoint_every == 0 \
+                and state.step < state.total_steps:
+            trainer.checkpoint(state, f"every {p.checkpoint_every} steps")
 
 
 def mean_loss(per_language: dict[str, dict[str, float]]) -> float:

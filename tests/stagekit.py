@@ -30,6 +30,7 @@ class FakeContext:
     job_label: str = "test-job"
     stop_requested: threading.Event = field(default_factory=threading.Event)
     metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
+    reported: list[tuple[int, int | None, str]] = field(default_factory=list)  # every progress() call
     provenance: Mapping[str, Any] = field(default_factory=dict)
     gpus: int = 0
     rank: int = 0
@@ -48,6 +49,9 @@ class FakeContext:
 
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.metrics.append((dict(metrics), step))
+
+    def progress(self, done: int, total: int | None = None, unit: str = "step") -> None:
+        self.reported.append((done, total, unit))
 
     def logged(self) -> dict[str, float]:
         """Every metric logged so far, the last value of each name."""
@@ -90,20 +94,24 @@ def run_stage(
 
 
 def write_corpus(root: Path, docs: Mapping[str, Mapping[str, list[str]]]) -> Path:
-    """Write a ``corpus`` artifact by hand: ``docs[lang][split]`` is a list of document texts."""
+    """Write a ``corpus`` artifact with its format's writer: ``docs[lang][split]`` is a list of document texts."""
     import json
+
+    from stages.formats.corpus import Doc, write_language
 
     root.mkdir(parents=True, exist_ok=True)
     for lang, splits in docs.items():
-        (root / lang).mkdir(exist_ok=True)
-        for split in ("train", "test"):
-            lines = [
-                json.dumps({"id": f"{lang}-{split}-{i}", "text": t}, ensure_ascii=False)
-                for i, t in enumerate(splits.get(split, []))
-            ]
-            (root / lang / f"{split}.jsonl").write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+        write_language(root, lang, {
+            split: [Doc(id=f"{lang}-{split}-{i}", text=t) for i, t in enumerate(splits.get(split, []))]
+            for split in ("train", "test")
+        })
     (root / "meta.json").write_text(json.dumps({"languages": list(docs)}), encoding="utf-8")
     return root
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes): two artifacts are the same when these are equal."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 WORDS: dict[str, list[str]] = {

@@ -30,8 +30,10 @@ def make_tokenizer(root: Path) -> Path:
 
 
 def write_parallel(root: Path, rows: list[dict], languages: list[str]) -> Path:
+    from stages.formats.parallel import write_parallel as write_rows
+
     root.mkdir(parents=True, exist_ok=True)
-    (root / "parallel.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_rows(root, languages, rows)
     (root / "meta.json").write_text(json.dumps({"languages": languages, "n": len(rows), "source": "file"}))
     return root
 

@@ -12,18 +12,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
-from stagekit import FakeContext, run_stage
+from stagekit import FakeContext, run_stage, tree_bytes
 
 from stages.bible import clean_bible_text, find_bible_db
 from stages.corpus import CORPUS, CorpusParams
+from stages.formats.corpus import corpus_languages, read_texts
 
 REF = re.compile(r"[(（﹝〔\[][^()（）]*\d+\s*[:：︰]\s*\d+[^()（）]*[)）﹞〕\]]")
 
 
 def read_split(out: Path, lang: str, split: str) -> list[dict[str, Any]]:
-    """The records of one split of a corpus artifact."""
-    lines = (out / lang / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
+    """The records of one split of a corpus artifact, as a researcher opens them: ``datasets.load_from_disk``."""
+    import datasets
+
+    return datasets.load_from_disk(str(out / lang))[split].to_list()
 
 
 def run_corpus(tmp: Path, params: dict[str, Any], seed: int = 0) -> tuple[Path, dict[str, Any], FakeContext]:
@@ -111,10 +113,32 @@ def test_bible_deterministic_by_seed(tmp_path: Path, small_bible: tuple[Path, di
     out, _, _ = small_bible
     params = {"languages": ["en", "de", "zh"], "max_docs_per_language": 30, "test_docs": 5}
     again, _, _ = run_corpus(tmp_path / "a", params, seed=7)
-    for f in ("en/train.jsonl", "en/test.jsonl", "zh/test.jsonl", "meta.json"):
-        assert (again / f).read_bytes() == (out / f).read_bytes()
+    assert tree_bytes(again) == tree_bytes(out)  # every file, state.json (the fingerprint) included
     other, _, _ = run_corpus(tmp_path / "b", {**params, "seed": 8}, seed=7)
-    assert (other / "en/test.jsonl").read_bytes() != (out / "en/test.jsonl").read_bytes()
+    assert tree_bytes(other / "en" / "test") != tree_bytes(out / "en" / "test")
+
+
+def test_the_artifact_is_a_datasets_directory_per_language(
+    tmp_path: Path, small_bible: tuple[Path, dict[str, Any], FakeContext]
+) -> None:
+    """``datasets.load_from_disk(<artifact>/<lang>)`` gives the documents the stages read, in order;
+    a corpus of the stage's version 1 (JSON lines) is refused with what to do."""
+    import datasets
+
+    out, _, _ = small_bible
+    assert corpus_languages(out) == ["en", "de", "zh"]
+    en = datasets.load_from_disk(str(out / "en"))
+    assert isinstance(en, datasets.DatasetDict) and list(en) == ["train", "test"]
+    assert en["train"].column_names == ["id", "text"]
+    for split in ("train", "test"):
+        assert list(read_texts(out, "en", split)) == en[split]["text"]
+    old = tmp_path / "old"
+    (old / "en").mkdir(parents=True)
+    (old / "en" / "train.jsonl").write_text('{"id": "1", "text": "x"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"en/train.jsonl of a corpus stage before version 2.*re-run the corpus stage"):
+        read_texts(old, "en", "train")
+    with pytest.raises(ValueError, match="has no en/test"):
+        read_texts(old, "en", "test")
 
 
 def test_bible_unknown_language_lists_available(tmp_path: Path) -> None:

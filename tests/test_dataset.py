@@ -14,10 +14,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np
 import pytest
-from stagekit import FakeContext, make_input, run_stage, sentences, write_corpus
+from stagekit import FakeContext, make_input, run_stage, sentences, tree_bytes, write_corpus
 
 from stages.dataset import TOKENIZE, split_test_documents
-from stages.formats.dataset import SPLITS
+from stages.formats.dataset import SPLITS, load_split, split_blocks
 from stages.tokenizer import TOKENIZER
 
 BLOCK = 16
@@ -56,8 +56,21 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) ->
 
 
 def read_docs(corpus: Path, lang: str, split: str) -> list[dict[str, Any]]:
-    lines = (corpus / lang / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(x) for x in lines]
+    import datasets
+
+    return datasets.load_from_disk(str(corpus / lang))[split].to_list()
+
+
+def chunks(out: Path, lang: str, split: str) -> np.ndarray:
+    """The chunks of one split as the stages read them (``load_split``), checked against what a researcher
+    gets from ``datasets.load_from_disk`` and against the memory-mapped blocks the training stage reads."""
+    import datasets
+
+    arr = load_split(out, lang, split)
+    opened = datasets.load_from_disk(str(out / lang))[split]
+    np.testing.assert_array_equal(opened.with_format("numpy")[:]["input_ids"], arr)
+    np.testing.assert_array_equal(np.concatenate(split_blocks(out, lang, split)), arr)
+    return arr
 
 
 def tokenize(
@@ -106,17 +119,21 @@ def expected_stream(tok: Any, corpus: Path, lang: str, split: str, boundary: str
 
 
 def test_layout_shapes_and_meta(dataset: tuple[Path, dict[str, Any], FakeContext], tokenizer_dir: Path) -> None:
+    import datasets
+
     out, meta, ctx = dataset
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "xx", "zh"]
     assert SPLITS == ("train", "select", "report") and meta["splits"] == list(SPLITS)
     for lang in ("xx", "zh"):
-        assert sorted(p.name for p in (out / lang).iterdir()) == ["report.npy", "select.npy", "train.npy"]
+        assert sorted(p.name for p in (out / lang).iterdir()) == ["dataset_dict.json", "report", "select", "train"]
         for split in SPLITS:
-            arr = np.load(out / lang / f"{split}.npy")
+            arr = chunks(out, lang, split)
             assert arr.dtype == np.int32 and arr.ndim == 2 and arr.shape[1] == BLOCK
             assert arr.shape[0] == meta["counts"][lang][split]["chunks"] > 0
             assert ctx.logged()[f"{lang}/{split}_chunks"] == float(arr.shape[0])
             assert arr.min() >= 0 and arr.max() < 200
+    features = datasets.load_from_disk(str(out / "xx"))["train"].features  # what a researcher sees
+    assert features["input_ids"].length == BLOCK and features["input_ids"].feature.dtype == "int32"
     assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == meta
     assert (meta["block_size"], meta["vocab_size"], meta["pad_token_id"], meta["mask_token_id"]) == (BLOCK, 200, 1, 199)
     assert meta["languages"] == ["xx", "zh"] and meta["doc_boundary"] == "special"
@@ -134,7 +151,7 @@ def test_chunks_are_the_concatenated_documents_remainder_dropped(
     for lang in ("xx", "zh"):
         stream = expected_stream(tok, corpus_dir, lang, split, "special")
         n = len(stream) // BLOCK
-        arr = np.load(out / lang / f"{split}.npy")
+        arr = chunks(out, lang, split)
         np.testing.assert_array_equal(arr, np.asarray(stream[: n * BLOCK], dtype=np.int32).reshape(n, BLOCK))
         counts = meta["counts"][lang][split]
         assert counts["tokens"] == len(stream)
@@ -167,10 +184,10 @@ def test_no_test_chunk_contains_training_text(
 ) -> None:
     out, _, _ = dataset
     tok = load_tok(tokenizer_dir)
-    train_text = tok.decode(np.load(out / "xx" / "train.npy").ravel().tolist(), skip_special_tokens=True)
+    train_text = tok.decode(chunks(out, "xx", "train").ravel().tolist(), skip_special_tokens=True)
     assert LATIN.search(train_text) and not CYRILLIC.search(train_text)
     for half in ("select", "report"):
-        test_text = tok.decode(np.load(out / "xx" / f"{half}.npy").ravel().tolist(), skip_special_tokens=True)
+        test_text = tok.decode(chunks(out, "xx", half).ravel().tolist(), skip_special_tokens=True)
         assert CYRILLIC.search(test_text) and not LATIN.search(test_text)
 
 
@@ -179,32 +196,31 @@ def test_eos_boundary(tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path) -> 
     tok = load_tok(tokenizer_dir)
     stream = expected_stream(tok, corpus_dir, "zh", "train", "eos")
     n = len(stream) // BLOCK
-    np.testing.assert_array_equal(np.load(out / "zh" / "train.npy").ravel(), np.asarray(stream[: n * BLOCK]))
+    np.testing.assert_array_equal(chunks(out, "zh", "train").ravel(), np.asarray(stream[: n * BLOCK]))
     assert 0 not in stream and stream.count(2) == 8  # no <s>, one </s> per document
 
 
 def test_caps_take_a_seeded_ordered_subset(
     tmp_path: Path, corpus_dir: Path, tokenizer_dir: Path, dataset: tuple[Path, dict[str, Any], FakeContext]
 ) -> None:
-    full = np.load(dataset[0] / "xx" / "train.npy")
+    full = chunks(dataset[0], "xx", "train")
     out, meta, _ = tokenize(
         tmp_path / "a", corpus_dir, tokenizer_dir, max_chunks_per_language=3, max_test_chunks_per_language=2
     )
-    capped = np.load(out / "xx" / "train.npy")
+    capped = chunks(out, "xx", "train")
     assert capped.shape == (3, BLOCK)
     for half in ("select", "report"):  # the test cap is shared evenly by the halves: ceil(2 / 2) each
         assert meta["counts"]["xx"][half]["chunks_available"] > 1
-        assert np.load(out / "xx" / f"{half}.npy").shape == (1, BLOCK)
+        assert chunks(out, "xx", half).shape == (1, BLOCK)
     assert meta["counts"]["xx"]["train"]["chunks_available"] == len(full)
     rows = [int(np.flatnonzero((full == row).all(axis=1))[0]) for row in capped]
     assert rows == sorted(rows) and len(set(rows)) == 3
     again, _, _ = tokenize(
         tmp_path / "b", corpus_dir, tokenizer_dir, max_chunks_per_language=3, max_test_chunks_per_language=2
     )
-    for f in ("xx/train.npy", "xx/select.npy", "xx/report.npy", "zh/train.npy", "meta.json"):
-        assert (again / f).read_bytes() == (out / f).read_bytes()
+    assert tree_bytes(again) == tree_bytes(out)  # every file, state.json (the fingerprint) included
     other, _, _ = tokenize(tmp_path / "c", corpus_dir, tokenizer_dir, seed=1, max_chunks_per_language=3)
-    assert (other / "xx/train.npy").read_bytes() != (out / "xx/train.npy").read_bytes()
+    assert tree_bytes(other / "xx" / "train") != tree_bytes(out / "xx" / "train")
 
 
 def test_zero_chunks_raise_naming_the_parameter(

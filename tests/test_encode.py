@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from stagekit import FakeContext, make_input, run_stage  # noqa: E402
 
 from stages.encode import ENCODE  # noqa: E402
+from stages.formats.parallel import read_parallel, write_parallel  # noqa: E402
 from stages.sentence_encoder import (  # noqa: E402
     effective_max_length,
     encode_sentences,
@@ -65,9 +66,7 @@ def make_parallel(root: Path, langs: tuple[str, ...] = ("en", "de", "zh"), n: in
     root.mkdir(parents=True, exist_ok=True)
     texts = {lang: sentences(n, seed=i) for i, lang in enumerate(langs)}
     texts["en"][3] = " ".join(["w5"] * 40)  # longer than the model's positions: truncated
-    with (root / "parallel.jsonl").open("w", encoding="utf-8") as f:
-        for i in range(n):
-            f.write(json.dumps({"id": f"s{i}", **{lang: texts[lang][i] for lang in langs}}) + "\n")
+    write_parallel(root, langs, [{"id": f"s{i}", **{lang: texts[lang][i] for lang in langs}} for i in range(n)])
     (root / "meta.json").write_text(json.dumps({"languages": list(langs), "n": n, "source": "file"}))
     return root
 
@@ -212,7 +211,7 @@ def test_subnetwork_with_all_ones_mask_equals_full(study, full, tmp_path):
 
     zeroed = load_model(study["model"]).eval()
     apply_mask_(zeroed, mask)
-    texts = [json.loads(line)["en"] for line in (study["parallel"] / "parallel.jsonl").read_text().splitlines()]
+    texts = [r["en"] for r in read_parallel(study["parallel"])[1]]
     ref, _ = encode_sentences(zeroed, load_tokenizer(study["model"]), texts, max_length=MAX_TOKENS)
     np.testing.assert_allclose(sub, ref, atol=1e-5)
 
@@ -273,7 +272,7 @@ def test_tokenize_sentences_counts_only_sentences_that_were_cut(study):
 
 def test_lengths_files_and_truncated_counts_per_language(study, tmp_path):
     meta, out, _ = run_encode(study, tmp_path / "short", max_length=8)
-    rows = [json.loads(line) for line in (study["parallel"] / "parallel.jsonl").read_text().splitlines()]
+    rows = read_parallel(study["parallel"])[1]
     assert meta["max_length"] == 8
     for lang in ("en", "de", "zh"):
         true = np.array([len(r[lang].split()) + 2 for r in rows])

@@ -684,7 +684,7 @@ def test_a_hung_controller_times_sbatch_out_and_status_warns_instead_of_hanging(
     subprocess.run(["scancel", *ids], capture_output=True)
     assert status.returncode == 0 and took < 12, (took, status.stderr)
     assert "warning: the SLURM controller did not answer squeue within 5 s" in status.stderr
-    assert re.search(r"^emit\[language=en\] +queued +slurm", status.stdout, re.MULTILINE)
+    assert re.search(r"^emit\[language=en\] +queued +- +slurm", status.stdout, re.MULTILINE)
 
 
 @cluster

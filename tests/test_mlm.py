@@ -59,16 +59,19 @@ def _language_stream(lang_index: int, n_tokens: int, rng: np.random.Generator) -
 
 def make_dataset(out: Path, langs: tuple[str, ...] = ("aa", "bb", "cc"), n_train: int = 24, n_test: int = 6,
                  block: int = BLOCK, seed: int = 0) -> Path:
-    """A dataset artifact as stage ``tokenize`` writes it: <lang>/{train,select,report}.npy and
-    meta.json; each test half has ``n_test`` chunks, drawn independently (so the halves differ)."""
+    """A dataset artifact written as stage ``tokenize`` writes it (``write_language``: <lang>/ with splits
+    train, select, report) and meta.json; each test half has ``n_test`` chunks, drawn independently (so the
+    halves differ)."""
+    from stages.formats.dataset import write_language
+
     rng = np.random.default_rng(seed)
     counts: dict[str, dict[str, dict[str, int]]] = {}
     for i, lang in enumerate(langs):
-        (out / lang).mkdir(parents=True, exist_ok=True)
+        splits = {}
         for split, n in (("train", n_train), ("select", n_test), ("report", n_test)):
-            chunks = _language_stream(i, n * block, rng).reshape(n, block)
-            np.save(out / lang / f"{split}.npy", chunks)
+            splits[split] = _language_stream(i, n * block, rng).reshape(n, block)
             counts.setdefault(lang, {})[split] = {"chunks": n}
+        write_language(out, lang, splits)
     meta = {"block_size": block, "vocab_size": N_WORDS + 5, "pad_token_id": 1, "mask_token_id": N_WORDS + 4,
             "bos_token_id": 0, "eos_token_id": 2, "unk_token_id": 3, "languages": list(langs), "counts": counts}
     (out / "meta.json").write_text(json.dumps(meta))
@@ -97,22 +100,22 @@ def test_dataset_access(tiny: dict) -> None:
     arr = mlm.load_split(tiny["ds_dir"], "bb", "select")
     assert arr.shape == (6, BLOCK) and arr.dtype == np.int32
     assert not np.array_equal(arr, mlm.load_split(tiny["ds_dir"], "bb", "report"))
-    assert isinstance(mlm.load_split(tiny["ds_dir"], "bb", "train", mmap=True), np.memmap)
-    with pytest.raises(ValueError, match="no zz/select.npy"):
+    with pytest.raises(ValueError, match="no zz/select"):
         mlm.load_split(tiny["ds_dir"], "zz", "select")
     with pytest.raises(ValueError, match="'train', 'select' or 'report'"):
         mlm.load_split(tiny["ds_dir"], "bb", "test")
 
 
-def test_a_dataset_without_the_test_halves_asks_to_rerun_tokenize(tmp_path: Path) -> None:
-    """A version-1 dataset (one test.npy, no halves) is refused with what to do."""
-    ds = make_dataset(tmp_path / "old", langs=("xx",), n_train=2, n_test=2)
-    (ds / "xx" / "select.npy").rename(ds / "xx" / "test.npy")
-    (ds / "xx" / "report.npy").unlink()
-    for half in ("select", "report"):
-        with pytest.raises(ValueError, match=rf"no xx/{half}.npy.*older tokenize.*re-run the tokenize stage"):
-            mlm.load_split(ds, "xx", half)
-    assert mlm.load_split(ds, "xx", "train").shape == (2, BLOCK)
+def test_a_dataset_of_npy_files_asks_to_rerun_tokenize(tmp_path: Path) -> None:
+    """A dataset of the tokenize stage before version 3 (.npy files; version 1: one test.npy, no halves) is
+    refused with what to do."""
+    for old in ("select.npy", "test.npy"):
+        (tmp_path / old / "xx").mkdir(parents=True)
+        np.save(tmp_path / old / "xx" / "train.npy", np.zeros((2, BLOCK), np.int32))
+        np.save(tmp_path / old / "xx" / old, np.zeros((2, BLOCK), np.int32))
+        for split in ("train", "select", "report"):
+            with pytest.raises(ValueError, match=r"xx/\*.npy files of a tokenize stage before version 3.*re-run the tokenize"):
+                mlm.load_split(tmp_path / old, "xx", split)
 
 
 def test_eval_params_split_defaults_to_the_selection_half() -> None:

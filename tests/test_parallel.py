@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pytest
-from stagekit import FakeContext, run_stage
+from stagekit import FakeContext, run_stage, tree_bytes
 
 from stages.formats.parallel import read_parallel
 from stages.parallel import PARALLEL, ParallelParams, ratio_filter, sample_rows
@@ -17,7 +18,8 @@ def run_parallel(tmp: Path, params: dict[str, Any], seed: int = 0) -> tuple[list
     ctx = FakeContext(tmp, seed=seed)
     meta = run_stage(PARALLEL, params, ctx)["parallel"]
     out = ctx.output_dir("parallel")
-    rows = [json.loads(line) for line in (out / "parallel.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = datasets.load_from_disk(str(out)).to_list()  # as a researcher opens it
+    assert read_parallel(out) == (meta["languages"], rows)  # and as the stages read it
     return rows, dict(meta), out
 
 
@@ -47,7 +49,7 @@ def test_bible_verses_are_aligned(bible):
 def test_bible_is_deterministic_and_seeded(bible, tmp_path):
     rows, meta, out = bible
     again, meta2, out2 = run_parallel(tmp_path / "again", BIBLE, seed=3)
-    assert (out2 / "parallel.jsonl").read_bytes() == (out / "parallel.jsonl").read_bytes()
+    assert tree_bytes(out2) == tree_bytes(out)  # every file, state.json (the fingerprint) included
     assert meta2["ids_sha256"] == meta["ids_sha256"]
     other, _, _ = run_parallel(tmp_path / "other", BIBLE, seed=4)
     assert [r["id"] for r in other] != [r["id"] for r in rows]
@@ -84,6 +86,20 @@ def test_jsonl_file(tmp_path):
     assert rows[0] == {"id": "s0", "en": "sentence number 0 here", "fr": "phrase numéro 0 ici"}
     langs, read = read_parallel(out)
     assert langs == ["en", "fr"] and read == rows
+
+
+def test_the_artifact_is_a_datasets_directory(bible, tmp_path):
+    """The artifact's own directory is a ``datasets.Dataset`` (columns id and the languages in meta.json's
+    order, one row per sentence); a parallel set of the stage's version 1 (parallel.jsonl) is refused with
+    what to do."""
+    rows, meta, out = bible
+    ds = datasets.load_from_disk(str(out))
+    assert ds.column_names == ["id", "en", "de", "zh"] and len(ds) == 60 and ds[0] == rows[0]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "parallel.jsonl").write_text('{"id": "1", "en": "x"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="parallel.jsonl of a parallel stage before version 2.*re-run the parallel stage"):
+        read_parallel(old)
 
 
 def test_tsv_file_with_selected_languages(tmp_path):

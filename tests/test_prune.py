@@ -204,12 +204,14 @@ BLOCK = 16
 
 def make_tiny_study(root, languages=("en", "de"), n_test=24, seed=0):
     """``(model_dir, dataset_dir)``: a saved tiny XLMRobertaForMaskedLM with its tokenizer, and a
-    dataset artifact (``<lang>/{train,select,report}.npy`` + meta.json) of random ids, one id range
-    per language; each test half has ``n_test`` chunks, drawn independently."""
+    dataset artifact (``<lang>/`` with splits train, select, report, written by ``write_language``, +
+    meta.json) of random ids, one id range per language; each test half has ``n_test`` chunks, drawn
+    independently."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from stages.formats.dataset import write_language
     from stages.mlm import build_model
 
     words = [f"w{i}" for i in range(43)]
@@ -229,12 +231,12 @@ def make_tiny_study(root, languages=("en", "de"), n_test=24, seed=0):
     rng = np.random.default_rng(seed)
     data_dir = root / "dataset"
     for i, lang in enumerate(languages):
-        (data_dir / lang).mkdir(parents=True)
         lo = 4 + 10 * i  # each language its own 20-id range (overlapping), all inside the vocabulary
+        splits = {}
         for split, n in (("train", 4), ("select", n_test), ("report", n_test)):
-            chunks = rng.integers(lo, lo + 20, size=(n, BLOCK)).astype(np.int32)
+            chunks = splits[split] = rng.integers(lo, lo + 20, size=(n, BLOCK)).astype(np.int32)
             chunks[:, 0], chunks[:, -1] = 0, 2  # <s> ... </s>
-            np.save(data_dir / lang / f"{split}.npy", chunks)
+        write_language(data_dir, lang, splits)
     meta = {"languages": list(languages), "block_size": BLOCK, "vocab_size": len(tok), "mask_token_id": 47,
             "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "unk_token_id": 3}
     (data_dir / "meta.json").write_text(json.dumps(meta))
@@ -324,6 +326,7 @@ def test_prune_stage_end_to_end(tiny, tmp_path):
     assert meta["eval_split"] == "select" and info["eval_split"] == "select"  # decisions: the selection half
     np.testing.assert_array_equal(_replay(imp, 7), mask)
     assert [step for m, step in ctx.metrics if "heads_kept" in m] == list(range(8))
+    assert ctx.reported == [(step, 7, "step") for step in range(8)]  # ctx.progress: each step of at most 7
     ppl = [t["perplexity"] for t in traj]
 
     # 2. a threshold between the running maximum of the first j steps and a later, higher step:
@@ -347,7 +350,7 @@ def test_prune_stage_end_to_end(tiny, tmp_path):
 
 
 def test_prune_reads_only_the_half_it_is_given(tiny, tmp_path):
-    """Without report.npy the default run is unchanged (it reads the selection half only); with
+    """Without the report split the default run is unchanged (it reads the selection half only); with
     ``split="report"`` it reads the reporting half and nothing else."""
     import shutil
 
@@ -358,14 +361,14 @@ def test_prune_reads_only_the_half_it_is_given(tiny, tmp_path):
     no_report = tmp_path / "no_report"
     shutil.copytree(data_dir, no_report)
     for lang in ("en", "de"):
-        (no_report / lang / "report.npy").unlink()
+        shutil.rmtree(no_report / lang / "report")
     meta, _, _, traj2, _, _ = _run_prune((model_dir, no_report), tmp_path / "a", max_eval_chunks=8, threshold=1.05)
     assert traj2 == traj and meta["heads_kept"] == base["heads_kept"]
 
     no_select = tmp_path / "no_select"
     shutil.copytree(data_dir, no_select)
     for lang in ("en", "de"):
-        (no_select / lang / "select.npy").unlink()
+        shutil.rmtree(no_select / lang / "select")
     meta_r, *_ = _run_prune((model_dir, no_select), tmp_path / "b", max_eval_chunks=8, threshold=1.05,
                             split="report")
     assert meta_r["eval_split"] == "report"

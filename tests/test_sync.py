@@ -3,8 +3,9 @@
 No W&B server can run here, so ``wandb`` on PATH is a FAKE executable (``fake_wandb_cli``) that
 records its argv and, like wandb 0.31, leaves ``run-<id>.wandb.synced`` next to each run it
 synced; the public API used to declare offline inputs is the FAKE ``FakeApi``, whose calls are
-checked against the real ``wandb.Api`` signatures. Run directories here are stand-ins; see
-test_tracking_wandb.py for the same command on real offline runs.
+checked against the real ``wandb.Api`` signatures. A hung upload (an unreachable server) is the
+FAKE ``HUNG_WANDB``, which starts a child and never returns. Run directories here are stand-ins;
+see test_tracking_wandb.py for the same command on real offline runs.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from orchestrator import sync
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Job, Plan, build_plan
+from orchestrator.procutil import alive
 from orchestrator.records import write_plan, write_state
 from orchestrator.spec import load_study
 from orchestrator.sync import levels, sync_study
@@ -243,3 +247,89 @@ def test_cli_sync_exits_1_when_an_upload_fails_and_says_what(
 def test_unknown_study_is_a_clear_error(tmp_path: Path) -> None:
     out = cli("sync", "nope", "--store", str(tmp_path), cwd=tmp_path)
     assert out.returncode == 2 and "no study 'nope'" in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------ hung uploads
+HUNG_WANDB = """\
+import os, signal, subprocess, sys, time
+# FAKE wandb CLI standing in for an upload that hangs (an unreachable server): it starts a child
+# process (as wandb starts wandb-core) and never returns; with FAKE_WANDB_DEAF=1 both ignore SIGTERM
+deaf = os.environ.get("FAKE_WANDB_DEAF") == "1"
+if deaf:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\\n"
+                          "if sys.argv[1] == '1': signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+                          "time.sleep(600)", "1" if deaf else "0"])
+with open(os.environ["FAKE_WANDB_PIDS"], "a") as f:
+    f.write(f"{os.getpid()} {child.pid}\\n")
+time.sleep(600)
+"""
+
+
+def hung_wandb_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deaf: bool = False) -> Path:
+    """Put the FAKE hung ``wandb`` first on PATH; returns the file where it writes its and its child's pid."""
+    bin_dir = tmp_path / "hung-bin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / "wandb"
+    exe.write_text(f"#!{sys.executable}\n{HUNG_WANDB}")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    pids = tmp_path / "hung-pids.txt"
+    monkeypatch.setenv("FAKE_WANDB_PIDS", str(pids))
+    monkeypatch.setenv("FAKE_WANDB_DEAF", "1" if deaf else "0")
+    return pids
+
+
+def hung_pids(pids: Path) -> list[int]:
+    return [int(p) for line in pids.read_text().splitlines() for p in line.split()]
+
+
+def all_gone(pids: list[int], within_s: float = 5.0) -> bool:
+    """Whether every process in ``pids`` has ended (a killed process may take a moment to exit)."""
+    deadline = time.monotonic() + within_s
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_hung_upload_is_stopped_after_the_timeout_reported_and_retried_next_time(
+        study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = study
+    emits = plan.stage_jobs("emit")
+    for job in emits:
+        make_run(paths, job)
+    pids = hung_wandb_cli(tmp_path, monkeypatch)
+    started = time.monotonic()
+    out = cli("sync", "toy", "--store", str(paths.root), "--timeout", "2", cwd=tmp_path)
+    assert out.returncode == 1 and time.monotonic() - started < 30, out.stdout + out.stderr
+    for job in emits:
+        assert f"FAILED   {job.label}: {run_dir(paths, job)}: wandb sync timed out after 2 s; sync again" in out.stdout
+    assert "0 synced, 4 skipped, 3 failed" in out.stdout
+    assert all_gone(hung_pids(pids))  # the upload and its child: the whole group
+    assert all(json.loads(wb.marker_path(paths, j.key).read_text())["synced"] == [] for j in emits)
+    log = fake_wandb_cli(tmp_path, monkeypatch)  # the server is back: the next sync uploads them
+    again = sync_study(paths, echo=lambda _: None, api_factory=lambda: FakeApi())
+    assert again.ok and len(again.synced) == 3 and [c["argv"][1:] for c in calls(log)] == [[run_dir(paths, j) for j in emits]]
+
+
+def test_an_upload_deaf_to_sigterm_is_killed(study: tuple[Plan, StudyPaths], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = study
+    make_run(paths, plan.stage_jobs("emit")[0])
+    pids = hung_wandb_cli(tmp_path, monkeypatch, deaf=True)
+    monkeypatch.setattr(sync, "STOP_GRACE_S", 0.5)
+    started = time.monotonic()
+    report = sync_study(paths, timeout_s=1, echo=lambda _: None, api_factory=lambda: FakeApi())
+    assert time.monotonic() - started < 20 and not report.ok and not report.synced
+    assert "timed out after 1 s; sync again" in report.failed[0][1]
+    assert len(hung_pids(pids)) == 2 and all_gone(hung_pids(pids))
+
+
+def test_bad_timeout_and_watch_with_dry_run_are_refused(tmp_path: Path) -> None:
+    for args, says in ((["--timeout", "0"], "sync --timeout 0: give a number of seconds above 0"),
+                       (["--interval", "nan"], "sync --interval nan: give"), (["--timeout", "1h"], "invalid float value"),
+                       (["--watch", "--dry-run"], "--watch uploads as jobs end and has no --dry-run")):
+        out = cli("sync", "toy", "--store", str(tmp_path), *args, cwd=tmp_path)
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)

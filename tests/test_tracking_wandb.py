@@ -35,7 +35,7 @@ from orchestrator.plan import Plan, build_plan
 from orchestrator.records import JobRecord, read_plan
 from orchestrator.spec import load_study
 from orchestrator.sync import sync_study
-from orchestrator.tracking import open_run
+from orchestrator.tracking import open_run, wandb_files
 from orchestrator.tracking import wandb as wb
 
 wandb = pytest.importorskip("wandb")
@@ -189,6 +189,17 @@ def test_stages_resolve_each_other_through_the_local_mirror(study: dict[str, Any
     assert marker["mode"] == "offline" and marker["finished"] and not marker["errors"]
     assert sorted(f"{i['artifact']}:{i['alias']}" for i in marker["inputs"]) == scale_refs
     assert not any(i["linked"] for i in marker["inputs"])
+
+
+def test_every_ended_run_drops_a_trigger_for_sync_watch(study: dict[str, Any]) -> None:
+    plan: Plan = study["plan"]
+    paths: StudyPaths = study["paths"]
+    triggers = wandb_files.read_ready(paths)
+    assert sorted(triggers) == sorted(j.key for j in plan.jobs)
+    for job in plan.jobs:
+        entry = json.loads(triggers[job.key].read_text())
+        assert entry["run_id"] == wb.run_id("toy", job.key) and entry["ok"] is True
+    assert not [p for p in (paths.dir / "wandb-ready").iterdir() if p.name.startswith(".")]  # no temporary files
 
 
 def test_sync_dry_run_lists_the_study_run_dirs_producers_first_and_real_wandb_accepts_them(study: dict[str, Any]) -> None:
@@ -511,3 +522,116 @@ def md5_b64(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return base64.b64encode(h.digest()).decode()
+
+
+# ------------------------------------------------------------ media and tags, REAL offline wandb
+
+def write_png(path: Path, color: tuple[int, int, int]) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 6), color).save(path)
+
+
+def history_items(log: Path) -> dict[str, Any]:
+    """Every key logged to the run's history with its last value; a media value (wandb writes its
+    fields as nested keys ``[key, field]``) as a dict of its fields."""
+    items: dict[str, Any] = {}
+    for h in records_of(log, "history"):
+        for i in h.item:
+            key, *fields = list(i.nested_key) or [i.key]
+            if fields:
+                items.setdefault(key, {})["/".join(fields)] = json.loads(i.value_json)
+            else:
+                items[key] = json.loads(i.value_json)
+    return items
+
+
+def test_images_and_pages_of_an_output_are_logged_as_media_and_runs_get_tags(
+        toy_spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A REAL offline wandb run (in this process): an output version with two figures, a page that
+    shows them by relative links, an SVG and a non-media file; the run shows the figures as
+    ``wandb.Image`` and the pages as ``wandb.Html`` (their images inlined), and has the spec's tags."""
+    for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data")):
+        monkeypatch.setenv(var, str(tmp_path / "wandb" / sub))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    study, registry = load_study(toy_spec, ["tracking.backend=wandb", "tracking.project=test", "tracking.mode=offline",
+                                            "tracking.tags=[ablation, heads]"])
+    plan = build_plan(study, registry)
+    root = tmp_path / "root"
+    store = LocalStore(root / "artifacts")
+    emit = plan.stage_jobs("emit")[0]
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    write_png(src / "heads_overlap.png", (200, 10, 10))
+    write_png(src / "sub" / "layers.png", (10, 200, 10))
+    (src / "heads_overlap.pdf").write_bytes(b"%PDF-1.4 not shown")
+    (src / "values.json").write_text("{}")
+    (src / "drawing.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"><rect width="4" height="4"/></svg>')
+    (src / "report.html").write_text('<html><body><h1>Report</h1><img src="heads_overlap.png" alt="a">'
+                                     '<img alt="b" src=\'sub/layers.png\'><img src="https://example.org/x.png"></body></html>')
+    version = store.log(emit.outputs[0].artifact, "number", src, producer=Producer(emit.key, "toy", "emit", emit.label))
+    paths = StudyPaths(root, "toy")
+    messages: list[str] = []
+    run = wb.WandbRun(JobRecord.from_job(emit, plan, root), paths, echo=messages.append)
+    mirror = store.materialize(version.ref)
+    run.log_output(version, mirror)
+    run.finish(ok=True)
+    wandb.teardown()
+    [log] = offline_runs(paths, emit.key)
+    [record] = records_of(log, "run")
+    assert list(record.tags) == ["ablation", "heads", "toy"]  # the spec's, then the study's name
+    items = history_items(log)
+    out = emit.outputs[0].name
+    assert {k for k in items if not k.startswith("_")} == {f"{out}/{n}" for n in
+                                                           ("heads_overlap", "sub/layers", "drawing", "report")}
+    files = log.parent / "files"
+    for key, name in ((f"{out}/heads_overlap", "heads_overlap.png"), (f"{out}/sub/layers", "sub/layers.png")):
+        assert items[key]["_type"] == "image-file" and (items[key]["width"], items[key]["height"]) == (8, 6)
+        assert (files / items[key]["path"]).read_bytes() == (mirror / name).read_bytes()
+    page = (files / items[f"{out}/report"]["path"]).read_text()
+    assert items[f"{out}/report"]["_type"] == "html-file"
+    inlined = base64.b64encode((mirror / "heads_overlap.png").read_bytes()).decode()
+    assert f'src="data:image/png;base64,{inlined}"' in page and "src='data:image/png;base64," in page
+    assert 'src="https://example.org/x.png"' in page and "<h1>Report</h1>" in page
+    assert "<svg" in (files / items[f"{out}/drawing"]["path"]).read_text()
+    marker = json.loads(wb.marker_path(paths, emit.key).read_text())
+    assert marker["outputs"][0]["media"] == sorted(k for k in items if k.startswith(f"{out}/"))
+    assert not marker["errors"] and not [m for m in messages if "media" in m]
+
+
+def test_media_selection_limits_and_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.tracking import media
+
+    monkeypatch.setattr(media, "MAX_FILES", 2)
+    files = [("a.png", 10), ("a.jpg", 10), ("big.png", media.MAX_BYTES + 1), ("c.gif", 1), ("notes.txt", 5),
+             ("x y.html", 3)]
+    chosen, notes = media.select_media("figures", tmp_path, files)
+    assert [(m.key, m.kind) for m in chosen] == [("figures/a", "image"), ("figures/a_png", "image")]
+    assert any("big.png" in n and "in the artifact" in n for n in notes)
+    assert any(n.startswith("c.gif and later files") for n in notes)
+    assert media.media_key("figures", "x y.html") == "figures/x_y"
+    # a page's links that leave the version, or name no image, stay as they are
+    (tmp_path / "v").mkdir()
+    write_png(tmp_path / "v" / "ok.png", (0, 0, 0))
+    write_png(tmp_path / "outside.png", (0, 0, 0))
+    page = '<img src="../outside.png"><img src="missing.png"><img src="ok.png?x=1"><img src="data:image/png;base64,AA">'
+    out = media.inline_images(page, tmp_path / "v" / "p.html", tmp_path / "v")
+    assert '<img src="../outside.png">' in out and '<img src="missing.png">' in out
+    assert out.count("data:image/png;base64,") == 2 and "ok.png" not in out
+
+
+def test_tags_are_checked_like_wandb_checks_them_and_tracking_never_changes_job_keys(toy_spec: Path) -> None:
+    from orchestrator.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"tracking\.tags"):
+        load_study(toy_spec, [f"tracking.tags=[ok, {'x' * 65}]"])
+    with pytest.raises(SpecError, match=r"tracking\.tags"):
+        load_study(toy_spec, ["tracking.tags=['']"])
+    with pytest.raises(ValueError, match="64 characters"):  # the limit is wandb's own
+        wandb.Settings(run_tags=("x" * 65,))
+    wandb.Settings(run_tags=("x" * 64,))
+    plain = build_plan(*load_study(toy_spec))
+    tracked = build_plan(*load_study(toy_spec, ["tracking.backend=wandb", "tracking.mode=offline", "tracking.project=p",
+                                                "tracking.tags=[a, b]", "tracking.reference_artifacts=true"]))
+    assert [j.key for j in plain.jobs] == [j.key for j in tracked.jobs]
+    assert plain.study.spec_hash() != tracked.study.spec_hash()  # recorded as provenance, not part of keys

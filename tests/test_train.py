@@ -69,6 +69,7 @@ def test_outputs_metrics_and_logs(reference: dict) -> None:
     out, meta, ctx = reference["out"], reference["meta"]["model"], reference["ctx"]
     metrics = _metrics(out)
     assert metrics["steps"] == 12 and meta["steps"] == 12
+    assert ctx.reported == [(step, 12, "step") for step in range(13)]  # ctx.progress: each step
     assert metrics["languages"] == list(LANGS)
     assert [h["step"] for h in metrics["history"]] == [0, 4, 8, 12]
     assert metrics["best_step"] in (4, 8, 12)
@@ -143,13 +144,14 @@ def test_resume_after_stop_request_gives_the_same_result(data: dict, reference: 
 def test_the_reporting_half_does_not_steer_training(data: dict, reference: dict, tmp_path: Path) -> None:
     """Replace every language's reporting half by other chunks: the selection-half history, the best
     step and the saved weights stay exactly the same, only the reported numbers move."""
-    import shutil
+    from stages.formats.dataset import load_split, write_language
 
-    ds = tmp_path / "dataset"
-    shutil.copytree(reference["dataset"], ds)
+    ref, ds = reference["dataset"], tmp_path / "dataset"
     for i, lang in enumerate(LANGS):
-        other = np.load(reference["dataset"] / LANGS[(i + 1) % len(LANGS)] / "train.npy")[:8]
-        np.save(ds / lang / "report.npy", other)
+        other = load_split(ref, LANGS[(i + 1) % len(LANGS)], "train")[:8]
+        write_language(ds, lang, {"train": load_split(ref, lang, "train"), "select": load_split(ref, lang, "select"),
+                                  "report": other})
+    (ds / "meta.json").write_bytes((ref / "meta.json").read_bytes())
     run_stage(TRAIN, PARAMS, FakeContext(tmp_path / "run", seed=11), {**data, "dataset": make_input(ds, "dataset")})
     ref_m, got_m = _metrics(reference["out"]), _metrics(tmp_path / "run" / "outputs" / "model")
     assert got_m["best_step"] == ref_m["best_step"]
@@ -218,6 +220,23 @@ def test_train_order_visits_every_chunk_once_per_epoch() -> None:
     again = TrainOrder(arrays, batch_size=4, seed=5)
     assert np.array_equal(again.batch(7), order.batch(7))  # a pure function of the step
     assert not np.array_equal(TrainOrder(arrays, 4, seed=6).indices(0), order.indices(0))
+
+
+def test_train_order_over_the_record_batches_of_a_dataset(tmp_path: Path) -> None:
+    """The training stage hands TrainOrder every language's memory-mapped record batches (``split_blocks``:
+    a saved split of 2,500 rows has several): the batches are those of one array per language."""
+    from stages.formats.dataset import split_blocks, write_language
+
+    rng = np.random.default_rng(0)
+    arrays = {lang: rng.integers(0, 1000, size=(n, 4), dtype=np.int32) for lang, n in (("aa", 2_500), ("bb", 300))}
+    for lang, arr in arrays.items():
+        write_language(tmp_path, lang, {"train": arr})
+    blocks = [b for lang in arrays for b in split_blocks(tmp_path, lang, "train")]
+    assert len(blocks) > 2 and not any(b.flags.writeable for b in blocks)  # views of the memory map
+    by_block, by_language = TrainOrder(blocks, 32, seed=3), TrainOrder(list(arrays.values()), 32, seed=3)
+    assert by_block.steps_per_epoch == by_language.steps_per_epoch == 88
+    for step in (0, 1, 87, 88, 200):
+        np.testing.assert_array_equal(by_block.batch(step), by_language.batch(step))
 
 
 CHILD = """

@@ -273,12 +273,14 @@ def cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProce
 
 
 def fake_slurm_bin(tmp_path: Path) -> Path:
-    """sbatch, squeue, scancel that only record their arguments (for the checks that SLURM exists)."""
+    """sbatch, squeue, scancel that only record their arguments (for the checks that SLURM exists),
+    and an scontrol that answers with a cluster's limits (so that no real controller is asked)."""
     folder = tmp_path / "fake-slurm"
     folder.mkdir(exist_ok=True)
-    for name in ("sbatch", "squeue", "scancel", "wandb"):
+    for name in ("sbatch", "squeue", "scancel", "wandb", "scontrol"):
+        answer = "echo 'MaxArraySize = 1001'; echo 'MaxJobCount = 10000'" if name == "scontrol" else "echo 999"
         script = folder / name
-        script.write_text(f'#!/bin/sh\necho {name} "$@" >> {tmp_path / "fake-slurm.log"}\necho 999\n')
+        script.write_text(f'#!/bin/sh\necho {name} "$@" >> {tmp_path / "fake-slurm.log"}\n{answer}\n')
         script.chmod(0o755)
     return folder
 

@@ -19,6 +19,7 @@ from .base import (
 )
 from .local import FsckReport, LocalStore
 from .locking import LockTimeout, file_lock
+from .readonly import ReadOnlyStore, ReadOnlyStoreError
 
 __all__ = [
     "ArtifactError",
@@ -34,8 +35,11 @@ __all__ = [
     "LocalStore",
     "LockTimeout",
     "Producer",
+    "ReadOnlyStore",
+    "ReadOnlyStoreError",
     "check_name",
     "file_lock",
+    "open_reader",
     "open_store",
 ]
 
@@ -43,3 +47,9 @@ __all__ = [
 def open_store(root: Path) -> ArtifactStore:
     """The artifact store under a storage root (``storage.root``)."""
     return LocalStore(root / "artifacts")
+
+
+def open_reader(root: Path) -> ReadOnlyStore:
+    """The artifact store under a storage root, for reading only: nothing is created or written
+    (it may be read-only); ArtifactNotFound if there is none."""
+    return ReadOnlyStore(root / "artifacts")

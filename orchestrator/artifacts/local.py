@@ -102,6 +102,7 @@ from .base import (
     FileEntry,
     Producer,
 )
+from .describe import producer_dict
 from .fsck import Fsck, FsckReport
 from .hashcache import HashCache
 from .ingest import BlobWriter, Ingested, discard, list_source
@@ -205,7 +206,7 @@ class LocalStore(AliasWriter):
         files may be in the store already and gone from ``source``: recreate it to log again."""
         self._check_type(name, type, self._version_numbers(name))  # checked again under the lock
         new_aliases = [self._check_alias(a) for a in aliases if a != LATEST]
-        record = {"type": type, "metadata": dict(metadata or {}), "producer": self._producer_to_dict(producer)}
+        record = {"type": type, "metadata": dict(metadata or {}), "producer": producer_dict(producer)}
         _to_json(record, f"metadata/provenance of artifact {name!r}")  # fail before touching any file
         sources = list_source(source)
         try:
@@ -271,19 +272,6 @@ class LocalStore(AliasWriter):
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # renamed away unless deduplicated/failed
         return number
-
-    @staticmethod
-    def _producer_to_dict(producer: Producer | None) -> dict[str, Any] | None:
-        if producer is None:
-            return None
-        return {
-            "job_key": producer.job_key,
-            "study": producer.study,
-            "stage": producer.stage,
-            "job_label": producer.job_label,
-            "inputs": [str(r) for r in producer.inputs],
-            "provenance": dict(producer.provenance),
-        }
 
     def _unchanged_version(
         self, name: str, sources: Sequence[tuple[str, str, os.stat_result]]

@@ -4,13 +4,17 @@ The local store stays the source of truth: the runner resolves inputs through it
 and commits outputs to it first; this backend mirrors runs, metrics and artifacts to W&B.
 
 - **Run.** ``group`` = study, ``job_type`` = stage id, ``name`` = job label, ``config`` = params,
-  job key, seed, matrix point and spec hash. The run id is derived from the study and the job key,
-  so a requeued job resumes the same run (``resume="allow"``). The run's files live under
-  ``studies/<study>/jobs/<key>/wandb/`` so that ``python -m orchestrator sync`` finds them.
+  job key, seed, matrix point and spec hash; ``tags`` = ``tracking.tags`` + the study name. The run
+  id is derived from the study and the job key, so a requeued job resumes the same run
+  (``resume="allow"``). The run's files live under ``studies/<study>/jobs/<key>/wandb/`` so that
+  ``python -m orchestrator sync`` finds them; when the run ends, the job drops its trigger in
+  ``studies/<study>/wandb-ready/`` for ``sync --watch`` (``orchestrator.tracking.wandb_files``).
 - **Outputs.** ``log_artifact`` with the version's type, metadata (+ lineage under ``orchestrator``)
   and aliases (``study-<name>``, ``job-<key16>``). Files are added from the store's read-only
   materialized copy with ``policy="immutable"`` (no second copy in W&B's staging area), or as
-  ``file://`` references when ``tracking.reference_artifacts`` is set (nothing uploaded).
+  ``file://`` references when ``tracking.reference_artifacts`` is set (nothing uploaded). The
+  version's images and HTML pages are also logged to the run as ``wandb.Image`` / ``wandb.Html``
+  (``orchestrator.tracking.media``), so W&B's UI shows them.
 - **Inputs.** Online: ``use_artifact("<name>:job-<upstream key16>")`` so W&B's lineage graph is the
   study's DAG, and the W&B version's digest is checked against the local one. Offline (wandb 0.31
   cannot ``use_artifact`` offline): the inputs go to the run config (``inputs``) and to
@@ -24,118 +28,51 @@ and commits outputs to it first; this backend mirrors runs, metrics and artifact
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import sys
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from orchestrator.artifacts import ArtifactVersion
-from orchestrator.errors import OrchestratorError
-from orchestrator.fsutil import atomic_write_json, read_json
+from orchestrator.fsutil import atomic_write_json
 from orchestrator.paths import StudyPaths
 from orchestrator.records import JobRecord, now
 from orchestrator.tracking.base import TrackingRun
 from orchestrator.tracking.local import LocalRun
+from orchestrator.tracking.media import select_media, wandb_media
+from orchestrator.tracking.wandb_files import (
+    INSTALL_HINT,
+    KEY_VAR,
+    MARKER,
+    WANDB_NAME,
+    import_wandb,
+    load_api_key,
+    marker_path,
+    read_dotenv,
+    read_marker,
+    redact,
+    requested_mode,
+    run_id,
+    wandb_artifact_name,
+    write_ready,
+)
 
-INSTALL_HINT = "pip install 'cross-lingual-subnets[wandb]'"
-MARKER = "wandb-run.json"  # in the job's directory: what sync needs to know about the job's W&B runs
-KEY_VAR = "WANDB_API_KEY"
+__all__ = [  # what sync, sweeps and tests import from here (the shared helpers live in wandb_files)
+    "INSTALL_HINT", "KEY_VAR", "MARKER", "WANDB_NAME", "WandbRun", "import_wandb", "load_api_key",
+    "marker_path", "read_dotenv", "read_marker", "redact", "requested_mode", "run_id", "run_tags",
+    "wandb_artifact_name",
+]
+
 INIT_TIMEOUT_S = 90.0  # wandb.init gives up after this (env ORCHESTRATOR_WANDB_INIT_TIMEOUT overrides)
 FINISH_TIMEOUT_S = 300.0  # run.finish stops waiting for uploads (env ORCHESTRATOR_WANDB_FINISH_TIMEOUT)
-WANDB_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}\Z")
 ALIAS_FORBIDDEN = set("/:")
 
 
-def import_wandb() -> ModuleType:
-    """The ``wandb`` package, or an error that says how to install it (never a silent fallback)."""
-    try:
-        import wandb
-    except ImportError as e:
-        raise OrchestratorError(
-            f"tracking.backend=wandb needs the wandb package ({e}); install it with: {INSTALL_HINT}"
-            " (or use --set tracking.backend=local)"
-        ) from None
-    return wandb
-
-
-def run_id(study: str, job_key: str) -> str:
-    """The job's W&B run id: the same on every attempt of the job, distinct across studies."""
-    return hashlib.sha256(f"{study}/{job_key}".encode()).hexdigest()[:32]
-
-
-def wandb_artifact_name(name: str) -> str:
-    """``name`` if W&B accepts it as an artifact name, else a safe name with a hash of the original."""
-    if WANDB_NAME.match(name):
-        return name
-    safe = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)[:111]
-    return f"{safe}.{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
-
-def marker_path(paths: StudyPaths, job_key: str) -> Path:
-    return paths.job(job_key).dir / MARKER
-
-
-def read_marker(path: Path) -> dict[str, Any] | None:
-    try:
-        return read_json(path)
-    except (OSError, ValueError):
-        return None
-
-
-# ----------------------------------------------------------------------------------- credentials
-def read_dotenv(path: Path) -> dict[str, str]:
-    """``KEY=VALUE`` lines of a ``.env`` file (``export``, quotes and ``#`` comments allowed)."""
-    values: dict[str, str] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return values
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        values[key.strip()] = value
-    return values
-
-
-def load_api_key(*dirs: Path, env: MutableMapping[str, str] = os.environ) -> bool:
-    """Make ``WANDB_API_KEY`` available to wandb in ``env``: kept if already set, else read from the
-    first ``.env`` file (in ``dirs`` order) that has it. Returns whether a key is available. The key
-    itself is never returned, printed or written."""
-    if env.get(KEY_VAR):
-        return True
-    for d in dirs:
-        key = read_dotenv(Path(d) / ".env").get(KEY_VAR)
-        if key:
-            env[KEY_VAR] = key
-            return True
-    return False
-
-
-def redact(text: str, env: Mapping[str, str] = os.environ) -> str:
-    """``text`` with the API key (if any) replaced, for messages that may quote wandb's errors."""
-    key = env.get(KEY_VAR)
-    return text.replace(key, "***") if key else text
-
-
-def requested_mode(tracking_mode: str | None, env: Mapping[str, str] = os.environ) -> str:
-    """``online`` / ``offline`` / ``disabled``: the spec's ``tracking.mode``, else ``WANDB_MODE``."""
-    if tracking_mode:
-        return tracking_mode
-    mode = env.get("WANDB_MODE", "").strip().lower()
-    if mode in ("offline", "dryrun"):
-        return "offline"
-    return "disabled" if mode == "disabled" else "online"
+def run_tags(study: str, tags: Sequence[str]) -> list[str]:
+    """``tracking.tags``, then the study's name (a tag to filter runs by study across groups and projects)."""
+    return list(dict.fromkeys([*tags, study]))
 
 
 def _seconds(var: str, default: float) -> float:
@@ -233,6 +170,7 @@ class WandbRun(TrackingRun):
                 mode=mode,
                 config=self._config(),
                 reinit="create_new",
+                tags=run_tags(self.record.study, t.tags),
                 settings=self._settings(),
             )
         except Exception as e:  # noqa: BLE001 - any W&B failure degrades to offline, never fails the job
@@ -392,7 +330,26 @@ class WandbRun(TrackingRun):
         ):
             entry["logged"] = True
             entry["wandb_digest"] = getattr(art, "digest", None)
+        entry["media"] = self._log_media(version, path)
         self._save()
+
+    def _log_media(self, version: ArtifactVersion, path: Path) -> list[str]:
+        """Show the version's images and pages in the run (``orchestrator.tracking.media``); the keys logged."""
+        if self.run is None:
+            return []
+        output = next((o.name for o in self.record.outputs if o.artifact == version.ref.name), version.type)
+        items, notes = select_media(output, path, ((f.path, f.size) for f in version.files))
+        for note in notes:
+            self.echo(f"W&B: {note}")
+        if not items:
+            return []
+        try:
+            media = wandb_media(self.wandb, items, path)
+        except Exception as e:  # noqa: BLE001 - e.g. an image PIL cannot read: the artifact has it anyway
+            self._error(f"preparing media of {version.ref}", e)
+            return []
+        logged = self._call(f"logging media of {version.ref}", lambda run: run.log(media) or True)
+        return sorted(media) if logged else []
 
     def _aliases(self, version: ArtifactVersion) -> list[str]:
         own = [f"study-{self.record.study}", f"job-{self.record.key[:16]}"]
@@ -433,6 +390,11 @@ class WandbRun(TrackingRun):
         self.run = None
         self.state["finished"] = True
         self._save()
+        if self.state["runs"]:  # for `sync --watch`: this job's runs can be uploaded now
+            try:
+                write_ready(self.paths, self.record.key, {"run_id": self.run_id, "ok": ok, "at": now()})
+            except OSError as e:
+                self.echo(f"W&B: cannot write the sync trigger: {e}")
 
     def _finish_one(self, run: Any, ok: bool, online: bool) -> bool:
         try:

@@ -4,6 +4,8 @@ An artifact's layout used to be known separately by the stage that writes it and
 reads it; here each type has one module, and both sides import it:
 
 - :mod:`.names`: the names several formats share (model variants, similarity measures, floor kinds);
+- :mod:`.hf`: the on-disk form of the three text and token types below: ``datasets`` directories
+  (``save_to_disk``; ``datasets.load_from_disk`` opens each), written deterministically;
 - :mod:`.corpus` (``corpus``: stage ``corpus`` -> ``tokenizer``, ``tokenize``);
 - :mod:`.dataset` (``dataset``: stage ``tokenize`` -> ``train``, ``prune``, ``cross_eval``);
 - :mod:`.parallel` (``parallel-corpus``: stage ``parallel`` -> ``encode``, ``token_overlap``);

@@ -3,11 +3,14 @@
 
 Layout::
 
-    parallel.jsonl   one {"id": ..., "<lang>": text, ...} per sentence (a :data:`Row`), every language on
-                     every line, in source order
+    dataset_info.json, state.json, data-*.arrow
+                     a ``datasets.Dataset`` saved with ``save_to_disk`` (:mod:`.hf`) in the artifact's own
+                     directory: one row per sentence (a :data:`Row`), columns ``id`` and one per language
+                     (meta.json's order), every language on every row, in source order
     meta.json        {"languages", "n", "source", "seed", "ids_sha256", "counts", ...}
 
-``ids_sha256`` (:func:`ids_digest`) is how downstream stages check that they read the same sentences.
+Open it with ``datasets.load_from_disk(artifact)``. ``ids_sha256`` (:func:`ids_digest`) is how downstream
+stages check that they read the same sentences.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from stages._io import META_FILE, read_jsonl, write_jsonl
+from stages._io import META_FILE
+from stages.formats import hf
 
-PARALLEL_FILE = "parallel.jsonl"
 ID_KEY = "id"
+OLD_FILE = "parallel.jsonl"  # the parallel stage before version 2 wrote JSON lines
 
 Row = dict[str, str]  # {"id": ..., "<lang>": text, ...}
 
@@ -33,24 +37,32 @@ def ids_digest(ids: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def write_parallel(out: Path, rows: Sequence[Row]) -> int:
-    """Write parallel.jsonl; return how many rows were written."""
-    return write_jsonl(out / PARALLEL_FILE, rows)
+def write_parallel(out: Path, languages: Sequence[str], rows: Sequence[Row]) -> int:
+    """Write the rows (``id`` and every language) as a ``datasets.Dataset`` in ``out``; return how many."""
+    names = [ID_KEY, *languages]
+    hf.save(out, hf.make_dataset({name: hf.string_array(r[name] for r in rows) for name in names}))
+    return len(rows)
 
 
 def read_parallel(path: Path) -> tuple[list[str], list[Row]]:
     """Languages (meta.json order) and rows of a ``parallel-corpus`` artifact directory."""
     path = Path(path)
-    file = path / PARALLEL_FILE
-    if not file.is_file():
-        raise ValueError(f"{path} is not a parallel-corpus artifact: no {PARALLEL_FILE}")
-    rows = [{k: str(v) for k, v in r.items()} for r in read_jsonl(file)]
+    if not hf.is_saved(path):
+        if (path / OLD_FILE).is_file():
+            raise ValueError(
+                f"{path} holds the {OLD_FILE} of a parallel stage before version 2, not a datasets directory; "
+                "re-run the parallel stage and the stages after it"
+            )
+        raise ValueError(f"{path} is not a parallel-corpus artifact: no {' / '.join(hf.DATASET_FILES)}")
+    dataset = hf.load(path)
+    names = list(dataset.column_names)
     meta_path = path / META_FILE
     langs = json.loads(meta_path.read_text(encoding="utf-8")).get("languages") if meta_path.is_file() else None
     if not langs:
-        langs = sorted(k for k in (rows[0] if rows else {}) if k != ID_KEY)
-    for i, r in enumerate(rows):
-        missing = [lang for lang in langs if lang not in r]
-        if missing or ID_KEY not in r:
-            raise ValueError(f"{file}: line {i + 1} lacks {missing or [ID_KEY]}")
+        langs = [n for n in names if n != ID_KEY]
+    missing = [name for name in (ID_KEY, *langs) if name not in names]
+    if missing:
+        raise ValueError(f"{path}: the parallel sentences have no column {missing}")
+    columns = {name: list(hf.string_column(dataset, name)) for name in (ID_KEY, *langs)}
+    rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
     return list(langs), rows

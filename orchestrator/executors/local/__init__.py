@@ -15,6 +15,9 @@ A job's ``resources.retries`` are run by the runner inside the job's process, so
 line and one time limit cover all of its attempts; the last attempt's number is carried into
 the job's final state.
 
+While jobs run, the submit shows the study's progress and each running job's (``live.py``): a
+block redrawn in place on a terminal, a plain status line every 30 s elsewhere, nothing under -q.
+
 Stopping: while a submit's loop runs, SIGINT (Ctrl-C), SIGTERM (``kill``, ``timeout``, schedulers,
 container runtimes) and SIGHUP (a closed terminal) all do the same: SIGTERM to every running job's
 process group, ``grace_s`` to end (a second signal cuts it short), SIGKILL for what is left; the
@@ -52,6 +55,7 @@ from orchestrator.spec import Study
 
 from .job import _context, _job_main, _JobStart, available_cpus
 from .job import _watch_submitter as _watch_submitter  # (tests reach it here)
+from .live import LiveView
 from .loop import SUBMIT_STOP_SIGNALS as SUBMIT_STOP_SIGNALS  # (tests reach these here)
 from .loop import _Run
 from .loop import _StopSignals as _StopSignals
@@ -111,18 +115,19 @@ class LocalExecutor(Executor):
         return cls(paths, store, max_parallel=study.executor.local.max_parallel)
 
     def submit(self, plan: Plan, spec_path: Path, *, force: bool = False) -> SubmitReport:
+        view = LiveView.for_submit(self.paths, plan, self.max_parallel, self.echo)  # (checks its setting first)
         todo, cached = self.prepare(plan, spec_path, force)
         report = SubmitReport(cached=sorted(cached))
         if cached:
-            self.echo(f"{len(cached)} of {len(plan.jobs)} jobs cached (outputs already committed)")
+            view.note(f"{len(cached)} of {len(plan.jobs)} jobs cached (outputs already committed)")
         if not todo:
             self.echo("nothing to run")
             return report
-        self.echo(
+        view.note(
             f"running {len(todo)} jobs, at most {self.max_parallel} at a time on {self.cpus} CPUs; "
             f"logs under {self.paths.dir / 'jobs'}"
         )
-        _Run(self, plan, todo, cached, force, report).loop()
+        _Run(self, plan, todo, cached, force, report, view).loop()
         return report
 
     def _launch(self, key: str, force: bool, cpus: int) -> BaseProcess:

@@ -21,7 +21,10 @@ from orchestrator.exitcodes import EXIT_ABORTED, EXIT_INTERRUPTED
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
 from orchestrator.procutil import alive, parent_of
+from orchestrator.progress_study import Counts
 from orchestrator.records import JobState, State, now, recorded_attempt, write_state
+
+from .live import LiveView, Snapshot
 
 if TYPE_CHECKING:
     from orchestrator.executors.local import LocalExecutor
@@ -121,9 +124,19 @@ class _Run:
     """
 
     def __init__(
-        self, executor: LocalExecutor, plan: Plan, todo: list[str], cached: set[str], force: bool, report: SubmitReport
+        self,
+        executor: LocalExecutor,
+        plan: Plan,
+        todo: list[str],
+        cached: set[str],
+        force: bool,
+        report: SubmitReport,
+        view: LiveView | None = None,
     ) -> None:
+        """``view``: what is shown while it runs (default: plain lines through the executor's echo,
+        no periodic status line)."""
         self.ex, self.plan, self.force, self.report = executor, plan, force, report
+        self.view = view or LiveView(executor.paths, plan, executor.max_parallel, executor.echo, "plain", interval=float("inf"))
         self.waiting = dict.fromkeys(todo)  # an ordered set: plan order
         self.running: dict[str, _Running] = {}
         self.exited: list[tuple[str, int, float, bool]] = []  # reaped, state not written yet: (key, rc, seconds, timed out)
@@ -158,6 +171,7 @@ class _Run:
                     self._enforce_time_limits()
                     self._start_ready()  # refill the slots first: a state write can take milliseconds
                     self._record_exited()
+                    self.view.tick(self._snapshot)
             except KeyboardInterrupt:  # from a caller's own handler (a sweep agent's, on SIGUSR2): stop alike
                 stop.received.append(signal.SIGINT)
             self._record_exited()
@@ -165,6 +179,14 @@ class _Run:
                 self._stop_all(stop)
                 self.report.interrupted = True
             self._skip_unreachable(f"submit was interrupted by {stop.cause()}" if stop.received else "submit was interrupted")
+            self.view.close()
+
+    def _snapshot(self) -> Snapshot:
+        """What the live view shows: the counts, how long each running job has run, what waits."""
+        r, clock = self.report, time.monotonic()
+        ended = len(r.skipped) + len(r.cancelled)
+        counts = Counts(len(r.succeeded), len(self.running), len(r.failed), len(self.waiting), ended, self.total)
+        return Snapshot(counts, {key: clock - job.started for key, job in self.running.items()}, list(self.waiting))
 
     def _wait(self, stop: _StopSignals) -> None:
         """Until a job exits, a signal comes, the next time limit falls due or POLL_S passes."""
@@ -215,7 +237,7 @@ class _Run:
             if job.deadline is not None and now >= job.deadline:
                 job.deadline, job.timed_out, job.kill_at = None, True, now + self.ex.grace_s
                 _signal_group(job.proc, signal.SIGTERM)
-                self.ex.echo(
+                self.view.say(
                     f"TIMEOUT  {self.plan.by_key[key].label}: ran past its time_min of {self._minutes(key)} min; stopping it "
                     f"(SIGTERM, then SIGKILL after {self.ex.grace_s:.0f}s)"
                 )
@@ -247,19 +269,20 @@ class _Run:
         attempts = f", {attempt} attempts" if attempt else ""
         if rc == 0:  # also a job that finished in its grace after its time ran out: its outputs are committed
             self.report.succeeded.append(key)
-            self.ex.echo(f"[{self.ended}/{self.total}] done    {job.label} ({seconds:.1f}s{attempts})")
+            self.view.note(f"[{self.ended}/{self.total}] done    {job.label} ({seconds:.1f}s{attempts})")
+            self.view.finished(key)
             self._write(key, "succeeded", exit_code=0, attempt=attempt)
             return
         log = self.ex.paths.job(key).log
         self.report.failed[key] = log
         state: State = "timeout" if timed_out else "interrupted" if rc in (EXIT_INTERRUPTED, EXIT_ABORTED) else "failed"
         if timed_out:
-            self.ex.echo(
+            self.view.say(
                 f"[{self.ended}/{self.total}] TIMEOUT  {job.label} (ran past its time_min of {self._minutes(key)} min, "
                 f"exit {rc}{attempts}); log: {log}; to give it longer, raise executor.resources.{job.stage_id}.time_min"
             )
         else:
-            self.ex.echo(f"[{self.ended}/{self.total}] {state.upper()}  {job.label} (exit {rc}{attempts}); log: {log}")
+            self.view.say(f"[{self.ended}/{self.total}] {state.upper()}  {job.label} (exit {rc}{attempts}); log: {log}")
         self._write(key, state, exit_code=rc, attempt=attempt)
         self._skip_dependents(key)
 
@@ -273,7 +296,7 @@ class _Run:
                 self.report.skipped.append(dep)
                 failed = self.plan.by_key[key].label
                 self._write(dep, "skipped", message=f"upstream {failed} failed")
-                self.ex.echo(f"skipped {self.plan.by_key[dep].label}: upstream {failed} failed")
+                self.view.say(f"skipped {self.plan.by_key[dep].label}: upstream {failed} failed")
 
     def _skip_unreachable(self, message: str) -> None:
         for key in self.waiting:
@@ -285,7 +308,7 @@ class _Run:
         """SIGTERM to every running job (so stages can checkpoint), ``grace_s`` for them to end (a
         second signal cuts it short), SIGKILL for what is left; record them as cancelled."""
         cause, jobs = stop.cause(), list(self.running.items())
-        self.ex.echo(
+        self.view.say(
             f"interrupted: stopping {len(jobs)} running jobs ({cause} received; SIGTERM to each, "
             f"then SIGKILL after {self.ex.grace_s:.0f}s)"
         )
@@ -316,7 +339,7 @@ class _Run:
         stop.drain()
         while (left := [job for job in jobs if job.still_running()]) and time.monotonic() < deadline:
             if len(stop.received) > signals:
-                self.ex.echo(f"{signal.Signals(stop.received[-1]).name} received as well: killing the {len(left)} jobs left now")
+                self.view.say(f"{signal.Signals(stop.received[-1]).name} received as well: killing the {len(left)} jobs left now")
                 return
             sentinels = [job.proc.sentinel for job in left if job.proc.exitcode is None]
             timeout = max(0.0, min(STOP_POLL_S, deadline - time.monotonic()))  # a negative one would wait forever
@@ -332,7 +355,7 @@ class _Run:
         except OSError as e:
             if not self.unwritable:
                 self.unwritable = True
-                self.ex.echo(
+                self.view.say(
                     f"warning: cannot write job states under {self.ex.paths.dir / 'jobs'}: {e.strerror or e}; "
                     "going on (states that cannot be rewritten in place are removed, not left stale)"
                 )

@@ -14,10 +14,11 @@ from typing import Any
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.exitcodes import EXIT_INTERRUPTED
+from orchestrator.packaged import slurm_template
 
 from .layout import Submission, array_spec
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[3] / "slurm_templates" / "default.sbatch"
+DEFAULT_TEMPLATE = slurm_template()  # slurm_templates/default.sbatch, installed or in the checkout
 PLACEHOLDERS = ("directives", "study", "stage", "workdir", "command")
 PLACEHOLDER_RE = re.compile(r"\{\{(\w+)\}\}")
 
