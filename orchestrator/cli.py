@@ -302,12 +302,12 @@ def _artifacts(args: argparse.Namespace) -> int:
 
 
 def _plots(args: argparse.Namespace) -> int:
-    from orchestrator.artifacts import open_store
+    from orchestrator.artifacts import open_reader
     from orchestrator.export import export_type
 
     paths = StudyPaths(args.store.resolve(), args.study)
     out = (args.out or paths.dir / "figures").resolve()
-    for folder in export_type(paths, open_store(paths.root), "figures", out):
+    for folder in export_type(paths, open_reader(paths.root), "figures", out):
         pictures = sorted(folder.glob("*.png"))
         print(folder if console.quiet() else f"{folder}: {len(pictures)} figures (PNG + PDF)")
         for file in pictures if console.verbose() else []:

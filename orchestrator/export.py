@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from orchestrator.artifacts import ArtifactStore
+from orchestrator.artifacts import ReadOnlyStore
+from orchestrator.artifacts.download import copy_out
 from orchestrator.errors import BadArgument, OrchestratorError
 from orchestrator.paths import StudyPaths
 from orchestrator.records import read_plan
 
 
-def export_type(paths: StudyPaths, store: ArtifactStore, artifact_type: str, out: Path) -> list[Path]:
+def export_type(paths: StudyPaths, store: ReadOnlyStore, artifact_type: str, out: Path) -> list[Path]:
     """Copy every committed ``artifact_type`` output of the study's jobs to ``out/<artifact name>/``.
 
-    Files are copied (not linked), so they can be edited or moved without touching the store.
-    Returns the folders written, in plan order.
+    Files are copied out of the store's blobs (not linked), each verified against its digest while
+    copied, so they can be edited or moved without touching the store, and nothing is written into
+    the store (it may be read-only). Returns the folders written, in plan order.
     """
     if not paths.plan.exists():
         raise BadArgument(f"no study {paths.study!r} under {paths.root}; submit it first, or pass --store")
@@ -25,11 +26,7 @@ def export_type(paths: StudyPaths, store: ArtifactStore, artifact_type: str, out
             version = store.get(ref)
             if version.type != artifact_type:
                 continue
-            target = out / version.ref.name
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.copytree(store.materialize(version.ref), target, copy_function=shutil.copyfile)
-            written.append(target)
+            written.append(copy_out(store, version, out / version.ref.name, overwrite=True))
     if not written:
         raise OrchestratorError(
             f"study {paths.study!r} has no committed {artifact_type!r} artifact yet; "

@@ -100,6 +100,10 @@ def test_plots_exports_figures_and_fsck_checks_the_store(toy_spec: Path, tmp_pat
     assert "1 figures" in out.stdout and f"report: {folder / 'report.html'}" in out.stdout
     assert (folder / "total.png").read_bytes().endswith(b"18.0")
     (folder / "total.png").write_bytes(b"edited")  # a copy: editing it leaves the store intact
+    # copied out of the blobs, verified, without writing a view into the store (it may be read-only)
+    assert not (tmp_path / ".orchestrator" / "artifacts" / "materialized" / "toy.chart.figures").exists()
+    again = cli("plots", "toy", "--out", str(tmp_path / "figs"), cwd=tmp_path)  # the edited copy is replaced
+    assert again.returncode == 0 and (folder / "total.png").read_bytes().endswith(b"18.0")
     fsck = cli("fsck", cwd=tmp_path)
     assert fsck.returncode == 0 and "store ok" in fsck.stdout
 

@@ -26,7 +26,7 @@ import pytest
 from conftest import ROOT, TESTS, TOY_SPEC
 from wandbfake import FakeWandb, serving
 
-from orchestrator.artifacts import LocalStore
+from orchestrator.artifacts import LocalStore, ReadOnlyStore
 from orchestrator.artifacts.adopt import adopt
 from orchestrator.executors.base import run_reasons
 from orchestrator.export import export_type
@@ -148,7 +148,7 @@ def test_pulled_store_has_everything_cached(study: dict[str, Any], tmp_path: Pat
     assert sub.returncode == 0 and "study toy: 7 cached, 0 succeeded" in sub.stdout, sub.stdout + sub.stderr
     assert tree(pulled / "artifacts") == before  # nothing ran, nothing was committed
     # what `plots` does (copy every output of one type out of the store), for the toy study's type
-    written = export_type(StudyPaths(pulled, "toy"), LocalStore(pulled / "artifacts"), "number", tmp_path / "out")
+    written = export_type(StudyPaths(pulled, "toy"), ReadOnlyStore(pulled / "artifacts"), "number", tmp_path / "out")
     assert len(written) == 7 and all((folder / "value.json").exists() for folder in written)
     shown = cli("artifacts", "toy", "--store", str(pulled), cwd=study["work"], env=env_for(study["tmp"]))
     assert shown.returncode == 0 and "toy.total" in shown.stdout, shown.stderr
