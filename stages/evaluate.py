@@ -9,6 +9,14 @@ swapped the labels of its heatmap); the JSON names both axes. Every cell carries
 interval over the eval chunks (:func:`stages.perplexity.bootstrap_perplexity_interval`, resamples seeded by
 ``(eval_seed, column language)``, so paired across rows).
 
+**No forward pass twice**: the model is loaded once and every column's batches are masked once per job;
+identical masks are evaluated once (memoised by their values), and a mask keeping every head is the
+ungated model (gates of 1 multiply by 1.0: bit-identical), evaluated without hooks. The ``"full"`` row
+is the one ``train`` already measured ("after", the reporting half; "select_after", the selection half)
+when the model input is train's output measured on the same dataset version, chunks, masks, batches,
+interval settings and in float32 (:mod:`stages.eval_reuse`, decided by lineage: train's recorded
+parameters and inputs); otherwise it is computed. ``full_model_row`` says which, and why.
+
 **Size-matched random masks** (:mod:`stages.random_masks`): for each language's mask and each of
 ``random_mask_seeds`` seeds, a mask keeping exactly the same number of heads in every layer, uniformly at
 random, evaluated on every column; ``relative_to_random`` = perplexity of the language's own mask / mean
@@ -32,7 +40,8 @@ Output ``metrics`` (type ``metrics``)::
                                  "perplexity_min", "perplexity_max": [[per col] per row],
                                  "relative_to_random": [[own ppl / mean random ppl]],
                                  "heads_kept_per_layer": {lang: [per layer]}, "method"}
-                      (no "random" key when random_mask_seeds is 0), ...}
+                      (no "random" key when random_mask_seeds is 0),
+                      "full_model_row": {"source": "train" | "computed", "model": ref, "reason"}, ...}
     cross_eval.csv   header "subnetwork,<lang>,...", one row per subnetwork (perplexity)
 """
 
@@ -47,6 +56,7 @@ from pydantic import Field
 from orchestrator.stage import Input, Inputs, StageContext, StageDef, stage
 from stages._io import effective_seed, get_input, write_json
 from stages.eval_model import eval_batches_for, eval_tokenizer, load_eval_model
+from stages.eval_reuse import SETTINGS, recorded_full_model
 from stages.formats.dataset import dataset_languages
 from stages.formats.masks import mask_inputs
 from stages.formats.metrics import CROSS_EVAL_CSV, CROSS_EVAL_JSON, json_matrix, matrix_csv
@@ -96,24 +106,43 @@ class CrossEvalParams(EvalParams):
     seed: int | None = Field(None, description="Seed of the random masks; None: the job's seed.")
 
 
+def mask_key(mask: np.ndarray | None) -> bytes | None:
+    """What identifies a row's computation: the mask's float32 values; None for the ungated model and for
+    a mask keeping every head (gating by 1.0 multiplies by one: the same numbers, bit for bit)."""
+    if mask is None:
+        return None
+    arr = np.asarray(mask, dtype=np.float32)
+    return None if bool(np.all(arr == 1.0)) else arr.tobytes()
+
+
 class _CellEvaluator:
-    """Evaluates one (mask, eval language) cell of ``cross_eval`` and memoises it by the mask's
-    values, so that identical masks (an all-ones mask and the full model excepted) run once."""
+    """Evaluates one (mask, eval language) cell of ``cross_eval`` and memoises it by :func:`mask_key`,
+    so that identical masks run once and an all-ones mask is the ungated model; ``known`` prefills
+    the ungated model's cells (train's numbers, :mod:`stages.eval_reuse`)."""
 
     def __init__(
-        self, model: Any, batches: Mapping[str, list[dict[str, Any]]], params: CrossEvalParams, on_cell: Callable[[], None]
+        self,
+        model: Any,
+        batches: Mapping[str, list[dict[str, Any]]],
+        params: CrossEvalParams,
+        on_cell: Callable[[], None],
+        known: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self.model = model
         self.batches = batches
         self.params = params
         self.on_cell = on_cell
-        self.tokens: dict[str, int] = {}
-        self._memo: dict[tuple[bytes | None, str], dict[str, float]] = {}
+        self.tokens: dict[str, int] = {lang: int(cell["tokens"]) for lang, cell in (known or {}).items()}
+        self._memo: dict[tuple[bytes | None, str], dict[str, float]] = {
+            (None, lang): dict(cell) for lang, cell in (known or {}).items()
+        }
+        self.forward_cells = 0  # cells evaluated with forward passes (the rest were memoised or known)
 
     def __call__(self, mask: np.ndarray | None, lang: str) -> Mapping[str, float]:
-        key = (None if mask is None else np.asarray(mask, dtype=np.float32).tobytes(), lang)
+        key = (mask_key(mask), lang)
         if key not in self._memo:
-            self._memo[key] = self._evaluate(mask, lang)
+            self._memo[key] = self._evaluate(None if key[0] is None else mask, lang)
+            self.forward_cells += 1
         self.on_cell()
         return self._memo[key]
 
@@ -142,7 +171,7 @@ class _CellEvaluator:
         "dataset": Input(type="dataset"),
     },
     outputs={"metrics": "metrics"},
-    version="2",  # 2: reporting half, bootstrap intervals, size-matched random masks
+    version="3",  # 3: full_model_row (train's numbers reused by lineage); 2: reporting half, intervals, random masks
 )
 def cross_eval_stage(params: CrossEvalParams, inputs: Inputs, ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Perplexity of every language's subnetwork (rows, + the full model) and of size-matched random
@@ -180,8 +209,10 @@ def cross_eval_stage(params: CrossEvalParams, inputs: Inputs, ctx: StageContext)
         done[0] += 1
         ctx.progress(done[0], cells, "cell")
 
+    full_row = recorded_full_model(model_in, data_in, params.split, cols, {k: getattr(params, k) for k in SETTINGS},
+                                   ctx.provenance)
     ctx.progress(0, cells, "cell")
-    evaluator = _CellEvaluator(model, batches, params, on_cell)
+    evaluator = _CellEvaluator(model, batches, params, on_cell, full_row.cells)
     mats = cross_matrix(rows, cols, evaluator, keys=("loss", "perplexity", "perplexity_lo", "perplexity_hi"))
     rnd = cross_matrix(randoms, cols, evaluator, keys=("perplexity",))["perplexity"] if randoms else None
     labels = [name for name, _ in rows]
@@ -214,6 +245,7 @@ def cross_eval_stage(params: CrossEvalParams, inputs: Inputs, ctx: StageContext)
             "resamples": params.bootstrap_resamples,
         },
         "random_mask_seeds": params.random_mask_seeds,
+        "full_model_row": full_row.describe(model_in.ref),
     }
     if rnd is not None:
         langs = [lang for lang, _, _ in masks]
@@ -231,6 +263,8 @@ def cross_eval_stage(params: CrossEvalParams, inputs: Inputs, ctx: StageContext)
         "eval_seed": seed,
         "eval_split": params.split,
         "mean_diagonal_perplexity": float(np.mean(diag)) if diag else None,
+        "full_model_row": full_row.source,
+        "forward_cells": evaluator.forward_cells,
     }
     return {"metrics": meta}
 

@@ -285,6 +285,15 @@ def language_eval_batches(
 # --------------------------------------------------------------------------------------------------
 
 
+def masked_logits(model: Any, batch: Mapping[str, Any], selected: Any) -> Any:
+    """The vocabulary logits at the ``selected`` (masked) positions only, in row-major order."""
+    parts = _lm_parts(model)
+    if parts is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[selected]
+    base, head = parts
+    return head(base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))[0][selected])
+
+
 def _lm_parts(model: Any) -> tuple[Any, Any] | None:
     """(encoder, LM head) of a masked LM whose head works token by token, else None."""
     base = getattr(model, "base_model", None)
@@ -323,6 +332,37 @@ def mlm_loss(model: Any, batch: Mapping[str, Any], reduction: str = "mean") -> t
     return loss.to(torch.float32), n
 
 
+def masked_positions(labels: Any) -> tuple[Any, Any]:
+    """The flat indices (row-major, the order of boolean indexing) of the masked positions of ``labels``
+    and their target ids, computed where ``labels`` lives: on the host, before a batch goes to a GPU."""
+    flat = labels.reshape(-1)
+    positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    return positions, flat[positions]
+
+
+def mlm_loss_at(model: Any, input_ids: Any, attention_mask: Any, positions: Any, targets: Any,
+                reduction: str = "mean") -> Any:
+    """:func:`mlm_loss` with the masked positions given (:func:`masked_positions`, on the model's device):
+    the same loss bit for bit, without reading anything back from the device (no count, no boolean
+    indexing), so a training step queues on a GPU without waiting for it."""
+    import torch
+    import torch.nn.functional as F
+
+    parts = _lm_parts(model)
+    if parts is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = out.reshape(-1, out.shape[-1]).index_select(0, positions)
+    else:
+        base, head = parts
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask)[0]
+        if positions.numel() == 0:
+            return hidden.sum() * 0.0
+        logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))
+    if positions.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), targets, reduction=reduction).to(torch.float32)
+
+
 def chunk_loss_sums(model: Any, batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``batch``: the summed cross-entropy over its masked positions (float64) and their
     count (int64). Same forward pass as :func:`mlm_loss`; call it under ``torch.no_grad()``."""
@@ -334,13 +374,7 @@ def chunk_loss_sums(model: Any, batch: Mapping[str, Any]) -> tuple[np.ndarray, n
     counts = selected.sum(dim=1)
     sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
     if int(counts.sum()) > 0:
-        parts = _lm_parts(model)
-        if parts is None:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[selected]
-        else:
-            base, head = parts
-            hidden = base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))[0]
-            logits = head(hidden[selected])
+        logits = masked_logits(model, batch, selected)
         token_loss = F.cross_entropy(logits.float(), labels[selected].to(logits.device), reduction="none")
         rows = selected.nonzero()[:, 0].to(sums.device)
         sums.index_add_(0, rows, token_loss.to(device=sums.device, dtype=torch.float64))

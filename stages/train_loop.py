@@ -1,11 +1,12 @@
 """The training loop of stage ``train``: steps, evaluations of both test halves, checkpoints, stop requests.
 
 Each step draws its batch from :class:`stages.train_data.TrainOrder`, reseeds torch from the step
-(:func:`stages.train_data.step_seed`), masks with transformers' collator and takes one optimizer step
-(with several processes, each rank its share of the rows, the loss scaled so that the gradient is the
-whole batch's). Evaluations (:func:`stages.mlm.evaluate_chunks`, both halves) come before training, every
-``eval_every`` steps and at the end; the best model is chosen on the selection half only. A stop request
-is agreed among ranks and ends the loop with a checkpoint and ``StageInterrupted``.
+(:func:`stages.train_data.step_seed`), masks with transformers' collator (:class:`stages.train_data.StepBatches`)
+and takes one optimizer step (:func:`stages.train_step.train_step`; with several processes, each rank its
+share of the rows, the loss scaled so that the gradient is the whole batch's). Evaluations
+(:func:`stages.mlm.evaluate_chunks`, both halves) come before training, every ``eval_every`` steps and at
+the end; the best model is chosen on the selection half only. A stop request is agreed among ranks and
+ends the loop with a checkpoint and ``StageInterrupted``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 
 from orchestrator.stage import StageContext, StageInterrupted
 from stages.formats.dataset import REPORT, SELECT
-from stages.train_data import TrainOrder, shard_rows, step_seed
+from stages.train_data import StepBatches, TrainOrder, step_loader
 from stages.train_run import TrainRun, TrainState
+from stages.train_step import LossMeter, train_step
 
 
 class _Stop(Exception):
@@ -77,50 +79,6 @@ def _evaluate_step(trainer: TrainRun, state: TrainState, eval_sets: dict[str, di
             trainer.save_best()
 
 
-def _train_step(trainer: TrainRun, order: TrainOrder, collator: Any, special: Any, pad_id: int | None,
-                state: TrainState) -> float:
-    import torch
-
-    from stages import mlm
-
-    acc = trainer.accelerator
-    ids = torch.from_numpy(order.batch(state.step))
-    torch.manual_seed(step_seed(state.seed, state.step))
-    attention = (ids != pad_id).long() if pad_id is not None else torch.ones_like(ids)
-    inputs, labels = collator.torch_mask_tokens(ids.clone(), special_tokens_mask=torch.isin(ids, special))
-    world = acc.num_processes
-    weight = 1.0
-    if world > 1:  # this rank's rows of the whole step's batch and masks
-        masked = int((labels != mlm.IGNORE_INDEX).sum())  # in the whole batch: the same on every rank
-        start, stop = shard_rows(len(ids), acc.process_index, world)
-        if start == stop:  # no rows for this rank (a short last batch): one row, weighted 0, keeps DDP in step
-            start, stop, weight = 0, 1, 0.0
-        inputs, attention, labels = inputs[start:stop], attention[start:stop], labels[start:stop]
-        torch.manual_seed(step_seed(state.seed, state.step, acc.process_index))  # this rank's dropout
-    batch = {"input_ids": inputs.to(acc.device), "attention_mask": attention.to(acc.device),
-             "labels": labels.to(acc.device)}
-    trainer.model.train()
-    with acc.autocast():
-        if world == 1:
-            loss, _ = mlm.mlm_loss(trainer.model, batch)
-        else:  # sum over this rank's masked tokens / the step's, times the ranks (DDP averages gradients)
-            loss_sum, _ = mlm.mlm_loss(trainer.model, batch, reduction="sum")
-            loss = loss_sum * (weight * world / max(masked, 1))
-    acc.backward(loss)
-    if trainer.params.max_grad_norm is not None:
-        acc.clip_grad_norm_(trainer.model.parameters(), trainer.params.max_grad_norm)
-    trainer.optimizer.step()
-    trainer.scheduler.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    if world > 1:  # the whole step's loss: the mean over ranks of their shares as weighted above
-        import torch.distributed as dist
-
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        return float(total) / world
-    return float(loss.detach())
-
-
 def _interrupt(trainer: TrainRun, state: TrainState, ctx: StageContext) -> StageInterrupted:
     path = trainer.checkpoint(state, "stop requested")
     ctx.log({"train/checkpoint_step": float(state.step)}, step=state.step)
@@ -129,37 +87,44 @@ def _interrupt(trainer: TrainRun, state: TrainState, ctx: StageContext) -> Stage
 
 def run_loop(trainer: TrainRun, state: TrainState, order: TrainOrder, collator: Any, tokenizer: Any,
           eval_sets: dict[str, dict[str, list[Any]]], ctx: StageContext) -> None:
-    """Train from ``state.step`` to ``state.total_steps``, evaluating and checkpointing on the way."""
-    import torch
+    """Train from ``state.step`` to ``state.total_steps``, evaluating and checkpointing on the way.
 
+    The steps' batches come from a :func:`stages.train_data.step_loader` (pinned on CUDA); the training loss
+    is read from the device only at log lines and checkpoints (:class:`stages.train_step.LossMeter`)."""
     from stages import mlm
 
     p = trainer.params
-    special = torch.tensor(mlm.special_token_ids(tokenizer), dtype=torch.long)
-    pad_id = tokenizer.pad_token_id
+    acc = trainer.accelerator
+    batches = StepBatches(order, collator, mlm.special_token_ids(tokenizer), tokenizer.pad_token_id, state.seed,
+                          acc.process_index, acc.num_processes)
+    loader = iter(step_loader(batches, state.step, state.total_steps, trainer.non_blocking))
+    meter = LossMeter(state.loss_sum, acc.device, acc.num_processes)
     ctx.progress(state.step, state.total_steps, "step")  # (the engine keeps rank 0's only)
     while True:
         if _eval_due(state.step, state.total_steps, p.eval_every) and state.last_eval_step != state.step:
             try:
                 _evaluate_step(trainer, state, eval_sets, ctx)
             except _Stop:
+                meter.sync_state(state)
                 raise _interrupt(trainer, state, ctx) from None
         if state.step >= state.total_steps:
             break
         if trainer.stop_agreed(ctx.stop_requested.is_set()):
+            meter.sync_state(state)
             raise _interrupt(trainer, state, ctx)
-        loss = _train_step(trainer, order, collator, special, pad_id, state)
+        meter.add(train_step(trainer, next(loader), state.step, state.seed))
         state.step += 1
-        state.loss_sum += loss
         state.loss_count += 1
         ctx.progress(state.step, state.total_steps, "step")
         if state.step % p.log_every == 0 or state.step == state.total_steps:
             lr = trainer.scheduler.get_last_lr()[0]
-            ctx.log({"train/loss": state.loss_sum / state.loss_count, "train/lr": lr,
+            ctx.log({"train/loss": meter.read() / state.loss_count, "train/lr": lr,
                      "train/epoch": state.step / order.steps_per_epoch}, step=state.step)
+            meter.reset()
             state.loss_sum, state.loss_count = 0.0, 0
         if p.checkpoint_every is not None and state.step % p.checkpoint_every == 0 \
                 and state.step < state.total_steps:
+            meter.sync_state(state)
             trainer.checkpoint(state, f"every {p.checkpoint_every} steps")
 
 

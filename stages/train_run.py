@@ -104,6 +104,9 @@ class TrainRun:
     scheduler: Any
     params: TrainParams
     ckpt_dir: Path
+    non_blocking: bool = False  # batches come pinned: copy them to the device asynchronously (CUDA)
+    stop_on_host: bool = False  # agree stop requests over a gloo group on host tensors (CUDA, several processes)
+    _stop_group: Any = field(default=None, repr=False)
 
     @property
     def unwrapped(self) -> Any:
@@ -122,14 +125,19 @@ class TrainRun:
 
     def stop_agreed(self, requested: bool) -> bool:
         """``requested`` on any rank (one all-reduce; every rank must call this equally often), so
-        that all ranks stop at the same point; with one process, ``requested`` itself."""
+        that all ranks stop at the same point; with one process, ``requested`` itself. With
+        ``stop_on_host`` the flag goes through a gloo group of host tensors: reading it never waits
+        for the GPU's queued work."""
         if self.accelerator.num_processes == 1:
             return requested
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if requested else 0.0], device=self.accelerator.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self.stop_on_host and self._stop_group is None:  # (every rank gets here at the same call)
+            self._stop_group = dist.new_group(backend="gloo")
+        device = "cpu" if self.stop_on_host else self.accelerator.device  # a GPU flag would wait for the GPU
+        flag = torch.tensor([1.0 if requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
         return bool(flag.item() > 0)
 
     def save_checkpoint(self, state: TrainState, reason: str) -> Path:

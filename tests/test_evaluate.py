@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from stagekit import FakeContext, make_input, run_stage
 
-from stages.evaluate import CROSS_EVAL, cross_matrix
+from stages.evaluate import CROSS_EVAL, cross_matrix, mask_key
 from stages.formats.masks import mask_inputs
 from stages.mask_stats import (
     MASK_STATS,
@@ -279,7 +279,14 @@ def test_cross_eval_stage_on_tiny_model(tmp_path):
     np.testing.assert_allclose(rnd["relative_to_random"], ppl[:2] / by_seed.mean(axis=1), rtol=1e-9)
     assert rnd["heads_kept_per_layer"] == {"en": [4, 4], "de": [2, 3]}
     assert ctx.logged()["relative_to_random/de/en"] == pytest.approx(rnd["relative_to_random"][1][0])
-    np.testing.assert_allclose(ppl[0], ppl[2], rtol=1e-6)  # an all-ones mask is the full model
+    np.testing.assert_array_equal(ppl[0], ppl[2])  # an all-ones mask is the full model (evaluated once)
+    assert doc["full_model_row"] == {"source": "computed", "model": "test.model:v0",
+                                     "reason": "no producer record of test.model:v0 upstream of this job"}
+    # forward passes: the distinct gated masks (de's and its random masks) and the full model, on both columns
+    gated = {pruned.tobytes()} | {
+        size_matched_random_mask(pruned, np.random.default_rng([seed, zlib.crc32(b"de")])).tobytes() for seed in rnd["seeds"]
+    }
+    assert meta["full_model_row"] == "computed" and meta["forward_cells"] == (len(gated) + 1) * 2
     assert not np.allclose(ppl[1], ppl[2], rtol=1e-3)  # masking 3 heads changes perplexity
     np.testing.assert_allclose(doc["relative_perplexity"][1], ppl[1] / ppl[2], rtol=1e-9)
 
@@ -288,6 +295,24 @@ def test_cross_eval_stage_on_tiny_model(tmp_path):
     assert [r[0] for r in rows[1:]] == ["en", "de", "full"]
     np.testing.assert_allclose(np.array([[float(x) for x in r[1:]] for r in rows[1:]]), ppl)
     assert ctx.logged()["perplexity/de/en"] == pytest.approx(ppl[1, 0])
+
+
+def test_a_mask_keeping_every_head_is_the_ungated_model_bit_for_bit(tmp_path):
+    from test_prune import make_tiny_study
+
+    from stages.gating import HeadGates
+    from stages.mlm import evaluate_chunks, language_eval_batches, load_model, load_tokenizer
+
+    assert mask_key(None) is None and mask_key(np.ones((2, 4))) is None
+    assert mask_key(A) == A.tobytes() and mask_key(A.astype(np.float64)) == A.tobytes()
+    model_dir, data_dir = make_tiny_study(tmp_path / "study", languages=("en",), n_test=8)
+    model = load_model(model_dir).eval()
+    batches = language_eval_batches(data_dir, "en", load_tokenizer(model_dir), 4, 3, split="report")
+    plain = evaluate_chunks(model, batches)
+    with HeadGates(model, np.ones((2, 4), np.float32)):
+        gated = evaluate_chunks(model, batches)
+    np.testing.assert_array_equal(gated.loss_sum, plain.loss_sum)  # gates of 1.0: the same bits
+    np.testing.assert_array_equal(gated.tokens, plain.tokens)
 
 
 def test_cross_eval_reads_only_the_reporting_half_and_can_skip_random_masks(tmp_path):

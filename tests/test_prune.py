@@ -88,6 +88,14 @@ def _fake_perplexity(per_masked_head: float, base: float = 10.0):
     return lambda m: base + per_masked_head * float(m.size - m.sum())
 
 
+def _prune(n_layers, n_heads, importance_fn, perplexity_fn, *args, **kwargs):
+    """``iterative_prune`` whose one measurement per mask is an importance and a perplexity function
+    (the importance asked for only when the loop wants it)."""
+    return iterative_prune(
+        n_layers, n_heads, lambda m, want: (perplexity_fn(m), importance_fn(m) if want else None), *args, **kwargs
+    )
+
+
 def test_iterative_prune_stops_at_threshold_and_returns_last_accepted():
     imp = np.arange(144, dtype=float).reshape(12, 12)
     seen: list[np.ndarray] = []
@@ -97,7 +105,7 @@ def test_iterative_prune_stops_at_threshold_and_returns_last_accepted():
         return imp
 
     # P0 = 10, T = 11: 14 masked -> 10.42, 28 -> 10.84 (accepted), 42 -> 11.26 (rejected)
-    res = iterative_prune(12, 12, importance_fn, _fake_perplexity(0.03), threshold=1.1, masking_amount=0.1,
+    res = _prune(12, 12, importance_fn, _fake_perplexity(0.03), threshold=1.1, masking_amount=0.1,
                           normalize_layers=False)
     traj = [(s.step, s.heads_kept, round(s.perplexity, 6), s.accepted) for s in res.trajectory]
     assert traj == [(0, 144, 10.0, True), (1, 130, 10.42, True), (2, 116, 10.84, True), (3, 102, 11.26, False)]
@@ -109,12 +117,13 @@ def test_iterative_prune_stops_at_threshold_and_returns_last_accepted():
     assert res.threshold_perplexity == pytest.approx(11.0)
     assert res.perplexity_full == 10.0 and res.perplexity_final == pytest.approx(10.84)
     assert res.importances.shape == (3, 12, 12)  # one importance per attempted step
-    assert [int(m.sum()) for m in seen] == [144, 130, 116]  # computed under the current mask
+    # measured under each mask visited, the rejected one included (one pass gives its perplexity and importance)
+    assert [int(m.sum()) for m in seen] == [144, 130, 116, 102]
     assert "threshold" in res.stop_reason
 
 
 def test_iterative_prune_first_step_rejected_keeps_everything():
-    res = iterative_prune(12, 12, lambda m: np.ones((12, 12)), _fake_perplexity(1.0), threshold=1.1,
+    res = _prune(12, 12, lambda m: np.ones((12, 12)), _fake_perplexity(1.0), threshold=1.1,
                           masking_amount=0.1)
     assert int(res.mask.sum()) == 144
     assert [(s.heads_kept, s.accepted) for s in res.trajectory] == [(144, True), (130, False)]
@@ -124,8 +133,8 @@ def test_iterative_prune_layer_normalisation_changes_choice():
     imp = np.array([[1.0, 2.0], [10.0, 30.0]])
     ppl = _fake_perplexity(0.0)
     kwargs = dict(threshold=1.1, masking_amount=0.25, min_heads=3)  # exactly one step of one head
-    a = iterative_prune(2, 2, lambda m: imp, ppl, normalize_layers=True, **kwargs)
-    b = iterative_prune(2, 2, lambda m: imp, ppl, normalize_layers=False, **kwargs)
+    a = _prune(2, 2, lambda m: imp, ppl, normalize_layers=True, **kwargs)
+    b = _prune(2, 2, lambda m: imp, ppl, normalize_layers=False, **kwargs)
     np.testing.assert_array_equal(a.mask, [[1, 1], [0, 1]])
     np.testing.assert_array_equal(b.mask, [[0, 1], [1, 1]])
 
@@ -140,7 +149,7 @@ def test_iterative_prune_masks_k_new_heads_each_step_and_respects_min_heads():
         out[mask == 0] = 0.0  # masked heads look least important: must still never be re-chosen
         return out
 
-    res = iterative_prune(12, 12, importance_fn, _fake_perplexity(0.0), threshold=1.1, masking_amount=0.1)
+    res = _prune(12, 12, importance_fn, _fake_perplexity(0.0), threshold=1.1, masking_amount=0.1)
     # 144 -> 130 -> ... -> 4; masking 14 more would leave fewer than 1 head
     assert [s.heads_kept for s in res.trajectory] == [144 - 14 * i for i in range(11)]
     assert all(s.accepted for s in res.trajectory)
@@ -148,10 +157,10 @@ def test_iterative_prune_masks_k_new_heads_each_step_and_respects_min_heads():
     for before, after in zip(masks, masks[1:], strict=False):
         assert np.all(after <= before) and int(before.sum() - after.sum()) == 14
 
-    res = iterative_prune(12, 12, importance_fn, _fake_perplexity(0.0), threshold=1.1, masking_amount=0.1,
+    res = _prune(12, 12, importance_fn, _fake_perplexity(0.0), threshold=1.1, masking_amount=0.1,
                           min_heads=20)
     assert int(res.mask.sum()) == 32  # 32 - 14 = 18 < 20
-    res = iterative_prune(2, 2, lambda m: np.ones((2, 2)), _fake_perplexity(0.0), threshold=1.1,
+    res = _prune(2, 2, lambda m: np.ones((2, 2)), _fake_perplexity(0.0), threshold=1.1,
                           masking_amount=0.25, min_heads=1)
     assert int(res.mask.sum()) == 1
 

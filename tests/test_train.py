@@ -113,6 +113,9 @@ def test_outputs_metrics_and_logs(reference: dict) -> None:
     lrs = [m["train/lr"] for m, _ in ctx.metrics if "train/lr" in m]
     assert len(lrs) == 12 and lrs[-1] == pytest.approx(0.0) and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
     assert (ctx.root / "checkpoint" / "train_state" / "state.json").is_file()  # periodic checkpoint
+    # the device plan (stages.device.training_plan): fp32 on the CPU, AdamW fused (as HF Trainer's default)
+    saved = torch.load(ctx.root / "checkpoint" / "train_state" / "optimizer.pt")
+    assert meta["mixed_precision"] == "no" and all(g["fused"] for g in saved["param_groups"])
 
 
 def test_resume_after_stop_request_gives_the_same_result(data: dict, reference: dict, tmp_path: Path) -> None:
