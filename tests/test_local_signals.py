@@ -114,7 +114,9 @@ def _held_spec(tmp_path: Path) -> tuple[Path, Path]:
 @contextlib.contextmanager
 def _submit(spec: Path, root: Path) -> Iterator[subprocess.Popen[str]]:
     """A real ``submit`` in a session of its own; whatever it leaves running is killed after (its
-    session: the fork server and resource tracker, even once orphaned; each job's session)."""
+    session: the fork server and resource tracker, even once orphaned; each job's session). It
+    starts with SIGHUP at its default, as from a terminal, even where pytest runs under ``nohup``
+    (whose ignored SIGHUP a submit keeps ignoring, on purpose)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "submit", str(spec), "--store", str(root)],
         cwd=spec.parent,
@@ -122,6 +124,7 @@ def _submit(spec: Path, root: Path) -> Iterator[subprocess.Popen[str]]:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     try:
         yield proc
