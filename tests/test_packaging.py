@@ -14,23 +14,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, cli
 
 from orchestrator import packaged, program
 from orchestrator.cli import main
 from orchestrator.stage import load_registry
 from orchestrator.stage_origin import MARKER, check_origin
-
-
-def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
 
 
 def first_on_path(folder: Path) -> str:

@@ -24,10 +24,9 @@ import pytest
 
 from orchestrator import sync
 from orchestrator.paths import StudyPaths
-from orchestrator.plan import Job, Plan, build_plan
+from orchestrator.plan import Job, Plan
 from orchestrator.procutil import alive
-from orchestrator.records import write_plan, write_state
-from orchestrator.spec import load_study
+from orchestrator.records import write_state
 from orchestrator.sync import levels, sync_study
 from orchestrator.tracking import wandb as wb
 
@@ -119,22 +118,13 @@ def make_run(paths: StudyPaths, job: Job, *, mode: str = "offline", uploaded: bo
     return run_dir
 
 
-@pytest.fixture
-def study(toy_spec: Path, tmp_path: Path) -> tuple[Plan, StudyPaths]:
-    s, registry = load_study(toy_spec, ["tracking.backend=wandb", "tracking.project=test"])
-    plan = build_plan(s, registry)
-    paths = StudyPaths(tmp_path / "root", "toy")
-    write_plan(paths, plan, toy_spec)
-    return plan, paths
-
-
 def run_dir(paths: StudyPaths, job: Job) -> str:
     return str(next(paths.job(job.key).dir.glob("wandb/*run-*")))
 
 
 def test_one_wandb_sync_per_dag_level_producers_first_then_offline_inputs_are_declared(
-        study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+        wandb_study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = wandb_study
     for job in plan.jobs:
         make_run(paths, job)
     log = fake_wandb_cli(tmp_path, monkeypatch)
@@ -164,8 +154,8 @@ def test_levels_follow_the_dag() -> None:
 
 
 def test_what_is_skipped_and_online_runs_whose_upload_did_not_finish(
-        study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+        wandb_study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = wandb_study
     emit_en, emit_de, emit_fr = plan.stage_jobs("emit")
     scale_en, scale_de, scale_fr = plan.stage_jobs("scale")
     make_run(paths, emit_en, mode="online", uploaded=True)  # finished online: nothing to upload
@@ -187,8 +177,8 @@ def test_what_is_skipped_and_online_runs_whose_upload_did_not_finish(
 
 
 def test_a_failed_upload_is_reported_and_the_others_go_on(
-        study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+        wandb_study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = wandb_study
     for job in plan.jobs:
         make_run(paths, job)
     emit_en = plan.stage_jobs("emit")[0]
@@ -215,8 +205,8 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_dry_run_lists_directories_and_commands_and_runs_nothing(
-        study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+        wandb_study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = wandb_study
     for job in plan.jobs:
         make_run(paths, job)
     log = fake_wandb_cli(tmp_path, monkeypatch)
@@ -230,8 +220,8 @@ def test_cli_dry_run_lists_directories_and_commands_and_runs_nothing(
 
 
 def test_cli_sync_exits_1_when_an_upload_fails_and_says_what(
-        study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+        wandb_study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = wandb_study
     for job in plan.jobs:
         make_run(paths, job)
     total = plan.stage_jobs("total")[0]
@@ -295,8 +285,8 @@ def all_gone(pids: list[int], within_s: float = 5.0) -> bool:
 
 
 def test_a_hung_upload_is_stopped_after_the_timeout_reported_and_retried_next_time(
-        study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+        wandb_study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = wandb_study
     emits = plan.stage_jobs("emit")
     for job in emits:
         make_run(paths, job)
@@ -314,9 +304,9 @@ def test_a_hung_upload_is_stopped_after_the_timeout_reported_and_retried_next_ti
     assert again.ok and len(again.synced) == 3 and [c["argv"][1:] for c in calls(log)] == [[run_dir(paths, j) for j in emits]]
 
 
-def test_an_upload_deaf_to_sigterm_is_killed(study: tuple[Plan, StudyPaths], tmp_path: Path,
+def test_an_upload_deaf_to_sigterm_is_killed(wandb_study: tuple[Plan, StudyPaths], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+    plan, paths = wandb_study
     make_run(paths, plan.stage_jobs("emit")[0])
     pids = hung_wandb_cli(tmp_path, monkeypatch, deaf=True)
     monkeypatch.setattr(sync, "STOP_GRACE_S", 0.5)

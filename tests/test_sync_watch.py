@@ -25,9 +25,8 @@ from test_sync import FakeApi, all_gone, calls, fake_wandb_cli, hung_pids, hung_
 from test_tracking_wandb import wandb_env
 
 from orchestrator.paths import StudyPaths
-from orchestrator.plan import Plan, build_plan
-from orchestrator.records import write_plan, write_state
-from orchestrator.spec import load_study
+from orchestrator.plan import Plan
+from orchestrator.records import write_state
 from orchestrator.sync_watch import Watch, watch_round
 from orchestrator.tracking import wandb_files as wf
 
@@ -108,15 +107,6 @@ def test_watch_uploads_runs_as_their_jobs_end_producers_first_and_exits_when_all
 
 
 # ------------------------------------------------------------------- round by round
-@pytest.fixture
-def study(toy_spec: Path, tmp_path: Path) -> tuple[Plan, StudyPaths]:
-    s, registry = load_study(toy_spec, ["tracking.backend=wandb", "tracking.project=test"])
-    plan = build_plan(s, registry)
-    paths = StudyPaths(tmp_path / "root", "toy")
-    write_plan(paths, plan, toy_spec)
-    return plan, paths
-
-
 def trigger(paths: StudyPaths, key: str) -> None:
     wf.write_ready(paths, key, {"run_id": wf.run_id(paths.study, key), "ok": True})
 
@@ -126,8 +116,8 @@ def one_round(paths: StudyPaths, w: Watch, messages: list[str]) -> Any:
 
 
 def test_a_run_waits_for_its_producers_upload_and_goes_in_the_round_that_uploads_it(
-        study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+        wandb_study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = wandb_study
     for job in plan.jobs:
         make_run(paths, job)
         trigger(paths, job.key)
@@ -156,8 +146,8 @@ def test_a_run_waits_for_its_producers_upload_and_goes_in_the_round_that_uploads
 
 
 def test_ended_upstream_runs_without_a_trigger_go_first_and_jobs_without_a_run_hold_nothing_up(
-        study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+        wandb_study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = wandb_study
     emits, scales, [total] = plan.stage_jobs("emit"), plan.stage_jobs("scale"), plan.stage_jobs("total")
     for job in [*scales, total]:  # the emit jobs were cached: no W&B run
         make_run(paths, job)
@@ -169,9 +159,9 @@ def test_ended_upstream_runs_without_a_trigger_go_first_and_jobs_without_a_run_h
     assert not any(wf.marker_path(paths, j.key).exists() for j in emits)
 
 
-def test_a_run_whose_producer_still_runs_waits(study: tuple[Plan, StudyPaths], tmp_path: Path,
+def test_a_run_whose_producer_still_runs_waits(wandb_study: tuple[Plan, StudyPaths], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+    plan, paths = wandb_study
     emit_en, scale_en = plan.stage_jobs("emit")[0], plan.stage_jobs("scale")[0]
     make_run(paths, emit_en)
     marker = json.loads(wf.marker_path(paths, emit_en.key).read_text())
@@ -186,8 +176,8 @@ def test_a_run_whose_producer_still_runs_waits(study: tuple[Plan, StudyPaths], t
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_stops_the_upload_in_flight_and_exits_130(
-        sig: signal.Signals, study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    plan, paths = study
+        sig: signal.Signals, wandb_study: tuple[Plan, StudyPaths], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan, paths = wandb_study
     emit_en = plan.stage_jobs("emit")[0]
     make_run(paths, emit_en)
     trigger(paths, emit_en.key)
