@@ -1,5 +1,5 @@
 """Small process helpers (Linux first, portable where it is cheap): is a process alive, who is
-its parent, and asking the kernel for a signal when one's parent dies."""
+its parent and who are its children, and asking the kernel for a signal when one's parent dies."""
 
 from __future__ import annotations
 
@@ -53,6 +53,21 @@ def parent_of(pid: int) -> int | None:
     """``pid``'s parent, where /proc tells (None if it has gone)."""
     stat = _proc_stat(pid)
     return int(stat[1]) if stat else None
+
+
+def children(pid: int, command: str) -> list[int]:
+    """The live child processes of ``pid`` whose command name is ``command``, where /proc tells
+    (else none)."""
+    found = []
+    for stat in PROC.glob("[0-9]*/stat"):
+        try:
+            name, rest = stat.read_text().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        fields = rest.split()
+        if name.partition("(")[2] == command and fields[1] == str(pid) and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
 
 
 def kill_group(pid: int) -> None:

@@ -54,6 +54,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ from orchestrator.tracking import TrackingRun
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT)  # the runner's stop signals
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
+REPEAT_WINDOW_S = 2.0  # stop signals this soon after the first are the same request (see below)
 
 
 @dataclass
@@ -148,14 +150,21 @@ class JobStopped(BaseException):
 
 def install_stop_handlers(event: threading.Event, graceful: bool) -> None:
     """SIGTERM/SIGUSR2/SIGHUP stop the stage. A stage that checkpoints is asked to (``event``) and
-    gets one signal's grace; any other stage, or a second signal, is stopped at once."""
+    may take its time; any other stage, or a second request, is stopped at once. A signal within
+    ``REPEAT_WINDOW_S`` of the first is the same request: one scancel reaches the stage several
+    times within milliseconds (from slurmstepd, and passed on by the batch shell and the runner)."""
+    first: list[float] = []  # when the first stop signal came
 
     def handler(signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
-        if event.is_set() or not graceful:
+        if not graceful or (first and time.monotonic() - first[0] > REPEAT_WINDOW_S):
             raise JobStopped(name)
+        if first:
+            return  # the same request again
+        first.append(time.monotonic())
         event.set()
-        print(f"received {name}: asking the stage to checkpoint and stop", file=sys.stderr, flush=True)
+        hint = f"another stop signal after {REPEAT_WINDOW_S:.0f}s stops it at once"
+        print(f"received {name}: asking the stage to checkpoint and stop ({hint})", file=sys.stderr, flush=True)
 
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:

@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator.artifacts import ArtifactRef
+from orchestrator.exitcodes import EXIT_ABORTED, EXIT_INTERRUPTED
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import build_plan
 from orchestrator.records import JobRecord, write_job_record
 from orchestrator.runner import EXIT_FAILED, open_store, run_job
 from orchestrator.spec import load_study
+from orchestrator.stageproc import REPEAT_WINDOW_S
 
 SPEC = """\
 name: {name}
@@ -270,28 +272,63 @@ def test_the_stage_process_releases_what_its_libraries_hold(tmp_path: Path) -> N
     assert "leaked semaphore" not in out, out
 
 
-def test_a_barrage_of_stop_signals_never_kills_the_runner_before_it_reports(tmp_path: Path) -> None:
-    """scancel signals every process of a job and the batch shell passes the signal on again: the
-    runner gets several TERMs, some after its stage process has ended. It must still exit 3 (the
-    stage checkpointed), never die of the signal with nothing recorded."""
+def _count_job(tmp_path: Path, sleep_s: float) -> tuple[subprocess.Popen[str], Path]:
+    """A started ``run-job`` of the toy checkpointing stage (a check for a stop request every
+    ``sleep_s``), and its checkpoint folder."""
     root = tmp_path / "root"
     spec = tmp_path / "count.yaml"
     spec.write_text(
-        "name: count\nlanguages: [en]\nstage_package: toystages\nstages:\n  count: {params: {steps: 200, sleep_s: 0.05}}\n"
+        f"name: count\nlanguages: [en]\nstage_package: toystages\nstages:\n  count: {{params: {{steps: 200, sleep_s: {sleep_s}}}}}\n"
     )
     study, registry = load_study(spec, [f"storage.root={root}"])
     plan = build_plan(study, registry)
     record = write_job_record(StudyPaths(root, study.name), JobRecord.from_job(plan.jobs[0], plan, root))
     proc = cli("run-job", str(record))
     assert proc.stdout is not None and "running stage count" in proc.stdout.readline()
+    return proc, StudyPaths(root, study.name).job(plan.jobs[0].key).checkpoint
+
+
+def test_a_barrage_of_stop_signals_never_kills_the_runner_before_it_reports(tmp_path: Path) -> None:
+    """scancel signals every process of a job and the batch shell passes the signal on again: the
+    runner gets several TERMs, some after its stage process has ended. It must still exit 3 (the
+    stage checkpointed), never die of the signal with nothing recorded."""
+    proc, checkpoint = _count_job(tmp_path, sleep_s=0.05)
     time.sleep(0.3)
     deadline = time.monotonic() + 3
     while proc.poll() is None and time.monotonic() < deadline:
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.005)
     out = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 3, f"exit {proc.returncode}\n{out}"
-    assert (StudyPaths(root, study.name).job(plan.jobs[0].key).checkpoint / "state.json").exists()
+    assert proc.returncode == EXIT_INTERRUPTED, f"exit {proc.returncode}\n{out}"
+    assert (checkpoint / "state.json").exists()
+
+
+def test_a_burst_of_stop_signals_is_one_request_to_checkpoint(tmp_path: Path) -> None:
+    """One scancel reaches a stage several times within milliseconds (from slurmstepd, and passed
+    on by the batch shell and the runner): the stage must still be given its checkpoint, however
+    many of them land before its next look at ``stop_requested``."""
+    proc, checkpoint = _count_job(tmp_path, sleep_s=1.0)
+    time.sleep(0.2)
+    for _ in range(20):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_INTERRUPTED, f"exit {proc.returncode}\n{out}"
+    assert (checkpoint / "state.json").exists()
+
+
+def test_a_stop_signal_after_the_repeat_window_stops_the_stage_at_once(tmp_path: Path) -> None:
+    """A stop signal that comes later than ``REPEAT_WINDOW_S`` after the first is a second
+    request: a stage that has not checkpointed by then is stopped at once, with nothing committed."""
+    proc, checkpoint = _count_job(tmp_path, sleep_s=60.0)
+    while not (checkpoint / "in_step").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(REPEAT_WINDOW_S + 0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == EXIT_ABORTED, f"exit {proc.returncode}\n{out}"
+    assert "without a checkpoint" in out and not (checkpoint / "state.json").exists()
 
 
 # A SLURM task's runner with a TERM arriving at the worst moment: right after it recorded "running".

@@ -11,12 +11,15 @@ tested here: a live W&B server.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from orchestrator.executors.base import run_reasons
 from orchestrator.export import export_type
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import build_plan
+from orchestrator.procutil import alive, children
 from orchestrator.spec import load_study
 from orchestrator.tracking.index import INDEX_FILE, INDEX_TYPE, build_index, index_aliases, index_artifact_name, parse_index
 
@@ -255,6 +259,35 @@ def test_failures_are_one_line_with_advice(study: dict[str, Any], tmp_path: Path
     assert out.returncode == 1, out.stdout + out.stderr
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and advice in out.stderr, out.stderr
     assert not (root / "studies").exists()
+
+
+def test_a_wandb_service_that_stops_answering_does_not_hold_pull(study: dict[str, Any], tmp_path: Path) -> None:
+    """wandb's exit hook waits for its service process without a limit. Here the service stops
+    answering altogether (SIGSTOP, as a service stuck retrying a dead server): pull must still
+    print its one line and exit, and leave no service behind."""
+    env = env_for(study["tmp"], study["fake"], WANDB_BASE_URL="http://127.0.0.1:9", ORCHESTRATOR_WANDB_API_TIMEOUT="2")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "pull", f"{ENTITY}/{PROJECT}", "toy", "--store",
+                             str(tmp_path / "store")], cwd=study["work"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    frozen: list[int] = []
+    try:
+        while not frozen and proc.poll() is None:
+            frozen = children(proc.pid, "wandb-core")
+            time.sleep(0.01)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=120)
+        assert frozen, "pull started no wandb service"
+        assert proc.returncode == 1 and err.startswith("error: ") and "did not answer" in err, err
+        deadline = time.monotonic() + 10  # the service, killed by pull, is gone (or a zombie) soon after
+        while any(alive(pid) for pid in frozen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in frozen), "pull left its wandb service running"
+    finally:
+        proc.kill()
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_bad_target_is_a_usage_error(study: dict[str, Any], tmp_path: Path) -> None:

@@ -187,10 +187,12 @@ def pull_study(
     target: str, study: str, root: Path, *, dry_run: bool = False, echo: Callable[[str], None] = print,
     source: WandbProject | None = None,
 ) -> PullReport:
-    """Pull ``study`` from the W&B project ``target`` (``ENTITY/PROJECT``) into the storage root ``root``."""
+    """Pull ``study`` from the W&B project ``target`` (``ENTITY/PROJECT``) into the storage root ``root``.
+    ``source``: read from it instead (its owner closes it); by default the W&B project, closed here."""
     entity, project = parse_target(target)
     if (problem := storage_root_problem(root)) is not None:
         raise BadArgument(f"--store {root}: {problem}")
+    owned = source is None
     source = source or WandbProject(entity, project, Path.cwd(), root)
     puller = Puller(source, study, root.resolve(), echo)
     store = _open(puller.paths.store, dry_run)
@@ -215,6 +217,8 @@ def pull_study(
         puller.commit(store, index, fetched, plan_action)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if owned:
+            source.close()
     return puller.report
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.tracking.index import INDEX_FILE, index_artifact_name
-from orchestrator.tracking.wandb_files import KEY_VAR, import_wandb, load_api_key, redact
+from orchestrator.tracking.wandb_files import KEY_VAR, end_service, import_wandb, load_api_key, redact
 
 TIMEOUT_VAR = "ORCHESTRATOR_WANDB_API_TIMEOUT"  # seconds for each W&B API request (default 30)
 DEFAULT_TIMEOUT_S = 30
@@ -54,6 +54,10 @@ class WandbProject:
     @property
     def path(self) -> str:
         return f"{self.entity}/{self.project}"
+
+    def close(self) -> None:
+        """End wandb's service, if the API started one (bounded: see ``end_service``)."""
+        end_service(self.wandb)
 
     def api(self) -> Any:
         """The logged-in ``wandb.Api`` (made once)."""

@@ -46,7 +46,9 @@ from orchestrator.tracking.wandb_files import (
     INSTALL_HINT,
     KEY_VAR,
     MARKER,
+    SERVICE_END_S,
     WANDB_NAME,
+    end_service,
     import_wandb,
     load_api_key,
     marker_path,
@@ -203,12 +205,8 @@ class WandbRun(TrackingRun):
         return self._start("offline")
 
     def _teardown(self) -> None:
-        teardown = getattr(self.wandb, "teardown", None)
-        if teardown is not None:
-            try:
-                teardown()
-            except Exception as e:  # noqa: BLE001
-                self._error("teardown", e)
+        if not end_service(self.wandb):
+            self.echo(f"W&B: its service process did not end within {SERVICE_END_S:.0f}s after the failure; killed it")
 
     def _run_dir(self) -> Path | None:
         files = getattr(self.run, "dir", None)

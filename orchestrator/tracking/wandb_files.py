@@ -1,6 +1,7 @@
 """What W&B tracking, ``sync`` and ``sync --watch`` share without importing wandb: run ids and
 artifact names, the per-job marker ``wandb-run.json``, the per-study ``wandb-ready/`` triggers,
-credentials from the environment or a ``.env`` file, and the requested mode.
+credentials from the environment or a ``.env`` file, the requested mode, and ending wandb's
+service process within a bounded time.
 
 **Triggers.** When a job's W&B run ends, ``WandbRun.finish`` drops ``studies/<study>/wandb-ready/<key>``
 (written atomically): ``sync --watch`` reads that one folder each round instead of every job's
@@ -9,9 +10,11 @@ directory, uploads the run and removes the trigger.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from types import ModuleType
@@ -20,12 +23,15 @@ from typing import Any
 from orchestrator.errors import OrchestratorError
 from orchestrator.fsutil import atomic_write_json, read_json
 from orchestrator.paths import StudyPaths
+from orchestrator.procutil import children, kill_group
 
 INSTALL_HINT = "pip install 'cross-lingual-subnets[wandb]'"
 MARKER = "wandb-run.json"  # in the job's directory: what sync needs to know about the job's W&B runs
 KEY_VAR = "WANDB_API_KEY"
 WANDB_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}\Z")
 READY_DIR = "wandb-ready"  # in the study's directory: a trigger per job whose W&B run ended
+SERVICE_COMMAND = "wandb-core"  # the process wandb starts for its runs and API requests
+SERVICE_END_S = 10.0  # how long ending that process may take before it is killed
 
 
 def import_wandb() -> ModuleType:
@@ -38,6 +44,30 @@ def import_wandb() -> ModuleType:
             " (or use --set tracking.backend=local)"
         ) from None
     return wandb
+
+
+def end_service(wandb: ModuleType, wait_s: float = SERVICE_END_S) -> bool:
+    """End wandb's service process (``wandb.teardown()``), waiting for it at most ``wait_s``.
+
+    wandb's own exit hook waits for its service without a limit, and a service stuck on a server
+    that does not answer would then hold the command for good, after it has printed its outcome.
+    Past ``wait_s``, the service processes this process started are killed with their groups (each
+    leads its own session), which ends the teardown. Call it once nothing is left to upload.
+    Returns False if the service had to be killed."""
+    done = threading.Event()
+
+    def teardown() -> None:
+        with contextlib.suppress(Exception):
+            wandb.teardown()
+        done.set()
+
+    threading.Thread(target=teardown, name="wandb-teardown", daemon=True).start()
+    if done.wait(wait_s):
+        return True
+    for pid in children(os.getpid(), SERVICE_COMMAND):
+        kill_group(pid)
+    done.wait(wait_s)
+    return False
 
 
 def run_id(study: str, job_key: str) -> str:

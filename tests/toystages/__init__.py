@@ -119,6 +119,7 @@ def count(params: CountParams, inputs: Any, ctx: Any) -> Mapping[str, Mapping[st
         if ctx.stop_requested.is_set():
             state_file.write_text(json.dumps(state))
             raise StageInterrupted(f"stopped at step {state['step']}")
+        (ctx.checkpoint_dir / "in_step").touch()  # for a test that must signal it mid-step
         time.sleep(params.sleep_s)
         state["step"] += 1
     return _write(ctx, "number", state["step"], starts=state["starts"])
