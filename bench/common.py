@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, tables, the benchmark study and its Snakefile."""
+"""Helpers shared by the benchmark scripts: timing, tables, a stage context, the benchmark study and
+its Snakefile."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,40 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
+
+
+@dataclass
+class BenchContext:
+    """A StageContext (protocol of ``orchestrator.stage``) on a directory, for running a stage function
+    in-process: metrics are kept (``metrics``), nothing is tracked, and ``step_end`` records when each
+    ``progress`` update came (a step's end, for a stage that reports steps)."""
+
+    root: Path
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 1234
+    job_label: str = "bench"
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    gpus: int = 0
+    rank: int = 0
+    world_size: int = 1
+    step_end: dict[int, float] = field(default_factory=dict)
+    metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
+    checkpoint_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.checkpoint_dir = self.root / "checkpoint"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    def output_dir(self, name: str) -> Path:
+        path = self.root / "outputs" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.metrics.append((dict(metrics), step))
+
+    def progress(self, done: int, total: int | None = None, unit: str = "step") -> None:
+        self.step_end[done] = time.perf_counter()
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -30,15 +30,13 @@ import argparse
 import json
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import header, table
+from common import BenchContext, header, table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -51,37 +49,6 @@ TEST_CHUNKS = 50
 KEPT = 6  # heads kept per language mask (of 16)
 EVAL = {"max_eval_chunks": 16, "eval_batch_size": 8}  # the demo's cross_eval (and train) settings
 TRAIN = {"max_steps": 2, "batch_size": 16, "lr": 3e-4, "checkpoint_every": None, **EVAL}
-
-
-@dataclass
-class BenchContext:
-    """A StageContext (protocol of ``orchestrator.stage``) on a directory; metrics are dropped."""
-
-    root: Path
-    provenance: Mapping[str, Any] = field(default_factory=dict)
-    seed: int = 1234
-    job_label: str = "cross_eval"
-    stop_requested: threading.Event = field(default_factory=threading.Event)
-    gpus: int = 0
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        path = self.root / "checkpoint"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def output_dir(self, name: str) -> Path:
-        path = self.root / "outputs" / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        pass
-
-    def progress(self, done: int, total: int | None = None, unit: str = "step") -> None:
-        pass
 
 
 # ----------------------------------------------------------------------------------------- the data
@@ -151,7 +118,7 @@ def committed_inputs(root: Path, model_dir: Path, data_dir: Path, masks: Mapping
     data_v = store.log("bench.tokenize.dataset", "dataset", data_dir, producer=producer("tokenize"))
     tok_v = store.log("bench.tokenizer.tokenizer", "tokenizer", model_dir, producer=producer("tokenizer"))
     base_v = store.log("bench.pretrain.model", "model", model_dir, producer=producer("train"))
-    ctx = BenchContext(root / "train")
+    ctx = BenchContext(root / "train", job_label="cross_eval")
     params = TRAIN_STAGE.params.model_validate(TRAIN)
     train_inputs = {"dataset": resolved(data_v, {}), "tokenizer": resolved(tok_v, {}), "base": resolved(base_v, {})}
     meta = TRAIN_STAGE.fn(params, train_inputs, ctx)["model"]
@@ -175,7 +142,7 @@ def committed_inputs(root: Path, model_dir: Path, data_dir: Path, masks: Mapping
 def cross_eval_ours(root: Path, inputs: Mapping[str, Any], provenance: Mapping[str, Any], params: Any) -> dict[str, Any]:
     from stages.evaluate import CROSS_EVAL
 
-    ctx = BenchContext(root, provenance)
+    ctx = BenchContext(root, provenance, job_label="cross_eval")
     meta = CROSS_EVAL.fn(params, inputs, ctx)["metrics"]
     doc = json.loads((root / "outputs" / "metrics" / "cross_eval.json").read_text())
     return {**doc, "meta": meta}

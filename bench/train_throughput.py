@@ -33,15 +33,13 @@ import argparse
 import json
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import header, table, verdict
+from common import BenchContext, header, table, verdict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -62,40 +60,6 @@ SHAPES: dict[str, dict[str, Any]] = {  # model config, vocabulary (with the 5 sp
 SEQ_LEN = 128
 SEED = 7
 OPT = {"lr": 2e-5, "weight_decay": 0.01, "warmup_steps": 0, "max_grad_norm": 1.0}
-
-
-@dataclass
-class BenchContext:
-    """A StageContext (protocol of ``orchestrator.stage``) on a temporary directory that records when
-    each step ended (``progress``); metrics are kept, nothing is tracked."""
-
-    root: Path
-    seed: int = SEED
-    job_label: str = "train[bench]"
-    stop_requested: threading.Event = field(default_factory=threading.Event)
-    provenance: Mapping[str, Any] = field(default_factory=dict)
-    gpus: int = 0
-    rank: int = 0
-    world_size: int = 1
-    step_end: dict[int, float] = field(default_factory=dict)
-    metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        path = self.root / "checkpoint"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def output_dir(self, name: str) -> Path:
-        path = self.root / "outputs" / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.metrics.append((dict(metrics), step))
-
-    def progress(self, done: int, total: int | None = None, unit: str = "step") -> None:
-        self.step_end[done] = time.perf_counter()
 
 
 def make_tokenizer(out: Path, vocab: int) -> Path:
@@ -150,7 +114,7 @@ def run_ours(shape: Mapping[str, Any], steps: int, tok_dir: Path, dataset: Path)
                              job_key=f"bench-{kind}")
 
     with tempfile.TemporaryDirectory(prefix="train-ours-") as tmp:
-        ctx = BenchContext(Path(tmp))
+        ctx = BenchContext(Path(tmp), seed=SEED, job_label="train[bench]")
         inputs = {"dataset": resolved(dataset, "dataset"), "tokenizer": resolved(tok_dir, "tokenizer")}
         TRAIN.fn(TRAIN.params.model_validate(params(shape, steps)), inputs, ctx)
         return rate(ctx.step_end, steps, shape["batch"] * SEQ_LEN)
