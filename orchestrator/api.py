@@ -33,7 +33,7 @@ from orchestrator.artifacts import ArtifactError, ArtifactVersion, CorruptArtifa
 from orchestrator.artifacts.describe import UpstreamNode, render_tree, tree_dict, upstream_tree, version_dict, walk
 from orchestrator.artifacts.download import copy_out, read_verified
 from orchestrator.errors import BadArgument
-from orchestrator.paths import StudyPaths
+from orchestrator.paths import DEFAULT_STORE, STORE_ENV, StudyPaths, default_root
 
 __all__ = [
     "Artifact",
@@ -51,8 +51,6 @@ __all__ = [
     "versions",
 ]
 
-STORE_ENV = "ORCHESTRATOR_STORE"
-DEFAULT_STORE = ".orchestrator"
 StorePath = str | os.PathLike[str] | None
 
 
@@ -310,7 +308,7 @@ def study(name: str, *, store: StorePath = None) -> Study:
 
 def _open(store: StorePath) -> tuple[Path, ReadOnlyStore]:
     """(the storage root, its artifact store opened read-only) for a ``store`` argument."""
-    given = store if store is not None else os.environ.get(STORE_ENV) or DEFAULT_STORE
+    given = store if store is not None else default_root()
     path = Path(os.path.abspath(given))
     if (path / "objects").is_dir() and (path / "artifacts").is_dir():  # the artifact store itself
         return path.parent, ReadOnlyStore(path)

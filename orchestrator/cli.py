@@ -16,11 +16,9 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.executors.registry import names as registry_names
 from orchestrator.guard import guarded
 from orchestrator.overrides import cli_overrides
-from orchestrator.paths import StudyPaths
+from orchestrator.paths import DEFAULT_STORE, STORE_ENV, StudyPaths, default_root
 from orchestrator.plan import Plan, build_plan
 from orchestrator.spec import Study, load_study
-
-DEFAULT_ROOT = Path(".orchestrator")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,6 +29,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     console.set_level(args.verbosity)
     return guarded(lambda: args.func(args))
+
+
+def _store_option(cmd: argparse.ArgumentParser) -> None:
+    help_ = f"storage root (default: ${STORE_ENV}, else {DEFAULT_STORE})"
+    cmd.add_argument("--store", type=Path, default=default_root(), metavar="DIR", help=help_)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=help_, description=help_)
         cmd.add_argument("study", help="study name")
-        cmd.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+        _store_option(cmd)
         cmd.set_defaults(func=func)
     shown = sub.choices["artifacts"].add_mutually_exclusive_group()
     shown.add_argument("--lineage", metavar="NAME[:vN]", help="show the lineage tree of one artifact")
@@ -125,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite files that exist")
     init.set_defaults(func=_init)
     fsck = sub.add_parser("fsck", help="check the artifact store; remove what dead writers left behind")
-    fsck.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+    _store_option(fsck)
     fsck.add_argument(
         "--repair", action="store_true", help="quarantine what is damaged and drop the job records built on it (they rerun)"
     )
@@ -136,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
         description="upload the study's offline W&B runs (producers first) and their lineage",
     )
     sync.add_argument("study", help="study name")
-    sync.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+    _store_option(sync)
     sync.add_argument("--dry-run", action="store_true", help="list the run directories and the wandb sync commands only")
     sync.add_argument("--timeout", type=float, default=1800.0, metavar="S", help="stop a wandb sync after S s (default 1800)")
     sync.add_argument("--watch", action="store_true", help="upload runs as their jobs end, until all have ended (login node)")
@@ -148,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         description="mirror a study's committed results to W&B (one run per job, as if tracked live); nothing reruns",
     )
     track.add_argument("study", help="study name")
-    track.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+    _store_option(track)
     track.add_argument("--project", help="W&B project (default: the spec's tracking.project)")
     track.add_argument("--entity", help="W&B entity (default: the spec's tracking.entity, else your default)")
     track.add_argument("--mode", choices=["online", "offline"], help="default: the spec's tracking.mode, else WANDB_MODE")
@@ -158,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="download a study's artifacts from W&B into a local store (see README)")
     pull.add_argument("project", metavar="ENTITY/PROJECT", help="the W&B project, as in its URL")
     pull.add_argument("study", help="study name")
-    pull.add_argument("--store", type=Path, default=DEFAULT_ROOT, metavar="DIR", help="storage root (default: .orchestrator)")
+    _store_option(pull)
     pull.add_argument("--dry-run", action="store_true", help="say what would be downloaded; write nothing")
     pull.set_defaults(func=_pull)
 
@@ -195,7 +198,9 @@ def _note_new_store(study: Study, creating: bool) -> None:
     head = f"creating a new store at {paths.root}" if creating else f"no store at {paths.root} yet; submit creates it there"
     root = study.storage.root
     why = "" if root.is_absolute() else f" (storage.root {str(root)!r} is relative to the current directory)"
-    found = "from this directory" if paths.root == DEFAULT_ROOT.resolve() else f"with --store {paths.root}"
+    default = default_root()
+    found = "from this directory" if not default.is_absolute() else f"through ${STORE_ENV}"
+    found = found if paths.root == default.resolve() else f"with --store {paths.root}"
     print(f"note: {head}{why}; status, artifacts and plots find it {found}", file=sys.stderr)
 
 

@@ -7,6 +7,15 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+STORE_ENV = "ORCHESTRATOR_STORE"  # the storage root where neither --store nor storage.root names one
+DEFAULT_STORE = ".orchestrator"
+
+
+def default_root() -> Path:
+    """The storage root where nothing names one: ``$ORCHESTRATOR_STORE``, else ``.orchestrator``
+    (relative to the current directory)."""
+    return Path(os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
 
 @dataclass(frozen=True)
 class JobPaths:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, PrivateAttr, StringConstraints, Validatio
 
 from orchestrator.errors import SpecError, SpecIssue
 from orchestrator.overrides import apply_overrides
-from orchestrator.paths import storage_root_problem
+from orchestrator.paths import default_root, storage_root_problem
 from orchestrator.resources import ExecutorSpec as ExecutorSpec  # re-exported: the spec's own models
 from orchestrator.resources import Resources as Resources
 from orchestrator.resources import Strict, parse_selector
@@ -49,7 +49,9 @@ class TrackingSpec(Strict):
 
 
 class StorageSpec(Strict):
-    root: Path = Field(Path(".orchestrator"), description="artifact store, job records and logs")
+    root: Path = Field(
+        default_factory=default_root, description="artifact store, job records and logs ($ORCHESTRATOR_STORE, else .orchestrator)"
+    )
 
 
 class ModelSpec(Strict):

@@ -347,7 +347,7 @@ def corpus_stage(params: CorpusParams, inputs: Inputs, ctx: StageContext) -> dic
     read, source_info = _make_reader(params, seed)
     counts: dict[str, dict[str, dict[str, int]]] = {}
     provenance: dict[str, dict[str, Any]] = {}
-    for lang in params.languages:
+    for lang in progress(params.languages, desc="corpus", unit="language", ctx=ctx):
         if ctx.stop_requested.is_set():
             raise StageInterrupted("corpus: stop requested (nothing to checkpoint, the stage reruns)")
         docs, provenance[lang] = read(lang)

@@ -250,7 +250,7 @@ def tokenize_stage(params: TokenizeParams, inputs: Inputs, ctx: StageContext) ->
     out = ctx.output_dir("dataset")
     languages = corpus_languages(corpus.path)
     counts: dict[str, Any] = {}
-    for lang in languages:
+    for lang in progress(languages, desc="tokenize", unit="language", ctx=ctx):
         if ctx.stop_requested.is_set():
             raise StageInterrupted("tokenize: stop requested (nothing to checkpoint, the stage reruns)")
         counts[lang] = tokenize_language(tokenizer, corpus.path, lang, params, seed, out)

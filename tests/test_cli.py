@@ -101,3 +101,26 @@ def test_local_dry_run_shows_what_would_run(toy_spec: Path, tmp_path: Path) -> N
     dry = cli("submit", str(toy_spec), "--dry-run", "--set", "stages.total.params.label=x", cwd=tmp_path)
     assert dry.returncode == 0 and "7 jobs, 6 cached, 1 to run" in dry.stdout
     assert "study toy:" in dry.stdout and "succeeded" not in dry.stdout
+
+
+def test_orchestrator_store_names_the_default_storage_root_everywhere(toy_spec: Path, tmp_path: Path) -> None:
+    """``$ORCHESTRATOR_STORE`` is the storage root of every command (as of ``orchestrator.api``)
+    where neither ``--store`` nor the spec's ``storage.root`` names one."""
+    work, shared = tmp_path / "work", tmp_path / "shared"
+    work.mkdir()
+    env = {"ORCHESTRATOR_STORE": str(shared)}
+    sub = cli("submit", str(toy_spec), cwd=work, env=env)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    assert (shared / "artifacts").is_dir() and not (work / ".orchestrator").exists()
+    for args in (["status", "toy"], ["artifacts", "toy"], ["fsck"], ["plan", str(toy_spec)]):
+        out = cli(*args, cwd=work, env=env)
+        assert out.returncode == 0 and "error" not in out.stderr, (args, out.stdout + out.stderr)
+    assert "7 cached" in cli("plan", str(toy_spec), cwd=work, env=env).stdout
+    got = cli("artifacts", "get", "toy.total.total", "--out", str(tmp_path / "got"), cwd=work, env=env)
+    assert got.returncode == 0 and (tmp_path / "got").is_dir(), got.stderr
+
+    own = tmp_path / "own.yaml"  # a spec that names its storage root keeps it; --store beats both
+    own.write_text(toy_spec.read_text() + f"storage: {{root: {tmp_path / 'own'}}}\n")
+    assert cli("submit", str(own), "-q", cwd=work, env=env).returncode == 0 and (tmp_path / "own" / "artifacts").is_dir()
+    assert cli("status", "toy", "--store", str(tmp_path / "own"), cwd=work, env=env).returncode == 0
+    assert cli("status", "toy", "--store", str(tmp_path / "none"), cwd=work, env=env).returncode != 0

@@ -72,6 +72,7 @@ def test_bible_layout_counts_and_metrics(small_bible: tuple[Path, dict[str, Any]
         assert ctx.logged()[f"{lang}/test_docs"] == 5.0
         assert all(set(r) == {"id", "text"} and r["text"] for r in train + test)
     assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == meta
+    assert ctx.reported == [(0, 3, "language"), (1, 3, "language"), (2, 3, "language"), (3, 3, "language")]
 
 
 def test_bible_split_is_by_document_disjoint_and_aligned(

@@ -123,6 +123,7 @@ def test_layout_shapes_and_meta(dataset: tuple[Path, dict[str, Any], FakeContext
 
     out, meta, ctx = dataset
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "xx", "zh"]
+    assert ctx.reported == [(0, 2, "language"), (1, 2, "language"), (2, 2, "language")]  # the job's progress
     assert SPLITS == ("train", "select", "report") and meta["splits"] == list(SPLITS)
     for lang in ("xx", "zh"):
         assert sorted(p.name for p in (out / lang).iterdir()) == ["dataset_dict.json", "report", "select", "train"]
