@@ -128,7 +128,8 @@ def study_status(
     store: ArtifactStore | None = None,
 ) -> StudyStatus:
     """The study's jobs as recorded, with the backends' word (``view``, from ``Executor.status``)
-    where they have one; with ``store``, also each job's committed outputs."""
+    where they have one; with ``store``, also each job's committed outputs, and a job that recorded
+    no state but has them (a pulled study, say) is ``cached``."""
     plan = check_submitted(paths)
     view = view or StatusView()
     jobs = []
@@ -136,16 +137,17 @@ def study_status(
         states = [(job, read_state(paths, job["key"])) for job in plan["jobs"]]
     for job, state in states:
         key = str(job["key"])
+        outputs, problem = committed_outputs(store, key) if store is not None else (None, None)
+        recorded = state.state if state else ("cached" if outputs is not None else "unknown")
         recorded_where = f"{state.executor} {state.external_id}" if state and state.external_id else ""
-        shown, where = view.rows.get(key, (state.state if state else "unknown", recorded_where))
+        shown, where = view.rows.get(key, (recorded, recorded_where))
         log = paths.job(key).log
         status = JobStatus(key, str(job["label"]), str(job["stage_id"]), dict(job.get("point") or {}), shown, state, where, None)
         if log.exists():
             status.log = log
             if shown in FAILED_STATES:
                 status.last_error = last_error_line(log) or "no error line in its log"
-        if store is not None:
-            status.outputs, status.outputs_problem = committed_outputs(store, key)
+        status.outputs, status.outputs_problem = outputs, problem
         jobs.append(status)
     job_states_now = {j.key: j.state for j in jobs}
     progress = study_progress(paths.dir / "jobs", [job for job, _ in states], job_states_now, plan["submitted_at"])

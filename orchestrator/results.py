@@ -83,10 +83,11 @@ def status(paths: StudyPaths, *, as_json: bool) -> int:
         view.merge(backend(name).status(paths, by_key))
     if view.warning and not console.quiet():
         print(f"warning: {view.warning}", file=sys.stderr)
+    shown = study_status(paths, view, states, store=reader_or_none(paths))
     if as_json:
-        print_json(study_status(paths, view, states, store=reader_or_none(paths)).to_dict())
+        print_json(shown.to_dict())
     else:
-        print(views.render_status(study_status(paths, view, states), verbose=console.verbose(), quiet=console.quiet()))
+        print(views.render_status(shown, verbose=console.verbose(), quiet=console.quiet()))
     return 0
 
 

@@ -147,6 +147,11 @@ def test_pulled_store_has_everything_cached(study: dict[str, Any], tmp_path: Pat
     s, registry = load_study(study["spec"], [f"storage.root={pulled}"])
     plan = build_plan(s, registry)
     assert run_reasons(plan, LocalStore(pulled / "artifacts"), force=False) == {}
+    # no job ran here, but every one has its outputs in the store: status says they are cached
+    shown = cli("status", "toy", "--store", str(pulled), cwd=study["work"], env=env_for(study["tmp"]))
+    assert shown.returncode == 0 and "7 cached" in shown.stdout, shown.stdout + shown.stderr
+    shown = cli("status", "toy", "--store", str(pulled), "--json", cwd=study["work"], env=env_for(study["tmp"]))
+    assert shown.returncode == 0 and json.loads(shown.stdout)["counts"] == {"cached": 7}, shown.stdout + shown.stderr
     before = tree(pulled / "artifacts")
     sub = cli("submit", str(study["spec"]), "--store", str(pulled), cwd=study["work"], env=env_for(study["tmp"]))
     assert sub.returncode == 0 and "study toy: 7 cached, 0 succeeded" in sub.stdout, sub.stdout + sub.stderr
