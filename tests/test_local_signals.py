@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import cli
 from test_reliability import _check_complete
 
 from orchestrator.executors import LocalExecutor, local
@@ -31,6 +32,7 @@ from orchestrator.plan import build_plan
 from orchestrator.records import read_state
 from orchestrator.runner import open_store
 from orchestrator.spec import load_study
+from orchestrator.sync_watch import Watch, unfinished
 
 HELD_SPEC = """\
 name: held
@@ -262,6 +264,35 @@ def test_jobs_stop_when_their_submitter_is_sigkilled(tmp_path: Path) -> None:
     log = (root / "studies" / "held" / "jobs" / next(iter(jobs)) / "job.log").read_text()
     assert f"its submitter (pid {proc.pid}) died; recorded as cancelled" in log
     assert not list((root / "artifacts").glob("jobs/*.json"))
+    assert _shown(root) == {"cancelled": 7}  # the 5 that never started: their submit has ended
+    hold.unlink()
+    _resubmit_completes(spec, root)
+
+
+def _shown(root: Path, study: str = "held") -> dict[str, int]:
+    """What ``status --json`` counts per state."""
+    out = cli("status", study, "--store", str(root), "--json", cwd=root.parent)
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout)["counts"])
+
+
+def test_status_tells_the_jobs_of_a_dead_submit_from_live_ones(tmp_path: Path) -> None:
+    """SIGKILL the submit and its jobs at once (the OOM killer, a lost node): nobody records how
+    they ended. status must not show them pending or running for good (``sync --watch`` waits for
+    them): what never started is cancelled, a job whose process is gone failed."""
+    spec, hold = _held_spec(tmp_path)
+    root = tmp_path / "root"
+    with _submit(spec, root) as proc:
+        jobs = _running_jobs(proc, root, "held", 2)
+        assert _shown(root) == {"pending": 5, "running": 2}  # while the submit lives
+        for pid in [*jobs.values(), *_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        _wait_for("the jobs to end", lambda: not _in_sessions(set(jobs.values())), timeout=10)
+    assert sorted(s["state"] for s in _states(root, "held").values()) == ["pending"] * 5 + ["running"] * 2
+    assert _shown(root) == {"cancelled": 5, "failed": 2}
+    assert unfinished(Watch.of(StudyPaths(root, "held"))) == []  # sync --watch would not wait for them
     hold.unlink()
     _resubmit_completes(spec, root)
 

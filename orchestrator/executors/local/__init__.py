@@ -30,7 +30,9 @@ If the submitter dies without a chance to stop its jobs (SIGKILL, the OOM killer
 server exits too (its end of a pipe from the submitter closes), and each job is sent SIGTERM:
 on Linux the job asks for it as its parent-death signal, elsewhere a thread of the job polls the
 submitter. The job then stops (a checkpointing stage checkpoints) and records its own state,
-since no one else will.
+since no one else will. If the jobs die with it (the OOM killer, a lost node), nobody records
+their ends: ``status`` then shows the jobs that never started as cancelled and those whose process
+has gone as failed, told by a lock that each submit holds while it runs (``liveness.py``).
 
 A state file that cannot be written (a full disk) does not stop the loop: it says so once and
 goes on reaping and stopping jobs, rewriting such a state in place or removing it rather than
@@ -41,21 +43,23 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from orchestrator.artifacts import ArtifactStore
-from orchestrator.executors.base import Executor, SubmitReport
+from orchestrator.executors.base import Executor, StatusView, SubmitReport
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan
 from orchestrator.provenance import code_provenance
+from orchestrator.records import JobState
 from orchestrator.spec import Study
 
 from .job import _context, _job_main, _JobStart, available_cpus
 from .job import _watch_submitter as _watch_submitter  # (tests reach it here)
 from .live import LiveView
+from .liveness import orphaned_rows, submitting
 from .loop import SUBMIT_STOP_SIGNALS as SUBMIT_STOP_SIGNALS  # (tests reach these here)
 from .loop import _Run
 from .loop import _StopSignals as _StopSignals
@@ -114,7 +118,16 @@ class LocalExecutor(Executor):
     def from_study(cls, study: Study, paths: StudyPaths, store: ArtifactStore, *, dry_run: bool = False) -> LocalExecutor:
         return cls(paths, store, max_parallel=study.executor.local.max_parallel)
 
+    @classmethod
+    def status(cls, paths: StudyPaths, states: Mapping[str, JobState | None]) -> StatusView:
+        """The jobs of local submits that died without recording their ends (``liveness``)."""
+        return StatusView(orphaned_rows(paths, states, cls.name))
+
     def submit(self, plan: Plan, spec_path: Path, *, force: bool = False) -> SubmitReport:
+        with submitting(self.paths):
+            return self._submit(plan, spec_path, force)
+
+    def _submit(self, plan: Plan, spec_path: Path, force: bool) -> SubmitReport:
         view = LiveView.for_submit(self.paths, plan, self.max_parallel, self.echo)  # (checks its setting first)
         todo, cached = self.prepare(plan, spec_path, force)
         report = SubmitReport(cached=sorted(cached))
