@@ -297,3 +297,20 @@ def test_the_api_and_cli_read_a_read_only_store_as_another_user_and_change_nothi
         assert cli.returncode == 0, (args, cli.stdout + cli.stderr)
     assert json.loads((out / "cli" / "value.json").read_text())["value"] == 18.0
     assert snapshot(shared) == before
+
+
+def test_status_reads_a_read_only_store_whose_local_submit_died(shared: Path) -> None:
+    """A job a local submit left pending (the submit died) in a store this user may only read:
+    ``status`` still answers (its check for a live submit opens the lock file read-only) and shows
+    the job cancelled."""
+    subprocess.run(["chmod", "-R", "u+w", str(shared)], check=True)
+    state = next((shared / "studies" / "toy" / "jobs").glob("*/state.json"))
+    state.write_text(json.dumps({"state": "pending", "updated_at": "2026-01-01T00:00:00+00:00", "executor": "local"}))
+    assert (shared / "studies" / "toy" / "local-submit.lock").exists()  # (the submit that built it)
+    subprocess.run(["chmod", "-R", "a-w", str(shared)], check=True)
+    shown = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "status", "toy", "--json", "--store", str(shared)],
+        capture_output=True, text=True, env=ENV, timeout=120, cwd=shared.parent / "out", **unprivileged(),
+    )  # type: ignore[call-overload]  # fmt: skip
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert json.loads(shown.stdout)["counts"] == {"cancelled": 1, "succeeded": 6}

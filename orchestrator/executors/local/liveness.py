@@ -37,7 +37,10 @@ def submitting(paths: StudyPaths) -> Iterator[None]:
     """Hold the study's submit lock (shared) for the block: a local submit of it runs."""
     path = _lock_path(paths)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # not inheritable: no job process holds it
+    try:  # (not inheritable: no job process holds it)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file, in a store shared by a group
+        fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield
@@ -46,14 +49,23 @@ def submitting(paths: StudyPaths) -> Iterator[None]:
 
 
 def any_submitting(paths: StudyPaths) -> bool:
-    """Whether a local submit of the study holds its lock now."""
-    try:
-        fd = os.open(_lock_path(paths), os.O_RDWR)
-    except FileNotFoundError:
-        return False
+    """Whether a local submit of the study holds its lock now. The lock file is opened read-only
+    where this user may not write it (a shared store); where it cannot be opened or locked at all,
+    the answer is yes, so that no job is shown as ended on a guess."""
+    fd = -1
+    for flags in (os.O_RDWR, os.O_RDONLY):  # (NFS's emulated flock wants a writable file for LOCK_EX)
+        try:
+            fd = os.open(_lock_path(paths), flags)
+            break
+        except FileNotFoundError:
+            return False
+        except OSError:
+            continue
+    if fd < 0:
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # BlockingIOError: a submit holds it
         return True
     finally:
         os.close(fd)  # (drops the lock this took, if it took it)
