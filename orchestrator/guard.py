@@ -1,5 +1,5 @@
-"""Commands' errors as one line and an exit code, never a traceback: what ``main`` and the local
-executor's job processes share."""
+"""Commands' errors as one line and an exit code, never a traceback, and tracking's background
+services ended before the process exits: what ``main`` and the local executor's job processes share."""
 
 from __future__ import annotations
 
@@ -12,7 +12,17 @@ from orchestrator.errors import OrchestratorError
 
 
 def guarded(command: Callable[[], int]) -> int:
-    """Run a command; print errors without a traceback and turn them into exit codes."""
+    """Run a command; print errors without a traceback and turn them into exit codes; then end
+    the tracking backends' background services (bounded: ``tracking.end_services``)."""
+    try:
+        return _run(command)
+    finally:
+        from orchestrator.tracking import end_services
+
+        end_services()
+
+
+def _run(command: Callable[[], int]) -> int:
     try:
         return int(command())
     except OrchestratorError as e:

@@ -266,6 +266,7 @@ def test_failures_are_one_line_with_advice(study: dict[str, Any], tmp_path: Path
     assert not (root / "studies").exists()
 
 
+@pytest.mark.slow  # the bounded 10 s wait: about 15 s here
 def test_a_wandb_service_that_stops_answering_does_not_hold_pull(study: dict[str, Any], tmp_path: Path) -> None:
     """wandb's exit hook waits for its service process without a limit. Here the service stops
     answering altogether (SIGSTOP, as a service stuck retrying a dead server): pull must still

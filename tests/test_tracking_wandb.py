@@ -11,14 +11,17 @@ against the real wandb API signatures.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import inspect
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +35,7 @@ from orchestrator.artifacts import LocalStore, Producer
 from orchestrator.errors import OrchestratorError
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan, build_plan
+from orchestrator.procutil import alive
 from orchestrator.records import JobRecord, read_plan
 from orchestrator.spec import load_study
 from orchestrator.sync import sync_study
@@ -635,3 +639,81 @@ def test_tags_are_checked_like_wandb_checks_them_and_tracking_never_changes_job_
                                                 "tracking.tags=[a, b]", "tracking.reference_artifacts=true"]))
     assert [j.key for j in plain.jobs] == [j.key for j in tracked.jobs]
     assert plain.study.spec_hash() != tracked.study.spec_hash()  # recorded as provenance, not part of keys
+
+
+STUCK_SERVICE = """
+import os, signal, sys
+import wandb
+from orchestrator.cli import main
+from orchestrator.procutil import children
+run = wandb.init(mode="offline", project="p", dir=sys.argv[1])
+run.finish()
+service = children(os.getpid(), "wandb-core")
+for pid in service:
+    os.kill(pid, signal.SIGSTOP)  # it stops answering, as one stuck on a server that does not
+print(" ".join(map(str, service)), flush=True)
+sys.exit(main(["status", "nosuch", "--store", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow  # a real wandb run, then the bounded 10 s wait: about 30 s here
+def test_no_command_waits_at_exit_on_a_wandb_service_that_stopped_answering(tmp_path: Path) -> None:
+    """wandb's exit hook waits for its service process without a limit. A command whose process
+    used wandb (here a finished offline run) and whose service then stops answering must still
+    exit, with its own outcome, and leave no service behind: every command (``guarded``: main and
+    the local executor's jobs) ends the tracking backends' services within a bounded time."""
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_SERVICE, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=wandb_env(tmp_path), cwd=tmp_path)
+    frozen: list[int] = []
+    try:
+        assert proc.stdout is not None
+        frozen = [int(pid) for pid in proc.stdout.readline().split()]
+        _, err = proc.communicate(timeout=90)
+        assert frozen, "wandb started no service"
+        assert proc.returncode == 2 and "no study 'nosuch'" in err, err
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in frozen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in frozen), "the wandb service was left running"
+    finally:
+        proc.kill()
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+NEVER_STARTS = """
+import sys
+import wandb
+from wandb.sdk.lib.service import service_process
+from orchestrator.cli import main
+service_process.get_core_path = lambda: sys.argv[2]  # a wandb-core that never finishes starting
+try:
+    wandb.init(mode="offline", project="p", dir=sys.argv[1])
+except Exception as e:
+    print(f"wandb gave up: {type(e).__name__}", flush=True)
+sys.exit(main(["status", "nosuch", "--store", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow  # wandb's own 2 s wait for the service's port file, and a real run's imports: about 10 s
+def test_no_command_leaves_a_wandb_service_that_never_started(tmp_path: Path) -> None:
+    """wandb gives up on a service that does not start in time but leaves its process running,
+    holding the command's stdout and stderr: whoever reads them (a pipe, a CI log) would wait for
+    good. The command ends it too."""
+    core = tmp_path / "wandb-core"
+    core.write_text("#!/bin/sh\nwhile :; do sleep 1; done\n")
+    core.chmod(0o755)
+    env = wandb_env(tmp_path, WANDB_X_SERVICE_WAIT="2", WANDB_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", NEVER_STARTS, str(tmp_path), str(core)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=60)  # returns only once every holder of the pipes has gone
+        assert "wandb gave up: ServicePollForTokenError" in out, out + err
+        assert proc.returncode == 2 and "no study 'nosuch'" in err, err
+    finally:
+        proc.kill()
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):  # the fake, should it be left
+            with contextlib.suppress(OSError):
+                if str(core).encode() in cmdline.read_bytes():
+                    os.kill(int(cmdline.parent.name), signal.SIGKILL)

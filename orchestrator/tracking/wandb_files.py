@@ -52,8 +52,10 @@ def end_service(wandb: ModuleType, wait_s: float = SERVICE_END_S) -> bool:
     wandb's own exit hook waits for its service without a limit, and a service stuck on a server
     that does not answer would then hold the command for good, after it has printed its outcome.
     Past ``wait_s``, the service processes this process started are killed with their groups (each
-    leads its own session), which ends the teardown. Call it once nothing is left to upload.
-    Returns False if the service had to be killed."""
+    leads its own session), which ends the teardown. So is one that is still there after the
+    teardown: a service that never finished starting, which wandb gave up on but left running
+    (holding the command's stdout and stderr). Call it once nothing is left to upload. Returns
+    False if a service had to be killed."""
     done = threading.Event()
 
     def teardown() -> None:
@@ -62,12 +64,13 @@ def end_service(wandb: ModuleType, wait_s: float = SERVICE_END_S) -> bool:
         done.set()
 
     threading.Thread(target=teardown, name="wandb-teardown", daemon=True).start()
-    if done.wait(wait_s):
-        return True
-    for pid in children(os.getpid(), SERVICE_COMMAND):
+    ended = done.wait(wait_s)
+    left = children(os.getpid(), SERVICE_COMMAND)
+    for pid in left:
         kill_group(pid)
-    done.wait(wait_s)
-    return False
+    if not ended:
+        done.wait(wait_s)
+    return ended and not left
 
 
 def run_id(study: str, job_key: str) -> str:
