@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,25 @@ def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.
         env={**os.environ, **(env or {})},
         timeout=120,
     )
+
+
+def ended_within(pids: Iterable[int], timeout_s: float) -> bool:
+    """Whether every one of ``pids`` has ended (gone, or a zombie) within ``timeout_s``."""
+    from orchestrator.procutil import alive
+
+    deadline = time.monotonic() + timeout_s
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def kill_all(pids: Iterable[int]) -> None:
+    """SIGKILL each of ``pids`` that is still there (a test's cleanup)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(autouse=True)

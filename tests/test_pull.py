@@ -11,7 +11,6 @@ tested here: a live W&B server.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from conftest import ROOT, TESTS, TOY_SPEC
+from conftest import ROOT, TESTS, TOY_SPEC, ended_within, kill_all
 from wandbfake import FakeWandb, serving
 
 from orchestrator.artifacts import LocalStore, ReadOnlyStore
@@ -35,7 +34,7 @@ from orchestrator.executors.base import run_reasons
 from orchestrator.export import export_type
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import build_plan
-from orchestrator.procutil import alive, children
+from orchestrator.procutil import children
 from orchestrator.spec import load_study
 from orchestrator.tracking.index import INDEX_FILE, INDEX_TYPE, build_index, index_aliases, index_artifact_name, parse_index
 
@@ -285,15 +284,10 @@ def test_a_wandb_service_that_stops_answering_does_not_hold_pull(study: dict[str
         _, err = proc.communicate(timeout=120)
         assert frozen, "pull started no wandb service"
         assert proc.returncode == 1 and err.startswith("error: ") and "did not answer" in err, err
-        deadline = time.monotonic() + 10  # the service, killed by pull, is gone (or a zombie) soon after
-        while any(alive(pid) for pid in frozen) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(alive(pid) for pid in frozen), "pull left its wandb service running"
+        assert ended_within(frozen, 10), "pull left its wandb service running"  # killed by the command, gone soon after
     finally:
         proc.kill()
-        for pid in frozen:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(frozen)
 
 
 def test_bad_target_is_a_usage_error(study: dict[str, Any], tmp_path: Path) -> None:

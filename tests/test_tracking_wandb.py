@@ -21,7 +21,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,13 +28,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import ROOT, TESTS, TOY_SPEC
+from conftest import ROOT, TESTS, TOY_SPEC, ended_within, kill_all
 
 from orchestrator.artifacts import LocalStore, Producer
 from orchestrator.errors import OrchestratorError
 from orchestrator.paths import StudyPaths
 from orchestrator.plan import Plan, build_plan
-from orchestrator.procutil import alive
 from orchestrator.records import JobRecord, read_plan
 from orchestrator.spec import load_study
 from orchestrator.sync import sync_study
@@ -671,15 +669,10 @@ def test_no_command_waits_at_exit_on_a_wandb_service_that_stopped_answering(tmp_
         _, err = proc.communicate(timeout=90)
         assert frozen, "wandb started no service"
         assert proc.returncode == 2 and "no study 'nosuch'" in err, err
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in frozen) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(alive(pid) for pid in frozen), "the wandb service was left running"
+        assert ended_within(frozen, 10), "the wandb service was left running"  # killed by the command, gone soon after
     finally:
         proc.kill()
-        for pid in frozen:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(frozen)
 
 
 NEVER_STARTS = """
