@@ -37,6 +37,7 @@ from orchestrator.plan import build_plan
 from orchestrator.procutil import children
 from orchestrator.spec import load_study
 from orchestrator.tracking.index import INDEX_FILE, INDEX_TYPE, build_index, index_aliases, index_artifact_name, parse_index
+from orchestrator.tracking.pull_source import WandbProject
 
 pytest.importorskip("wandb")
 
@@ -294,3 +295,11 @@ def test_bad_target_is_a_usage_error(study: dict[str, Any], tmp_path: Path) -> N
     out = pull(study, tmp_path / "s", project="just-a-project")
     assert out.returncode == 2 and "is not ENTITY/PROJECT" in out.stderr
     shutil.rmtree(tmp_path / "s", ignore_errors=True)
+
+
+def test_a_wandb_service_that_does_not_start_is_not_called_a_refused_login(tmp_path: Path) -> None:
+    """wandb's own process failing to start (it gives up waiting for its port file) is not the
+    server refusing the key: the line says which process did not answer."""
+    source = WandbProject(ENTITY, PROJECT, tmp_path)
+    error = source._login_error(RuntimeError("Failed to read port info after 30.0 seconds (wandb-core PID=1): /tmp/port-1.txt"))
+    assert "wandb's service process did not answer" in str(error) and "refused" not in str(error), error

@@ -16,6 +16,7 @@ from orchestrator.tracking.wandb_files import KEY_VAR, end_service, import_wandb
 
 TIMEOUT_VAR = "ORCHESTRATOR_WANDB_API_TIMEOUT"  # seconds for each W&B API request (default 30)
 DEFAULT_TIMEOUT_S = 30
+SERVICE_START_WORDS = "Failed to read port info"  # wandb: its wandb-core process did not start in time
 _NETWORK_WORDS = ("did not respond", "timed out", "timeout", "connection", "unreachable", "name or service", "refused")
 
 
@@ -71,6 +72,8 @@ class WandbProject:
 
     def _login_error(self, e: BaseException) -> PullError:
         text = _message(e)
+        if SERVICE_START_WORDS in text:  # wandb's own background process, not the server
+            return PullError(f"wandb's service process did not answer ({text}); pull again (it resumes)")
         if _network(text):
             return PullError(
                 f"W&B at {self.base_url} did not answer ({text}); check the network and WANDB_BASE_URL, then pull again"
